@@ -1,0 +1,74 @@
+"""Route adapters: each framework names the matched route *template* of a request.
+
+The core knows WSGI only. An adapter hooks into its framework's own URL matching (so the URL
+map is never matched twice) and calls :func:`set_route` with the template, e.g.
+``/items/<int:id>``. Requests that no route matched are labelled :data:`UNMATCHED`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = [
+    "REQUEST_KEY",
+    "UNMATCHED",
+    "RouteResolver",
+    "install_adapter",
+    "set_route",
+]
+
+log = logging.getLogger("ml_wsgi_metrics")
+
+#: Environ key under which the middleware keeps the request being measured.
+REQUEST_KEY = "ml_wsgi_metrics.request"
+
+#: The one ``route`` label value shared by every request that matched no route.
+UNMATCHED = "<unmatched>"
+
+#: A plain hook for any other framework: ``environ -> template`` (``None`` when unmatched).
+RouteResolver = Callable[[dict[str, Any]], "str | None"]
+
+
+class _NamedRequest(Protocol):
+    def set_route(self, route: str) -> None: ...
+
+
+def set_route(environ: dict[str, Any], template: str) -> None:
+    """Name the route template matched for this request (called by adapters).
+
+    The template is taken relative to the application's mount point: ``SCRIPT_NAME`` as seen
+    by the adapter is prefixed, so two apps mounted under one middleware stay distinct.
+    Without a :class:`~ml_wsgi_metrics.MetricsMiddleware` around the app this does nothing.
+    """
+    request: _NamedRequest | None = environ.get(REQUEST_KEY)
+    if request is not None:
+        request.set_route(environ.get("SCRIPT_NAME", "") + template)
+
+
+# Framework adapters, tried in order; each module has ``handles(app)`` and ``install(app)``.
+_ADAPTERS = ("flask", "django", "falcon", "bottle", "pyramid")
+
+
+def _framework_app(app: Any) -> Any:
+    """The framework object behind ``app`` (``flask_app.wsgi_app`` is a bound method)."""
+    return getattr(app, "__self__", app)
+
+
+def install_adapter(app: Any) -> str | None:
+    """Install the route adapter matching ``app``'s framework; return its name, or ``None``.
+
+    Installing is idempotent, so wrapping an app twice installs one hook.
+    """
+    target = _framework_app(app)
+    packages = {cls.__module__.partition(".")[0] for cls in type(target).__mro__}
+    for name in _ADAPTERS:
+        if name not in packages:
+            continue
+        adapter = importlib.import_module(f"{__name__}.{name}")
+        if adapter.handles(target):
+            adapter.install(target)
+            return name
+    return None

@@ -1,0 +1,388 @@
+"""Every metric the package exports, defined in one place with the registry injected.
+
+Workers only increment counters and histograms, so every series merges exactly across workers
+and hosts; the few gauges name their multiprocess mode and why. Means, deviations, accuracy,
+drift and quantiles are computed in PromQL after ``sum by``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "DEFAULT_DURATION_BUCKETS",
+    "DEFAULT_SIZE_BUCKETS",
+    "ModelMetrics",
+    "RequestMetrics",
+    "RouteSeries",
+    "ServerMetrics",
+    "fast_observer",
+    "shared",
+]
+
+DEFAULT_DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+DEFAULT_SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+DEFAULT_LABEL_DELAY_BUCKETS = (
+    60,
+    300,
+    900,
+    3600,
+    4 * 3600,
+    86400,
+    3 * 86400,
+    7 * 86400,
+    30 * 86400,
+)
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+def validate_buckets(setting: str, buckets: Iterable[float]) -> tuple[float, ...]:
+    """Sorted, finite, positive bucket edges, or a ``ValueError`` naming ``setting``."""
+    edges = tuple(float(b) for b in buckets if not math.isinf(b))
+    if not edges:
+        raise ValueError(f"{setting}: give at least one finite bucket edge")
+    if any(math.isnan(b) for b in edges) or list(edges) != sorted(set(edges)):
+        raise ValueError(f"{setting}: bucket edges must be increasing numbers, got {buckets!r}")
+    if edges[0] < 0:
+        raise ValueError(f"{setting}: a negative lowest edge drops _sum in prometheus_client")
+    return edges
+
+
+def validate_const_labels(
+    const_labels: Mapping[str, str] | None, reserved: Iterable[str]
+) -> dict[str, str]:
+    """Constant labels (``service``, ``version``...) checked against names the metrics use."""
+    labels = dict(const_labels or {})
+    for name, value in labels.items():
+        if not isinstance(name, str) or not _LABEL_NAME.match(name) or name.startswith("__"):
+            raise ValueError(f"const_labels: {name!r} is not a valid label name")
+        if name in reserved or name == "le":
+            raise ValueError(f"const_labels: {name!r} is already a label of these metrics")
+        if not isinstance(value, str):
+            raise ValueError(f"const_labels: the value of {name!r} must be a string")
+    return labels
+
+
+def validate_namespace(namespace: str) -> str:
+    if namespace and not _METRIC_NAME.match(namespace):
+        raise ValueError(f"namespace: {namespace!r} is not a valid metric name prefix")
+    return namespace
+
+
+def fast_observer(histogram: Any) -> Callable[[float], None]:
+    """``observe`` for one labelled histogram child, without its per-call checks.
+
+    Writes exactly what ``Histogram.observe`` writes (one bucket and the sum), found by bisection.
+    Falls back to ``observe`` if prometheus_client's internals ever change shape.
+    """
+    try:
+        buckets = [bucket.inc for bucket in histogram._buckets]
+        add_to_sum = histogram._sum.inc
+        bounds = tuple(histogram._upper_bounds)
+    except AttributeError:
+        return histogram.observe
+    if len(bounds) != len(buckets):
+        return histogram.observe
+
+    def observe(amount: float) -> None:
+        buckets[bisect_left(bounds, amount)](1)
+        add_to_sum(amount)
+
+    return observe
+
+
+def _value_inc(child: Any) -> Callable[[float], None]:
+    """``inc`` of a counter or gauge child's stored value, skipping the per-call checks."""
+    value = getattr(child, "_value", None)
+    return value.inc if hasattr(value, "inc") else child.inc
+
+
+_M = TypeVar("_M")
+_shared_lock = threading.Lock()
+_shared_sets: dict[tuple[Any, ...], Any] = {}
+
+
+def shared(cls: Callable[..., _M], registry: CollectorRegistry | None, **settings: Any) -> _M:
+    """One metric set per class, registry and settings, so wrapping twice registers once."""
+    registry = REGISTRY if registry is None else registry
+    key = (cls, id(registry), repr(sorted(settings.items())))
+    with _shared_lock:
+        found = _shared_sets.get(key)
+        if found is None or found[0] is not registry:
+            found = _shared_sets[key] = (registry, cls(registry, **settings))
+        return found[1]
+
+
+class RouteSeries:
+    """The cached series of one (method, route): the hot path touches only these."""
+
+    __slots__ = (
+        "_requests",
+        "_statuses",
+        "in_progress_dec",
+        "in_progress_inc",
+        "labels",
+        "observe_duration",
+        "observe_request_size",
+        "observe_response_size",
+    )
+
+    def __init__(self, metrics: RequestMetrics, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self._requests = metrics.requests
+        self._statuses: dict[str, Callable[[float], None]] = {}
+        self.observe_duration = fast_observer(metrics.duration.labels(*labels))
+        self.observe_request_size = fast_observer(metrics.request_size.labels(*labels))
+        self.observe_response_size = fast_observer(metrics.response_size.labels(*labels))
+        in_progress = _value_inc(metrics.in_progress.labels(*labels))
+        self.in_progress_inc = lambda: in_progress(1)
+        self.in_progress_dec = lambda: in_progress(-1)
+
+    def count(self, status: str) -> None:
+        """Count one finished request with this status."""
+        inc = self._statuses.get(status)
+        if inc is None:
+            inc = self._statuses[status] = _value_inc(self._requests.labels(*self.labels, status))
+        inc(1)
+
+
+class RequestMetrics:
+    """HTTP request metrics: counts, durations, sizes, in-progress and exceptions."""
+
+    LABELS = ("method", "route")
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        namespace: str = "",
+        const_labels: Mapping[str, str] | None = None,
+        duration_buckets: Iterable[float] = DEFAULT_DURATION_BUCKETS,
+        size_buckets: Iterable[float] = DEFAULT_SIZE_BUCKETS,
+    ) -> None:
+        namespace = validate_namespace(namespace)
+        self.const_labels = validate_const_labels(const_labels, (*self.LABELS, "status"))
+        const = tuple(self.const_labels)
+        self._const_values = tuple(self.const_labels.values())
+        common = {"namespace": namespace, "registry": registry}
+        route_labels = (*const, *self.LABELS)
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests finished, by route template and status code.",
+            (*route_labels, "status"),
+            **common,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from the request's arrival until the server closed the response.",
+            route_labels,
+            buckets=validate_buckets("duration_buckets", duration_buckets),
+            **common,
+        )
+        # livesum: each worker counts its own requests; a dead worker's share disappears.
+        self.in_progress = Gauge(
+            "http_requests_in_progress",
+            "Requests being handled now, summed over live workers.",
+            route_labels,
+            multiprocess_mode="livesum",
+            **common,
+        )
+        sizes = validate_buckets("size_buckets", size_buckets)
+        self.request_size = Histogram(
+            "http_request_size_bytes",
+            "Request body sizes (Content-Length; 0 without a body).",
+            route_labels,
+            buckets=sizes,
+            **common,
+        )
+        self.response_size = Histogram(
+            "http_response_size_bytes",
+            "Response body sizes, as sent.",
+            route_labels,
+            buckets=sizes,
+            **common,
+        )
+        self.exceptions = Counter(
+            "http_request_exceptions",
+            "Exceptions raised by the application (also counted as status 500).",
+            (*route_labels, "exception"),
+            **common,
+        )
+        self.instrumentation_errors = Counter(
+            "ml_wsgi_metrics_instrumentation_errors",
+            "Errors inside the instrumentation itself; the application was not affected.",
+            (*const, "stage"),
+            **common,
+        )
+        self._routes: dict[tuple[str, str], RouteSeries] = {}
+
+    def route_labels(self, method: str, route: str) -> tuple[str, ...]:
+        return (*self._const_values, method, route)
+
+    def route_series(self, method: str, route: str) -> RouteSeries:
+        series = self._routes.get((method, route))
+        if series is None:
+            series = RouteSeries(self, self.route_labels(method, route))
+            self._routes[(method, route)] = series
+        return series
+
+    def count_instrumentation_error(self, stage: str) -> None:
+        self.instrumentation_errors.labels(*self._const_values, stage).inc()
+
+
+class ServerMetrics:
+    """Metrics the gunicorn master writes: workers alive, restarted and timed out."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        namespace: str = "",
+        const_labels: Mapping[str, str] | None = None,
+    ) -> None:
+        namespace = validate_namespace(namespace)
+        labels = validate_const_labels(const_labels, ())
+        common = {"namespace": namespace, "registry": registry, "labelnames": tuple(labels)}
+        # mostrecent: one master writes it; the latest value is the truth.
+        self.workers = Gauge(
+            "gunicorn_workers",
+            "Worker processes alive, as the master sees them.",
+            multiprocess_mode="mostrecent",
+            **common,
+        )
+        self.worker_restarts = Counter(
+            "gunicorn_worker_restarts", "Worker processes that exited and were replaced.", **common
+        )
+        self.worker_timeouts = Counter(
+            "gunicorn_worker_timeouts",
+            "Workers the master killed for missing the timeout.",
+            **common,
+        )
+        values = tuple(labels.values())
+        self.workers_alive = self.workers.labels(*values) if values else self.workers
+        self.restarts = self.worker_restarts.labels(*values) if values else self.worker_restarts
+        self.timeouts = self.worker_timeouts.labels(*values) if values else self.worker_timeouts
+
+
+class ModelMetrics:
+    """What a model did: predictions, latency, input and score distributions, ground truth.
+
+    Distributions are non-cumulative counters per reference bin (bin ``i`` is
+    ``(edges[i-1], edges[i]]``), plus sums split by sign and sums of squares, so PSI, means and
+    standard deviations are exact after ``sum by``. The reference shares are gauges with mode
+    ``max``: every worker exports the same value from the same profile, so ``max`` deduplicates.
+    """
+
+    MODEL = ("model", "version")
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        namespace: str = "",
+        const_labels: Mapping[str, str] | None = None,
+        latency_buckets: Iterable[float] = DEFAULT_DURATION_BUCKETS,
+        label_delay_buckets: Iterable[float] = DEFAULT_LABEL_DELAY_BUCKETS,
+    ) -> None:
+        namespace = validate_namespace(namespace)
+        reserved = (*self.MODEL, "class", "feature", "bin", "sign", "predicted", "actual", "reason")
+        self.const_labels = validate_const_labels(const_labels, reserved)
+        const = tuple(self.const_labels)
+        model = (*const, *self.MODEL)
+        feature = (*model, "feature")
+        common = {"namespace": namespace, "registry": registry}
+
+        def counter(name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, documentation, labels, **common)
+
+        self.predictions = counter(
+            "model_predictions",
+            "Predictions made (one per row), by predicted class.",
+            (*model, "class"),
+        )
+        self.prediction_latency = Histogram(
+            "model_prediction_latency_seconds",
+            "Time the model took per prediction call (a batch is one call).",
+            model,
+            buckets=validate_buckets("latency_buckets", latency_buckets),
+            **common,
+        )
+        self.feature_bin = counter(
+            "model_feature_bin",
+            "Input values per reference bin; categorical bins are categories.",
+            (*feature, "bin"),
+        )
+        self.feature_missing = counter(
+            "model_feature_missing", "Missing input values (None, NaN, infinities).", feature
+        )
+        self.feature_out_of_range = counter(
+            "model_feature_out_of_range",
+            "Numeric inputs outside the reference [min, max].",
+            feature,
+        )
+        self.feature_unseen = counter(
+            "model_feature_unseen", "Categorical inputs not in the reference vocabulary.", feature
+        )
+        self.feature_sum = counter(
+            "model_feature_sum",
+            "Sum of numeric inputs, split by sign so it only grows.",
+            (*feature, "sign"),
+        )
+        self.feature_sum_squares = counter(
+            "model_feature_sum_squares", "Sum of squared numeric inputs.", feature
+        )
+        self.feature_reference_share = Gauge(
+            "model_feature_reference_share",
+            "Share of the reference (training) rows in each bin.",
+            (*feature, "bin"),
+            multiprocess_mode="max",
+            **common,
+        )
+        self.score_bin = counter(
+            "model_score_bin", "Prediction scores per reference bin.", (*model, "bin")
+        )
+        self.score_missing = counter("model_score_missing", "Missing or non-finite scores.", model)
+        self.score_sum = counter(
+            "model_score_sum", "Sum of prediction scores, split by sign.", (*model, "sign")
+        )
+        self.score_sum_squares = counter(
+            "model_score_sum_squares", "Sum of squared prediction scores.", model
+        )
+        self.score_reference_share = Gauge(
+            "model_score_reference_share",
+            "Share of the reference scores in each bin.",
+            (*model, "bin"),
+            multiprocess_mode="max",
+            **common,
+        )
+        self.confusion = counter(
+            "model_confusion",
+            "Ground truth received, by predicted and actual class.",
+            (*model, "predicted", "actual"),
+        )
+        self.label_delay = Histogram(
+            "model_label_delay_seconds",
+            "Time from a prediction to its ground truth.",
+            model,
+            buckets=validate_buckets("label_delay_buckets", label_delay_buckets),
+            **common,
+        )
+        self.feedback_rejected = counter(
+            "model_feedback_rejected",
+            "Feedback refused: tampered, expired or malformed prediction ids.",
+            (*const, "reason"),
+        )
+
+    def model_labels(self, model: str, version: str) -> tuple[str, ...]:
+        return (*self.const_labels.values(), model, version)

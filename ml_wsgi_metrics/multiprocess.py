@@ -1,0 +1,309 @@
+"""Multiprocess storage whose file count does not grow with worker restarts.
+
+prometheus_client's multiprocess mode keeps one set of ``*.db`` files per pid for ever, so every
+restarted worker adds files and every scrape reads them all. Here each process writes under a
+*process identifier*: gunicorn workers get a stable slot (``w0``, ``w1``, ...) assigned by the
+master, so a replacement worker reopens its predecessor's files and continues its counters.
+Two live processes never share an identifier: the master hands out a slot only once its previous
+holder has been reaped. Anything else (the master, a script) writes under its pid.
+
+The files keep prometheus_client's format, so :class:`prometheus_client.multiprocess.
+MultiProcessCollector` merges them unchanged. Writes fail open: a directory that is missing,
+unwritable or full is logged and counted, and the value is kept in memory instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+import prometheus_client.values
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import mark_process_dead
+
+__all__ = [
+    "ENV_VAR",
+    "activate",
+    "active_directory",
+    "clear_directory",
+    "deactivate",
+    "instrumentation_errors",
+    "mark_dead",
+    "process_identifier",
+    "use_identifier",
+]
+
+log = logging.getLogger("ml_wsgi_metrics")
+
+#: prometheus_client's documented variable; a directory given there is the one used.
+ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+
+_lock = threading.Lock()
+
+
+class _State:
+    directory: str | None = None
+    identifier: str | None = None  # None: the pid
+    owned_directory: bool = False
+    previous_value_class: Any = None
+    files: dict[str, Any] = {}
+    values: list[SlotValue] = []
+    errors: int = 0
+    reported: set[str] = set()
+
+
+def instrumentation_errors() -> int:
+    """How many metric writes this process could not store in the multiprocess directory."""
+    return _State.errors
+
+
+def report_error(where: str, error: BaseException) -> None:
+    """Count an instrumentation error and log it (once per ``where`` and process)."""
+    _State.errors += 1
+    if where not in _State.reported:
+        _State.reported.add(where)
+        log.warning("ml_wsgi_metrics: %s failed, metrics degraded: %r", where, error)
+
+
+class _AllocatedMmapedDict(MmapedDict):
+    """An ``MmapedDict`` whose file blocks are really allocated before they are mapped.
+
+    prometheus_client grows files with ``truncate``: sparse blocks that, on a full disk, kill the
+    process with SIGBUS at the first write. Allocating first turns that into an ``OSError``.
+    """
+
+    def __init__(self, filename: str) -> None:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fallocate(fd, 0, max(size, 1 << 16))
+        finally:
+            os.close(fd)
+        super().__init__(filename)
+
+    def _init_value(self, key: str) -> None:
+        needed = self._used + len(key.encode()) + 32
+        if needed > self._capacity:
+            capacity = self._capacity
+            while needed > capacity:
+                capacity *= 2
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+class _UnavailableFile:
+    """Stands in for a file that could not be opened: values live in memory only."""
+
+    def read_value(self, key: str) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def write_value(self, key: str, value: float, timestamp: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_UNAVAILABLE = _UnavailableFile()
+
+
+def process_identifier() -> str:
+    """The identifier this process writes its files under: its slot, else its pid."""
+    return _State.identifier or str(os.getpid())
+
+
+def _open_file(prefix: str) -> Any:
+    handle = _State.files.get(prefix)
+    if handle is None:
+        path = os.path.join(_State.directory or ".", f"{prefix}_{process_identifier()}.db")
+        try:
+            handle = _AllocatedMmapedDict(path)
+        except (OSError, ValueError) as error:
+            report_error(f"opening {path}", error)
+            handle = _UNAVAILABLE
+        _State.files[prefix] = handle
+    return handle
+
+
+class SlotValue:
+    """A metric value stored in this process's slot file (prometheus_client's value interface)."""
+
+    __slots__ = ("_file", "_key", "_prefix", "_timestamp", "_value")
+    _multiprocess = True
+
+    def __init__(
+        self,
+        typ: str,
+        metric_name: str,
+        name: str,
+        labelnames: Any,
+        labelvalues: Any,
+        help_text: str,
+        multiprocess_mode: str = "",
+        **kwargs: Any,
+    ) -> None:
+        self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
+        self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self._value = 0.0
+        self._timestamp = 0.0
+        with _lock:
+            _State.values.append(self)
+            self._open()
+
+    def _open(self) -> None:
+        """(Re)open this value's file and read the stored value; the lock is held."""
+        self._file = _open_file(self._prefix)
+        try:
+            self._value, self._timestamp = self._file.read_value(self._key)
+        except (OSError, ValueError, RuntimeError) as error:
+            report_error(f"reading {self._prefix}", error)
+            self._file = _UNAVAILABLE
+
+    def _write(self) -> None:
+        """Store the value; the lock is held and the file open."""
+        try:
+            self._file.write_value(self._key, self._value, self._timestamp)
+        except (OSError, ValueError, RuntimeError) as error:
+            report_error(f"writing {self._prefix}", error)
+            self._file = _UNAVAILABLE
+
+    def inc(self, amount: float) -> None:
+        with _lock:
+            if self._file is None:
+                self._open()
+            self._value += amount
+            self._timestamp = 0.0
+            try:
+                self._file.write_value(self._key, self._value, 0.0)
+            except (OSError, ValueError, RuntimeError) as error:
+                report_error(f"writing {self._prefix}", error)
+                self._file = _UNAVAILABLE
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        with _lock:
+            if self._file is None:
+                self._open()
+            self._value = value
+            self._timestamp = timestamp or 0.0
+            self._write()
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        return None
+
+    def get(self) -> float:
+        with _lock:
+            if self._file is None:
+                self._open()
+            return self._value
+
+    def get_exemplar(self) -> None:
+        return None
+
+
+def _reopen_all() -> None:
+    """Close this process's files and reopen every value under the current identifier."""
+    with _lock:
+        for handle in _State.files.values():
+            handle.close()
+        _State.files.clear()
+        for value in _State.values:
+            value._open()
+
+
+def _after_fork_in_child() -> None:
+    """A child must not write into its parent's files: reopen lazily, at the first write.
+
+    Lazily, because a gunicorn worker is given its slot right after the fork: opening under
+    the pid first would leave a file set per worker start behind. The lock is renewed: another
+    thread of the parent may have held it at the fork.
+    """
+    global _lock
+    _lock = threading.Lock()
+    _State.identifier = None
+    for handle in _State.files.values():
+        handle.close()
+    _State.files.clear()
+    for value in _State.values:
+        value._file = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def active_directory() -> str | None:
+    """The multiprocess directory in use, or ``None`` in single-process mode."""
+    return _State.directory if prometheus_client.values.ValueClass is SlotValue else None
+
+
+def activate(directory: str | os.PathLike[str] | None = None) -> str:
+    """Switch prometheus_client to multiprocess mode with slot files; return the directory.
+
+    The directory is, in order: ``directory``, ``$PROMETHEUS_MULTIPROC_DIR``, or a fresh private
+    temporary directory (removed by :func:`deactivate`). It is created if missing and exported
+    in ``PROMETHEUS_MULTIPROC_DIR`` for child processes. Metrics created before this call keep
+    their storage, so activate before defining metrics.
+    """
+    path = os.fspath(directory) if directory is not None else os.environ.get(ENV_VAR)
+    owned = not path
+    if owned:
+        path = tempfile.mkdtemp(prefix="ml-wsgi-metrics-")
+    elif os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{ENV_VAR}: {path!r} is not a directory")
+    os.makedirs(path, exist_ok=True)
+    with _lock:
+        if prometheus_client.values.ValueClass is not SlotValue:
+            _State.previous_value_class = prometheus_client.values.ValueClass
+        _State.directory = os.path.abspath(path)
+        _State.owned_directory = owned
+        os.environ[ENV_VAR] = _State.directory
+        prometheus_client.values.ValueClass = SlotValue
+    _reopen_all()
+    return _State.directory
+
+
+def deactivate() -> None:
+    """Close all files and return to the value class in use before :func:`activate`."""
+    with _lock:
+        for handle in _State.files.values():
+            handle.close()
+        _State.files.clear()
+        _State.values.clear()
+        _State.identifier = None
+        if _State.previous_value_class is not None:
+            prometheus_client.values.ValueClass = _State.previous_value_class
+        if _State.owned_directory and _State.directory:
+            shutil.rmtree(_State.directory, ignore_errors=True)
+        if os.environ.get(ENV_VAR) == _State.directory:
+            del os.environ[ENV_VAR]
+        _State.directory = None
+        _State.owned_directory = False
+
+
+def use_identifier(identifier: str | None) -> None:
+    """Write this process's values under ``identifier`` (a slot), continuing its stored values.
+
+    The caller guarantees that no other live process uses the same identifier.
+    """
+    if identifier is not None and ("_" in identifier or os.sep in identifier or not identifier):
+        raise ValueError(f"identifier: {identifier!r} must be non-empty, without '_' or '/'")
+    _State.identifier = identifier
+    _reopen_all()
+
+
+def mark_dead(identifier: str) -> None:
+    """Drop the live gauges (``livesum``, ``liveall``, ...) of a process that has exited."""
+    if _State.directory:
+        mark_process_dead(identifier, _State.directory)
+
+
+def clear_directory() -> None:
+    """Remove every ``*.db`` file from the directory and reopen this process's values."""
+    if _State.directory:
+        for path in glob.glob(os.path.join(_State.directory, "*.db")):
+            os.remove(path)
+    _reopen_all()

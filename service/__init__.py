@@ -1,0 +1,1 @@
+"""Reference churn-prediction service: a user of :mod:`ml_wsgi_metrics`."""

@@ -1,0 +1,132 @@
+"""The Falcon adapter names ``req.uri_template`` through a real Falcon router."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import falcon
+import falcon.asgi
+import pytest
+
+from ml_wsgi_metrics.routes import falcon as falcon_adapter
+from ml_wsgi_metrics.routes import install_adapter
+
+
+class Health:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"ok": True}
+
+
+class Item:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: int) -> None:
+        resp.media = {"id": id}
+
+    def on_get_labels(self, req: falcon.Request, resp: falcon.Response, id: int) -> None:
+        resp.media = []
+
+
+class Crash:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raise RuntimeError("boom")
+
+
+class Private:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"secret": True}
+
+
+class AuthMiddleware:
+    """Completes the response in ``process_resource``, as auth checks commonly do."""
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict
+    ) -> None:
+        if isinstance(resource, Private):
+            resp.status = falcon.HTTP_401
+            resp.complete = True
+
+
+def sink(req: falcon.Request, resp: falcon.Response, **kwargs: Any) -> None:
+    resp.text = "sunk"
+
+
+@pytest.fixture
+def app() -> falcon.App:
+    app = falcon.App(middleware=[AuthMiddleware()])
+    app.add_route("/health", Health())
+    app.add_route("/items/{id:int}", Item())
+    app.add_route("/items/{id:int}/labels", Item(), suffix="labels")
+    app.add_route("/crash", Crash())
+    app.add_route("/private", Private())
+    app.add_sink(sink, "/proxy")
+    falcon_adapter.install(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status", "route"),
+    [
+        pytest.param("/health", "GET", 200, "/health", id="static"),
+        pytest.param("/items/7", "GET", 200, "/items/{id:int}", id="param"),
+        pytest.param("/items/7/labels", "GET", 200, "/items/{id:int}/labels", id="suffix"),
+        pytest.param("/items/7", "POST", 405, "/items/{id:int}", id="405-keeps-template"),
+        pytest.param("/crash", "GET", 500, "/crash", id="responder-raised"),
+        pytest.param("/private", "GET", 401, "/private", id="middleware-completed"),
+    ],
+)
+def test_matched_route_is_named(
+    app: falcon.App, call: Callable[..., Any], path: str, method: str, status: int, route: str
+) -> None:
+    result = call(app, path, method)
+    assert result.status == status
+    assert result.routes == [route]
+
+
+def test_ids_share_one_template(app: falcon.App, call: Callable[..., Any]) -> None:
+    routes = {tuple(call(app, f"/items/{i}").routes) for i in (1, 2, 300)}
+    assert routes == {("/items/{id:int}",)}
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        pytest.param("/nope", 404, id="no-route"),
+        pytest.param("/items/abc", 404, id="converter-rejects"),
+        pytest.param("/proxy/anything/at/all", 200, id="sink"),
+    ],
+)
+def test_unmatched_path_is_not_named(
+    app: falcon.App, call: Callable[..., Any], path: str, status: int
+) -> None:
+    result = call(app, path)
+    assert result.status == status
+    assert result.routes == []
+
+
+def test_script_name_prefixes_the_template(app: falcon.App, call: Callable[..., Any]) -> None:
+    result = call(app, "/items/7", script_name="/svc")
+    assert (result.status, result.routes) == (200, ["/svc/items/{id:int}"])
+
+
+def test_install_adapter_detects_falcon_and_installs_once(
+    app: falcon.App, call: Callable[..., Any]
+) -> None:
+    assert install_adapter(app) == "falcon"
+    assert install_adapter(app) == "falcon"
+    namers = [m for m in app._unprepared_middleware if isinstance(m, falcon_adapter._RouteNamer)]
+    assert len(namers) == 1
+    assert call(app, "/items/1").routes == ["/items/{id:int}"]
+
+
+def test_dependent_middleware_mode_is_named(call: Callable[..., Any]) -> None:
+    app = falcon.App(independent_middleware=False)
+    app.add_route("/items/{id:int}", Item())
+    falcon_adapter.install(app)
+    assert call(app, "/items/3").routes == ["/items/{id:int}"]
+
+
+def test_handles_wsgi_falcon_only() -> None:
+    assert falcon_adapter.handles(falcon.App())
+    assert not falcon_adapter.handles(falcon.asgi.App())
+    assert not falcon_adapter.handles(object())

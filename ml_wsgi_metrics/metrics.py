@@ -170,8 +170,10 @@ class RequestMetrics:
         const_labels: Mapping[str, str] | None = None,
         duration_buckets: Iterable[float] = DEFAULT_DURATION_BUCKETS,
         size_buckets: Iterable[float] = DEFAULT_SIZE_BUCKETS,
+        group_status_codes: bool = False,
     ) -> None:
         namespace = validate_namespace(namespace)
+        self.group_status_codes = group_status_codes
         self.const_labels = validate_const_labels(const_labels, (*self.LABELS, "status"))
         const = tuple(self.const_labels)
         self._const_values = tuple(self.const_labels.values())
@@ -236,6 +238,10 @@ class RequestMetrics:
             series = RouteSeries(self, self.route_labels(method, route))
             self._routes[(method, route)] = series
         return series
+
+    def status_label(self, status: str) -> str:
+        """``"404"`` from ``"404 NOT FOUND"``, or ``"4xx"`` when grouping status codes."""
+        return status[0] + "xx" if self.group_status_codes else status[:3]
 
     def count_instrumentation_error(self, stage: str) -> None:
         self.instrumentation_errors.labels(*self._const_values, stage).inc()

@@ -1,0 +1,149 @@
+"""``MetricsMiddleware``: times and counts every request of any WSGI app."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from . import routes
+from ._response import StartResponse, TimedResponse
+from .exposition import MetricsExposition
+from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
+from .routes import REQUEST_KEY, RouteResolver
+
+__all__ = ["METHODS", "MetricsMiddleware"]
+
+log = logging.getLogger("ml_wsgi_metrics")
+
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+#: The ``method`` label's closed set; anything else is counted as ``_OTHER``.
+METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+)
+OTHER_METHOD = "_OTHER"
+
+
+class MetricsMiddleware:
+    """Wrap a WSGI app to record request metrics and serve ``/metrics``.
+
+    ``route`` labels are route *templates* named by the app's framework adapter (Flask,
+    Django, Falcon, Bottle and Pyramid are detected), by ``route_resolver`` for anything
+    else, or :data:`~ml_wsgi_metrics.routes.UNMATCHED`. Wrapping an app twice counts once:
+    the outermost middleware measures, the inner ones pass requests through.
+
+    :param registry: where the metrics are registered (default: prometheus_client's).
+    :param namespace: a prefix for every metric name.
+    :param const_labels: labels added to every series, e.g. ``{"service": "churn"}``.
+    :param metrics_path: the path serving the metrics; ``None`` serves none.
+    :param excluded_paths: paths not measured (health checks).
+    :param route_resolver: ``environ -> template or None``, called as each request arrives.
+    :param group_status_codes: label statuses ``2xx``... instead of ``200``...
+    :param metrics_token: serve metrics only with ``Authorization: Bearer <token>``.
+    :param metrics_allowed_networks: serve metrics only to these networks (CIDR strings).
+    :param count_metrics_requests: also measure the scrapes themselves.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        registry: CollectorRegistry | None = None,
+        namespace: str | None = None,
+        const_labels: Mapping[str, str] | None = None,
+        duration_buckets: Iterable[float] = DEFAULT_DURATION_BUCKETS,
+        size_buckets: Iterable[float] = DEFAULT_SIZE_BUCKETS,
+        metrics_path: str | None = "/metrics",
+        excluded_paths: Iterable[str] = (),
+        route_resolver: RouteResolver | None = None,
+        group_status_codes: bool = False,
+        metrics_token: str | None = None,
+        metrics_allowed_networks: Iterable[str] | str | None = None,
+        count_metrics_requests: bool = False,
+    ) -> None:
+        if not callable(app):
+            raise ValueError(f"app: {app!r} is not a WSGI callable")
+        if metrics_path is not None and not metrics_path.startswith("/"):
+            raise ValueError(f"metrics_path: {metrics_path!r} must start with '/'")
+        if route_resolver is not None and not callable(route_resolver):
+            raise ValueError("route_resolver: must be a callable taking the WSGI environ")
+        excluded = frozenset(excluded_paths)
+        if any(not isinstance(path, str) or not path.startswith("/") for path in excluded):
+            raise ValueError(f"excluded_paths: every path must start with '/', got {excluded!r}")
+        if namespace is None:
+            namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+        registry = REGISTRY if registry is None else registry
+        self.app = app
+        self.metrics: RequestMetrics = shared(
+            RequestMetrics,
+            registry,
+            namespace=namespace,
+            const_labels=dict(const_labels or {}),
+            duration_buckets=tuple(duration_buckets),
+            size_buckets=tuple(size_buckets),
+            group_status_codes=group_status_codes,
+        )
+        self.exposition = MetricsExposition(
+            registry,
+            namespace=namespace,
+            token=metrics_token,
+            allowed_networks=metrics_allowed_networks,
+        )
+        self.metrics_path = metrics_path
+        self.excluded_paths = (
+            excluded
+            if count_metrics_requests or metrics_path is None
+            else (excluded | {metrics_path})
+        )
+        self.route_resolver = route_resolver
+        self.adapter = None if route_resolver else routes.install_adapter(app)
+        if route_resolver is None and self.adapter is None:
+            log.warning(
+                "ml_wsgi_metrics: no route adapter for %r; every request is labelled %r. "
+                "Pass route_resolver= to name routes.",
+                app,
+                routes.UNMATCHED,
+            )
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if REQUEST_KEY in environ:  # an outer MetricsMiddleware measures this request
+            return self.app(environ, start_response)
+        path = environ.get("PATH_INFO", "")
+        app = self.exposition if path == self.metrics_path else self.app
+        if path in self.excluded_paths:
+            return app(environ, start_response)
+
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in METHODS:
+            method = OTHER_METHOD
+        try:
+            request_size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            request_size = 0
+        timed = TimedResponse(
+            self.metrics, method, environ.get("SCRIPT_NAME", ""), request_size, start_response
+        )
+        environ[REQUEST_KEY] = timed
+        if app is self.exposition:
+            timed.set_route(path)
+        elif self.route_resolver is not None:
+            self._resolve_route(environ, timed)
+        try:
+            iterable = app(environ, timed.start_response)
+        except BaseException as error:
+            timed.failed(error)
+            raise
+        return timed.wrap(iterable, environ.get("wsgi.file_wrapper"))
+
+    def _resolve_route(self, environ: dict[str, Any], timed: TimedResponse) -> None:
+        try:
+            route = self.route_resolver(environ)  # type: ignore[misc]
+        except Exception as error:
+            timed.instrumentation_failed("route_resolver", error)
+            return
+        if route is not None:
+            timed.set_route(environ.get("SCRIPT_NAME", "") + route)

@@ -1,0 +1,131 @@
+"""The Bottle adapter names ``environ['bottle.route'].rule`` through a real Bottle router."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import bottle
+import pytest
+
+from ml_wsgi_metrics.routes import bottle as bottle_adapter
+from ml_wsgi_metrics.routes import install_adapter
+
+
+def make_child() -> bottle.Bottle:
+    child = bottle.Bottle()
+
+    @child.get("/models/<name>/predict")
+    def predict(name: str) -> str:
+        return name
+
+    return child
+
+
+@pytest.fixture
+def app() -> bottle.Bottle:
+    app = bottle.Bottle()
+
+    @app.get("/health")
+    def health() -> str:
+        return "ok"
+
+    @app.get("/items/<id:int>")
+    def item(id: int) -> str:
+        return str(id)
+
+    @app.get("/crash")
+    def crash() -> str:
+        raise RuntimeError("boom")
+
+    @app.get("/gone")
+    def gone() -> str:
+        bottle.abort(404, "gone")
+        return ""
+
+    app.mount("/api/", make_child())  # routes copied into app, rules prefixed
+    with pytest.warns(DeprecationWarning):
+        app.mount("/legacy", make_child())  # no trailing slash: mounted as a WSGI app
+    bottle_adapter.install(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status", "route"),
+    [
+        pytest.param("/health", "GET", 200, "/health", id="static"),
+        pytest.param("/items/7", "GET", 200, "/items/<id:int>", id="param"),
+        pytest.param("/crash", "GET", 500, "/crash", id="callback-raised"),
+        pytest.param("/gone", "GET", 404, "/gone", id="404-from-callback"),
+        pytest.param(
+            "/api/models/churn/predict", "GET", 200, "/api/models/<name>/predict", id="mount"
+        ),
+        pytest.param(
+            "/legacy/models/churn/predict",
+            "GET",
+            200,
+            "/legacy/models/<name>/predict",
+            id="wsgi-mount",
+        ),
+    ],
+)
+def test_matched_route_is_named(
+    app: bottle.Bottle, call: Callable[..., Any], path: str, method: str, status: int, route: str
+) -> None:
+    result = call(app, path, method)
+    assert result.status == status
+    assert result.routes == [route]
+
+
+def test_ids_share_one_template(app: bottle.Bottle, call: Callable[..., Any]) -> None:
+    routes = {tuple(call(app, f"/items/{i}").routes) for i in (1, 2, 300)}
+    assert routes == {("/items/<id:int>",)}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status"),
+    [
+        pytest.param("/nope", "GET", 404, id="no-route"),
+        pytest.param("/items/abc", "GET", 404, id="filter-rejects"),
+        pytest.param("/items/7", "POST", 405, id="405-router-rejects"),
+        pytest.param("/api/nope", "GET", 404, id="mount-no-route"),
+        pytest.param("/legacy/nope", "GET", 404, id="wsgi-mount-no-route"),
+    ],
+)
+def test_unmatched_path_is_not_named(
+    app: bottle.Bottle, call: Callable[..., Any], path: str, method: str, status: int
+) -> None:
+    result = call(app, path, method)
+    assert result.status == status
+    assert result.routes == []
+
+
+def test_script_name_prefixes_the_template(app: bottle.Bottle, call: Callable[..., Any]) -> None:
+    result = call(app, "/items/7", script_name="/svc")
+    assert (result.status, result.routes) == (200, ["/svc/items/<id:int>"])
+
+
+def test_install_adapter_detects_bottle_and_installs_once(
+    app: bottle.Bottle, call: Callable[..., Any]
+) -> None:
+    assert install_adapter(app) == "bottle"
+    assert install_adapter(app) == "bottle"
+    hooks = app._hooks["after_request"]
+    assert sum(isinstance(h, bottle_adapter._RouteNamer) for h in hooks) == 1
+    assert call(app, "/items/1").routes == ["/items/<id:int>"]
+    assert call(app, "/legacy/models/m/predict").routes == ["/legacy/models/<name>/predict"]
+
+
+def test_hook_keeps_users_after_request_hooks(call: Callable[..., Any]) -> None:
+    app = bottle.Bottle()
+    seen: list[str] = []
+    app.add_hook("after_request", lambda: seen.append(bottle.request.path))
+    app.route("/items/<id:int>", callback=lambda id: str(id))
+    bottle_adapter.install(app)
+    assert call(app, "/items/2").routes == ["/items/<id:int>"]
+    assert seen == ["/items/2"]
+
+
+def test_handles_only_bottle() -> None:
+    assert bottle_adapter.handles(bottle.Bottle())
+    assert not bottle_adapter.handles(object())

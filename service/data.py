@@ -261,6 +261,7 @@ def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFra
         - 0.15 * partner
         - 0.15 * dependents
         + 0.012 * (monthly - 65.0)
+        + rng.normal(0.0, 0.8, n)  # what no column records (service quality, competitors...)
     )
     churn_p = _sigmoid(logit + _calibrated_intercept(logit, _CHURN_RATE))
     churn = rng.random(n) < churn_p

@@ -52,13 +52,20 @@ def make_environ(path: str, method: str = "GET", script_name: str = "") -> dict[
     }
 
 
+def recorded_environ(
+    path: str, method: str = "GET", script_name: str = ""
+) -> tuple[dict[str, Any], Recorder]:
+    """An environ carrying a fresh :class:`Recorder` under ``REQUEST_KEY``."""
+    environ = make_environ(path, method, script_name)
+    recorder = environ[REQUEST_KEY] = Recorder()
+    return environ, recorder
+
+
 def call_app(
     app: Callable[..., Any], path: str, method: str = "GET", script_name: str = ""
 ) -> Result:
     """Run one request through ``app`` with a recorder in the environ; close the response."""
-    environ = make_environ(path, method, script_name)
-    recorder = Recorder()
-    environ[REQUEST_KEY] = recorder
+    environ, recorder = recorded_environ(path, method, script_name)
     statuses: list[str] = []
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -79,3 +86,9 @@ def call_app(
 def call() -> Callable[..., Result]:
     """``call(app, path, method="GET", script_name="") -> Result(status, routes, body)``."""
     return call_app
+
+
+@pytest.fixture
+def new_environ() -> Callable[..., tuple[dict[str, Any], Recorder]]:
+    """``new_environ(path, method="GET", script_name="") -> (environ, recorder)``."""
+    return recorded_environ

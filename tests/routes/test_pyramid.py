@@ -1,0 +1,142 @@
+"""The Pyramid adapter names ``request.matched_route.pattern`` through a real Pyramid router."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pyramid.config import Configurator
+from pyramid.httpexceptions import HTTPForbidden
+from pyramid.request import Request
+from pyramid.response import Response
+from pyramid.router import Router
+
+from ml_wsgi_metrics.routes import install_adapter
+from ml_wsgi_metrics.routes import pyramid as pyramid_adapter
+
+
+def ok(request: Request) -> Response:
+    return Response("ok")
+
+
+def crash(request: Request) -> Response:
+    raise RuntimeError("boom")
+
+
+def forbidden(context: Any, request: Request) -> Response:
+    return Response("forbidden", status=403)
+
+
+def deny_root(request: Request) -> object:
+    raise HTTPForbidden()
+
+
+def include_api(config: Configurator) -> None:
+    config.add_route("predict", "/models/{name}/predict")
+    config.add_view(ok, route_name="predict")
+
+
+@pytest.fixture
+def app() -> Router:
+    with Configurator() as config:
+        config.add_route("health", "/health")
+        config.add_route("item", "/items/{id:\\d+}")
+        config.add_route("relative", "legacy/{id}")
+        config.add_route("crash", "/crash")
+        config.add_route("denied", "/denied", factory=deny_root)
+        config.add_view(ok, route_name="health")
+        config.add_view(ok, route_name="item", request_method="GET")
+        config.add_view(ok, route_name="relative")
+        config.add_view(crash, route_name="crash")
+        config.add_view(ok, route_name="denied")
+        config.add_exception_view(forbidden, context=HTTPForbidden)
+        config.include(include_api, route_prefix="/api/v1")
+        app = config.make_wsgi_app()
+    pyramid_adapter.install(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status", "route"),
+    [
+        pytest.param("/health", "GET", 200, "/health", id="static"),
+        pytest.param("/items/7", "GET", 200, "/items/{id:\\d+}", id="param"),
+        pytest.param("/legacy/7", "GET", 200, "/legacy/{id}", id="pattern-without-slash"),
+        pytest.param(
+            "/api/v1/models/churn/predict",
+            "GET",
+            200,
+            "/api/v1/models/{name}/predict",
+            id="route_prefix",
+        ),
+        pytest.param("/items/7", "POST", 404, "/items/{id:\\d+}", id="predicate-mismatch"),
+        pytest.param("/denied", "GET", 403, "/denied", id="root-factory-raised"),
+    ],
+)
+def test_matched_route_is_named(
+    app: Router, call: Callable[..., Any], path: str, method: str, status: int, route: str
+) -> None:
+    result = call(app, path, method)
+    assert result.status == status
+    assert result.routes == [route]
+
+
+def test_ids_share_one_template(app: Router, call: Callable[..., Any]) -> None:
+    routes = {tuple(call(app, f"/items/{i}").routes) for i in (1, 2, 300)}
+    assert routes == {("/items/{id:\\d+}",)}
+
+
+def test_view_error_is_named_and_re_raised(app: Router, new_environ: Callable[..., Any]) -> None:
+    environ, recorder = new_environ("/crash")
+    with pytest.raises(RuntimeError, match="boom"):
+        app(environ, lambda status, headers, exc_info=None: None)
+    assert recorder.routes == ["/crash"]
+
+
+@pytest.mark.parametrize("path", ["/nope", "/items/abc", "/api/v1/models"])
+def test_unmatched_path_is_not_named(app: Router, call: Callable[..., Any], path: str) -> None:
+    result = call(app, path)
+    assert result.status == 404
+    assert result.routes == []
+
+
+class Root:
+    """A traversal root with no children: ``/models`` is the view name ``models``."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+
+def test_traversal_only_app_is_not_named(call: Callable[..., Any]) -> None:
+    with Configurator(root_factory=Root) as config:
+        config.add_view(ok, name="models", context=Root)
+        app = config.make_wsgi_app()
+    pyramid_adapter.install(app)
+    result = call(app, "/models")
+    assert (result.status, result.routes) == (200, [])
+
+
+def test_script_name_prefixes_the_template(app: Router, call: Callable[..., Any]) -> None:
+    result = call(app, "/items/7", script_name="/svc")
+    assert (result.status, result.routes) == (200, ["/svc/items/{id:\\d+}"])
+
+
+def test_install_adapter_detects_pyramid_and_installs_once(
+    app: Router, call: Callable[..., Any]
+) -> None:
+    inner = app.handle_request.handler
+    assert install_adapter(app) == "pyramid"
+    assert install_adapter(app) == "pyramid"
+    assert isinstance(app.handle_request, pyramid_adapter._RouteNamingTween)
+    assert app.handle_request.handler is inner
+    assert call(app, "/items/1").routes == ["/items/{id:\\d+}"]
+
+
+def test_no_event_notifications_switched_on(app: Router, call: Callable[..., Any]) -> None:
+    call(app, "/items/1")
+    assert app.registry.has_listeners is False
+
+
+def test_handles_only_pyramid() -> None:
+    assert not pyramid_adapter.handles(object())

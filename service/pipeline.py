@@ -112,10 +112,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ValueError(
             f"{path}: features must be distinct schema columns; check {bad or features}"
         )
-    base = path.parent
+    base = path.parent.absolute()
 
     def resolve(value: str | None) -> Path | None:
-        return None if value is None else base / value
+        return None if value is None else Path(os.path.normpath(base / value))
 
     return Config(
         name=name,
@@ -124,7 +124,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         numeric=tuple(raw["numeric"]),
         categorical=tuple(raw["categorical"]),
         model=dict(raw["model"]),
-        models_dir=base / raw["models_dir"],
+        models_dir=Path(os.path.normpath(base / raw["models_dir"])),
         data_path=resolve(raw.get("data_path")),
         n_rows=int(raw.get("n_rows", DEFAULT_ROWS)),
         seed=int(raw.get("seed", DEFAULT_SEED)),

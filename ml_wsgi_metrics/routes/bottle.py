@@ -1,7 +1,8 @@
-"""Bottle adapter: the route template comes from Bottle's own match (``bottle.route``)."""
+"""Bottle adapter: the route template comes from Bottle's own match (the route's ``rule``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import bottle
@@ -12,29 +13,27 @@ __all__ = ["handles", "install"]
 
 
 class _RouteNamer:
-    """An ``after_request`` hook of one app: it names the route that app matched.
+    """A Bottle plugin: each route's callback first names that route's rule.
 
-    Bottle fires ``after_request`` after routing and the callback, whatever their outcome
-    (``before_request`` fires *before* routing). A 404 or 405 leaves ``bottle.route`` unset.
-    A Bottle app mounted as a plain WSGI app runs its own ``_handle`` on the same environ and
-    overwrites ``bottle.app``/``bottle.route``, so each hook names only requests its own app
-    handled, and skips the parent's catch-all mount route.
+    Bottle calls a route's callback only after its router matched (a 404 or 405 never gets
+    here), so naming costs nothing for unmatched requests and happens before the callback
+    runs. The rule is read per request, so a route re-prefixed by ``mount`` is named right.
+    Routes declared with ``skip=True`` (or ``skip=['ml_wsgi_metrics']``) stay unnamed.
     """
 
-    __slots__ = ("app",)
+    __slots__ = ()
+    name = "ml_wsgi_metrics"
+    api = 2
 
-    def __init__(self, app: bottle.Bottle) -> None:
-        self.app = app
+    def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:
+        def named_route(*args: Any, **kwargs: Any) -> Any:
+            set_route(bottle.request.environ, route.rule)
+            return callback(*args, **kwargs)
 
-    def __call__(self) -> None:
-        environ = bottle.request.environ
-        route = environ.get("bottle.route")
-        if (
-            route is not None
-            and environ.get("bottle.app") is self.app
-            and "mountpoint.target" not in route.config
-        ):
-            set_route(environ, route.rule)
+        return named_route
+
+
+_PLUGIN = _RouteNamer()
 
 
 def handles(app: Any) -> bool:
@@ -42,15 +41,25 @@ def handles(app: Any) -> bool:
 
 
 def install(app: bottle.Bottle) -> None:
-    """Add the hook to ``app`` and to every Bottle app mounted in it by then, once each.
+    """Make the plugin the outermost of ``app`` and of every Bottle app mounted in it by then.
 
-    ``app.mount('/p/', child)`` copies the child's routes (rule already prefixed) into the
-    parent, so the parent's hook names them; a child mounted as WSGI gets its own hook.
+    Outermost, so an auth plugin that answers early does not hide the route. Routes copied
+    in by ``app.mount('/p/', child)`` take their plugins from ``child``; a child mounted as a
+    plain WSGI app matches on its own. Each app gets the plugin once.
     """
-    if any(isinstance(hook, _RouteNamer) for hook in app._hooks["after_request"]):
+    _install(app, set())
+
+
+def _install(app: bottle.Bottle, seen: set[int]) -> None:
+    if id(app) in seen:
         return
-    app.add_hook("after_request", _RouteNamer(app))
+    seen.add(id(app))
+    if not any(isinstance(plugin, _RouteNamer) for plugin in app.plugins):
+        app.plugins.insert(0, _PLUGIN)
+        app.reset()  # re-apply plugins to routes already prepared
     for route in app.routes:
+        if route.app is not app:
+            _install(route.app, seen)
         target = route.config.get("mountpoint.target")  # nested route config is flattened
         if isinstance(target, bottle.Bottle):
-            install(target)
+            _install(target, seen)

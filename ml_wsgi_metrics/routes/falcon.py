@@ -13,22 +13,29 @@ __all__ = ["handles", "install"]
 
 
 class _RouteNamer:
-    """Middleware naming the matched template once the response is ready.
+    """Middleware naming the matched template as the resource is about to be called.
 
-    ``process_response`` runs for every request, even when another middleware completed the
-    response in ``process_resource`` (an auth check, say) or the responder raised; a
-    ``process_resource`` hook would miss those. Falcon sets ``uri_template`` only when a route
-    matched (a 405 keeps its template); sinks, static routes and 404s leave it ``None``.
+    Falcon calls ``process_resource`` only when a route matched (a 405 keeps its template;
+    404s, sinks and static routes have no ``uri_template`` and stay unnamed). Naming before
+    the responder lets the per-route in-progress gauge see the request. A middleware added
+    earlier may complete the response in its own ``process_resource`` (an auth check, say),
+    which skips ours: ``process_response`` names those, and is a single check otherwise.
     """
 
     __slots__ = ()
 
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict
+    ) -> None:
+        template = req.uri_template
+        if template is not None:  # a custom router may not report it
+            set_route(req.env, template)
+
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
-        template = req.uri_template
-        if template is not None:
-            set_route(req.env, template)
+        if resp.complete and req.uri_template is not None:
+            set_route(req.env, req.uri_template)
 
 
 def handles(app: Any) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from pyramid.router import Router
@@ -12,28 +11,29 @@ from . import set_route
 __all__ = ["handles", "install"]
 
 
-class _RouteNamingTween:
-    """The outermost tween: after the request is handled, name the route Pyramid matched.
+class _RouteNamingMapper:
+    """Stands in for the router's routes mapper: matches with it, then names the route.
 
-    Reading ``matched_route`` in ``finally`` names the route even when traversal or a view
-    raised or a predicate mismatch gave a 404. Traversal-only apps and unmatched URLs have
-    no ``matched_route`` and stay unnamed. Unlike a ``ContextFound`` subscriber, it does not
-    switch on Pyramid's event notifications for apps that have no subscribers.
+    The router calls its mapper once per request, before traversal and the view, so the
+    route is named even when the root factory, a predicate or the view fails afterwards.
+    Everything else is delegated to the real mapper.
     """
 
-    __slots__ = ("handler",)
+    __slots__ = ("mapper",)
 
-    def __init__(self, handler: Callable[[Any], Any]) -> None:
-        self.handler = handler
+    def __init__(self, mapper: Any) -> None:
+        self.mapper = mapper
 
-    def __call__(self, request: Any) -> Any:
-        try:
-            return self.handler(request)
-        finally:
-            route = request.__dict__.get("matched_route")
-            if route is not None:
-                pattern = route.pattern
-                set_route(request.environ, pattern if pattern[:1] == "/" else "/" + pattern)
+    def __call__(self, request: Any) -> dict[str, Any]:
+        info = self.mapper(request)
+        route = info["route"]
+        if route is not None:
+            pattern = route.pattern
+            set_route(request.environ, pattern if pattern[:1] == "/" else "/" + pattern)
+        return info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.mapper, name)
 
 
 def handles(app: Any) -> bool:
@@ -41,10 +41,13 @@ def handles(app: Any) -> bool:
 
 
 def install(app: Router) -> None:
-    """Wrap the router's tween chain (``router.handle_request``), as Pyramid itself does.
+    """Wrap ``router.routes_mapper``, the one the router matches requests with.
 
-    Tweens are composed when the router is built, so one added to the registry later would
-    never run; wrapping the composed chain is the equivalent for an existing router.
+    Costs one call per request, and unlike a ``ContextFound`` subscriber it does not switch
+    on Pyramid's four per-request event notifications for apps that have no subscribers. URL
+    generation uses the registry's mapper and is untouched. An app without routes
+    (traversal only) has no mapper: its requests stay unnamed.
     """
-    if not isinstance(app.handle_request, _RouteNamingTween):
-        app.handle_request = _RouteNamingTween(app.handle_request)
+    mapper = app.routes_mapper
+    if mapper is not None and not isinstance(mapper, _RouteNamingMapper):
+        app.routes_mapper = _RouteNamingMapper(mapper)

@@ -1,4 +1,4 @@
-"""The Bottle adapter names ``environ['bottle.route'].rule`` through a real Bottle router."""
+"""The Bottle adapter names the matched route's ``rule`` through a real Bottle router."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import bottle
 import pytest
 
+from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import bottle as bottle_adapter
-from ml_wsgi_metrics.routes import install_adapter
 
 
 def make_child() -> bottle.Bottle:
@@ -33,6 +33,15 @@ def app() -> bottle.Bottle:
     @app.get("/items/<id:int>")
     def item(id: int) -> str:
         return str(id)
+
+    @app.get("/seen/<id:int>")
+    def seen(id: int) -> str:
+        """Answers with the routes named so far: naming must precede the callback."""
+        return ",".join(bottle.request.environ[REQUEST_KEY].routes)
+
+    @app.get("/skipped", skip=True)
+    def skipped() -> str:
+        return "no plugins here"
 
     @app.get("/crash")
     def crash() -> str:
@@ -110,20 +119,36 @@ def test_install_adapter_detects_bottle_and_installs_once(
 ) -> None:
     assert install_adapter(app) == "bottle"
     assert install_adapter(app) == "bottle"
-    hooks = app._hooks["after_request"]
-    assert sum(isinstance(h, bottle_adapter._RouteNamer) for h in hooks) == 1
+    assert sum(isinstance(p, bottle_adapter._RouteNamer) for p in app.plugins) == 1
     assert call(app, "/items/1").routes == ["/items/<id:int>"]
+    assert call(app, "/api/models/m/predict").routes == ["/api/models/<name>/predict"]
     assert call(app, "/legacy/models/m/predict").routes == ["/legacy/models/<name>/predict"]
 
 
-def test_hook_keeps_users_after_request_hooks(call: Callable[..., Any]) -> None:
+def test_route_is_named_before_the_callback(app: bottle.Bottle, call: Callable[..., Any]) -> None:
+    assert call(app, "/seen/1").body == b"/seen/<id:int>"
+
+
+def test_skipped_plugins_leave_the_route_unnamed(
+    app: bottle.Bottle, call: Callable[..., Any]
+) -> None:
+    assert call(app, "/skipped").routes == []
+
+
+def test_plugin_outermost_so_early_answers_are_named(call: Callable[..., Any]) -> None:
+    def auth(callback: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bottle.abort(401, "who are you?")
+
+        return wrapper
+
     app = bottle.Bottle()
-    seen: list[str] = []
-    app.add_hook("after_request", lambda: seen.append(bottle.request.path))
+    app.install(auth)
     app.route("/items/<id:int>", callback=lambda id: str(id))
+    assert call(app, "/items/2").status == 401  # routes prepared before the adapter
     bottle_adapter.install(app)
-    assert call(app, "/items/2").routes == ["/items/<id:int>"]
-    assert seen == ["/items/2"]
+    result = call(app, "/items/2")
+    assert (result.status, result.routes) == (401, ["/items/<id:int>"])
 
 
 def test_handles_only_bottle() -> None:

@@ -16,8 +16,8 @@ from django.test.utils import override_settings
 from django.urls import include, path, re_path
 from django.views.decorators.http import require_GET
 
+from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import django as django_adapter
-from ml_wsgi_metrics.routes import install_adapter
 
 URLCONF = "_ml_wsgi_metrics_test_django_urls"
 
@@ -41,6 +41,11 @@ def ok(request: HttpRequest, **kwargs: Any) -> HttpResponse:
 @require_GET
 def item(request: HttpRequest, pk: int) -> HttpResponse:
     return HttpResponse(str(pk).encode())
+
+
+def seen(request: HttpRequest, pk: int) -> HttpResponse:
+    """Answers with the routes named so far: naming must precede the view."""
+    return HttpResponse(",".join(request.META[REQUEST_KEY].routes).encode())
 
 
 def missing(request: HttpRequest, pk: int) -> HttpResponse:
@@ -69,6 +74,7 @@ urls.urlpatterns = [  # type: ignore[attr-defined]
     path("denied", ok),
     path("items/<int:pk>", item),
     path("missing/<int:pk>", missing),
+    path("seen/<int:pk>", seen),
     path("api/v1/", include(api_patterns)),
     re_path(r"^legacy/(?P<pk>[0-9]+)/$", ok),
 ]
@@ -115,6 +121,10 @@ def test_unmatched_path_is_not_named(app: WSGIHandler, call: Callable[..., Any],
     result = call(app, path)
     assert result.status == 404
     assert result.routes == []
+
+
+def test_route_is_named_before_the_view(app: WSGIHandler, call: Callable[..., Any]) -> None:
+    assert call(app, "/seen/1").body == b"/seen/<int:pk>"
 
 
 def test_script_name_prefixes_the_template(app: WSGIHandler, call: Callable[..., Any]) -> None:

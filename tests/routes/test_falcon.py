@@ -9,8 +9,8 @@ import falcon
 import falcon.asgi
 import pytest
 
+from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import falcon as falcon_adapter
-from ml_wsgi_metrics.routes import install_adapter
 
 
 class Health:
@@ -24,6 +24,13 @@ class Item:
 
     def on_get_labels(self, req: falcon.Request, resp: falcon.Response, id: int) -> None:
         resp.media = []
+
+
+class Seen:
+    """Answers with the routes named so far: naming must precede the responder."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: int) -> None:
+        resp.text = ",".join(req.env[REQUEST_KEY].routes)
 
 
 class Crash:
@@ -57,6 +64,7 @@ def app() -> falcon.App:
     app.add_route("/health", Health())
     app.add_route("/items/{id:int}", Item())
     app.add_route("/items/{id:int}/labels", Item(), suffix="labels")
+    app.add_route("/seen/{id:int}", Seen())
     app.add_route("/crash", Crash())
     app.add_route("/private", Private())
     app.add_sink(sink, "/proxy")
@@ -102,6 +110,10 @@ def test_unmatched_path_is_not_named(
     result = call(app, path)
     assert result.status == status
     assert result.routes == []
+
+
+def test_route_is_named_before_the_responder(app: falcon.App, call: Callable[..., Any]) -> None:
+    assert call(app, "/seen/1").body == b"/seen/{id:int}"
 
 
 def test_script_name_prefixes_the_template(app: falcon.App, call: Callable[..., Any]) -> None:

@@ -12,12 +12,17 @@ from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.router import Router
 
-from ml_wsgi_metrics.routes import install_adapter
+from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import pyramid as pyramid_adapter
 
 
 def ok(request: Request) -> Response:
     return Response("ok")
+
+
+def seen(request: Request) -> Response:
+    """Answers with the routes named so far: naming must precede the view."""
+    return Response(",".join(request.environ[REQUEST_KEY].routes))
 
 
 def crash(request: Request) -> Response:
@@ -43,11 +48,13 @@ def app() -> Router:
         config.add_route("health", "/health")
         config.add_route("item", "/items/{id:\\d+}")
         config.add_route("relative", "legacy/{id}")
+        config.add_route("seen", "/seen/{id}")
         config.add_route("crash", "/crash")
         config.add_route("denied", "/denied", factory=deny_root)
         config.add_view(ok, route_name="health")
         config.add_view(ok, route_name="item", request_method="GET")
         config.add_view(ok, route_name="relative")
+        config.add_view(seen, route_name="seen")
         config.add_view(crash, route_name="crash")
         config.add_view(ok, route_name="denied")
         config.add_exception_view(forbidden, context=HTTPForbidden)
@@ -113,8 +120,13 @@ def test_traversal_only_app_is_not_named(call: Callable[..., Any]) -> None:
         config.add_view(ok, name="models", context=Root)
         app = config.make_wsgi_app()
     pyramid_adapter.install(app)
+    assert app.routes_mapper is None
     result = call(app, "/models")
     assert (result.status, result.routes) == (200, [])
+
+
+def test_route_is_named_before_the_view(app: Router, call: Callable[..., Any]) -> None:
+    assert call(app, "/seen/1").body == b"/seen/{id}"
 
 
 def test_script_name_prefixes_the_template(app: Router, call: Callable[..., Any]) -> None:
@@ -125,11 +137,12 @@ def test_script_name_prefixes_the_template(app: Router, call: Callable[..., Any]
 def test_install_adapter_detects_pyramid_and_installs_once(
     app: Router, call: Callable[..., Any]
 ) -> None:
-    inner = app.handle_request.handler
+    inner = app.routes_mapper.mapper
     assert install_adapter(app) == "pyramid"
     assert install_adapter(app) == "pyramid"
-    assert isinstance(app.handle_request, pyramid_adapter._RouteNamingTween)
-    assert app.handle_request.handler is inner
+    assert isinstance(app.routes_mapper, pyramid_adapter._RouteNamingMapper)
+    assert app.routes_mapper.mapper is inner
+    assert app.routes_mapper.get_routes() == inner.get_routes()  # delegated
     assert call(app, "/items/1").routes == ["/items/{id:\\d+}"]
 
 

@@ -62,10 +62,22 @@ def recorded_environ(
 
 
 def call_app(
-    app: Callable[..., Any], path: str, method: str = "GET", script_name: str = ""
+    app: Callable[..., Any],
+    path: str,
+    method: str = "GET",
+    script_name: str = "",
+    *,
+    record: bool = True,
 ) -> Result:
-    """Run one request through ``app`` with a recorder in the environ; close the response."""
+    """Run one request through ``app``, closing the response.
+
+    With ``record`` a recorder stands in for the middleware; without, the environ is bare
+    (for an app wrapped in the real ``MetricsMiddleware``, which skips requests it finds
+    already measured).
+    """
     environ, recorder = recorded_environ(path, method, script_name)
+    if not record:
+        del environ[REQUEST_KEY]
     statuses: list[str] = []
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -84,7 +96,7 @@ def call_app(
 
 @pytest.fixture
 def call() -> Callable[..., Result]:
-    """``call(app, path, method="GET", script_name="") -> Result(status, routes, body)``."""
+    """``call(app, path, method="GET", script_name="", *, record=True) -> Result``."""
     return call_app
 
 

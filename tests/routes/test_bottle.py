@@ -7,7 +7,9 @@ from typing import Any
 
 import bottle
 import pytest
+from prometheus_client import CollectorRegistry
 
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware
 from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import bottle as bottle_adapter
 
@@ -154,3 +156,21 @@ def test_plugin_outermost_so_early_answers_are_named(call: Callable[..., Any]) -
 def test_handles_only_bottle() -> None:
     assert bottle_adapter.handles(bottle.Bottle())
     assert not bottle_adapter.handles(object())
+
+
+def test_metrics_middleware_counts_ids_under_one_template(
+    app: bottle.Bottle, call: Callable[..., Any]
+) -> None:
+    registry = CollectorRegistry()
+    wrapped = MetricsMiddleware(app, registry=registry)
+    assert wrapped.adapter == "bottle"
+    for i in range(3):
+        assert call(wrapped, f"/items/{i}", record=False).status == 200
+    assert call(wrapped, "/nope", record=False).status == 404
+
+    def count(route: str, status: str) -> float | None:
+        labels = {"method": "GET", "route": route, "status": status}
+        return registry.get_sample_value("http_requests_total", labels)
+
+    assert count("/items/<id:int>", "200") == 3
+    assert count(UNMATCHED, "404") == 1

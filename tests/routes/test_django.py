@@ -15,7 +15,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.test.utils import override_settings
 from django.urls import include, path, re_path
 from django.views.decorators.http import require_GET
+from prometheus_client import CollectorRegistry
 
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware
 from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import django as django_adapter
 
@@ -145,3 +147,21 @@ def test_install_adapter_detects_django_and_installs_once(
 
 def test_handles_only_django() -> None:
     assert not django_adapter.handles(object())
+
+
+def test_metrics_middleware_counts_ids_under_one_template(
+    app: WSGIHandler, call: Callable[..., Any]
+) -> None:
+    registry = CollectorRegistry()
+    wrapped = MetricsMiddleware(app, registry=registry)
+    assert wrapped.adapter == "django"
+    for i in range(3):
+        assert call(wrapped, f"/items/{i}", record=False).status == 200
+    assert call(wrapped, "/nope", record=False).status == 404
+
+    def count(route: str, status: str) -> float | None:
+        labels = {"method": "GET", "route": route, "status": status}
+        return registry.get_sample_value("http_requests_total", labels)
+
+    assert count("/items/<int:pk>", "200") == 3
+    assert count(UNMATCHED, "404") == 1

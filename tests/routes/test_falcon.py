@@ -8,7 +8,9 @@ from typing import Any
 import falcon
 import falcon.asgi
 import pytest
+from prometheus_client import CollectorRegistry
 
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware
 from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import falcon as falcon_adapter
 
@@ -142,3 +144,21 @@ def test_handles_wsgi_falcon_only() -> None:
     assert falcon_adapter.handles(falcon.App())
     assert not falcon_adapter.handles(falcon.asgi.App())
     assert not falcon_adapter.handles(object())
+
+
+def test_metrics_middleware_counts_ids_under_one_template(
+    app: falcon.App, call: Callable[..., Any]
+) -> None:
+    registry = CollectorRegistry()
+    wrapped = MetricsMiddleware(app, registry=registry)
+    assert wrapped.adapter == "falcon"
+    for i in range(3):
+        assert call(wrapped, f"/items/{i}", record=False).status == 200
+    assert call(wrapped, "/nope", record=False).status == 404
+
+    def count(route: str, status: str) -> float | None:
+        labels = {"method": "GET", "route": route, "status": status}
+        return registry.get_sample_value("http_requests_total", labels)
+
+    assert count("/items/{id:int}", "200") == 3
+    assert count(UNMATCHED, "404") == 1

@@ -6,12 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPForbidden
 from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.router import Router
 
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware
 from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import pyramid as pyramid_adapter
 
@@ -153,3 +155,21 @@ def test_no_event_notifications_switched_on(app: Router, call: Callable[..., Any
 
 def test_handles_only_pyramid() -> None:
     assert not pyramid_adapter.handles(object())
+
+
+def test_metrics_middleware_counts_ids_under_one_template(
+    app: Router, call: Callable[..., Any]
+) -> None:
+    registry = CollectorRegistry()
+    wrapped = MetricsMiddleware(app, registry=registry)
+    assert wrapped.adapter == "pyramid"
+    for i in range(3):
+        assert call(wrapped, f"/items/{i}", record=False).status == 200
+    assert call(wrapped, "/nope", record=False).status == 404
+
+    def count(route: str, status: str) -> float | None:
+        labels = {"method": "GET", "route": route, "status": status}
+        return registry.get_sample_value("http_requests_total", labels)
+
+    assert count("/items/{id:\\d+}", "200") == 3
+    assert count(UNMATCHED, "404") == 1

@@ -35,7 +35,6 @@ import joblib
 import numpy as np
 import pandas as pd
 import sklearn
-from ml_wsgi_metrics.profile import build_profile
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
@@ -43,6 +42,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from ml_wsgi_metrics.profile import build_profile
 from service.data import COLUMNS, DEFAULT_ROWS, DEFAULT_SEED, TARGET, load_data, preprocess
 
 __all__ = [
@@ -187,6 +187,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -293,9 +294,15 @@ def train(
     version, path = _reserve_version(root)
     metrics["version"] = version
     try:
-        # Raw (pre-one-hot) training features: the reference the live inputs are compared with.
+        # Raw (pre-one-hot) training features: the reference the live inputs are compared with;
+        # the held-out accuracy is the reference for live accuracy from feedback.
         profile = build_profile(
-            x_train, model=config.name, version=version, scores=train_scores, classes=classes
+            x_train,
+            model=config.name,
+            version=version,
+            scores=train_scores,
+            classes=classes,
+            accuracy=metrics["accuracy"],
         )
         profile.save(path / PROFILE_FILE)
         _write_atomic(path / MODEL_FILE, _dump(model))

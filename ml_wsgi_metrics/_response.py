@@ -94,7 +94,7 @@ class TimedResponse:
             route = route[len(base) :] or "/"
         try:
             series = self._metrics.route_series(self._method, route)
-            series.in_progress_inc()
+            series.started()
             self._series = series
         except Exception as error:
             self.instrumentation_failed("route", error)
@@ -159,22 +159,17 @@ class TimedResponse:
         duration = perf_counter() - self._start
         try:
             series = self._series
+            was_started = series is not None
             if series is None:
                 series = self._metrics.route_series(self._method, UNMATCHED)
-            else:
-                series.in_progress_dec()
             status = self._status
             if self._exception is not None or status is None:
-                status_code = "500"
-                self._metrics.exceptions.labels(
-                    *series.labels, self._exception or "NoStartResponse"
-                ).inc()
+                status = "500"
+                exception = self._exception or "NoStartResponse"
+                self._metrics.exceptions.labels(*series.labels, exception).inc()
             else:
-                status_code = self._metrics.status_label(status)
-            series.count(status_code)
-            series.observe_duration(duration)
-            series.observe_request_size(self._request_size)
-            series.observe_response_size(self._response_size)
+                status = self._metrics.status_label(status)
+            series.finished(status, duration, self._request_size, self._response_size, was_started)
         except Exception as error:
             self.instrumentation_failed("record", error)
 

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from .multiprocess import SlotValue, storage_lock
+
 __all__ = [
     "DEFAULT_DURATION_BUCKETS",
     "DEFAULT_SIZE_BUCKETS",
@@ -102,10 +104,28 @@ def fast_observer(histogram: Any) -> Callable[[float], None]:
     return observe
 
 
-def _value_inc(child: Any) -> Callable[[float], None]:
-    """``inc`` of a counter or gauge child's stored value, skipping the per-call checks."""
-    value = getattr(child, "_value", None)
-    return value.inc if hasattr(value, "inc") else child.inc
+def _adder(value: Any) -> Callable[[float], None]:
+    """Add to a stored value: unlocked for slot values (the caller holds the storage lock)."""
+    return value.add_unlocked if isinstance(value, SlotValue) else value.inc
+
+
+class _HistogramCells:
+    """The stored values of one labelled histogram child, for updates under one lock."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum", "observe")
+
+    def __init__(self, child: Any) -> None:
+        try:
+            self._bounds = tuple(child._upper_bounds)
+            self._buckets = [_adder(bucket) for bucket in child._buckets]
+            self._sum = _adder(child._sum)
+            self.observe = self._observe
+        except AttributeError:  # prometheus_client internals changed: take the public path
+            self.observe = child.observe
+
+    def _observe(self, amount: float) -> None:
+        self._buckets[bisect_left(self._bounds, amount)](1)
+        self._sum(amount)
 
 
 _M = TypeVar("_M")
@@ -125,36 +145,46 @@ def shared(cls: Callable[..., _M], registry: CollectorRegistry | None, **setting
 
 
 class RouteSeries:
-    """The cached series of one (method, route): the hot path touches only these."""
+    """The cached series of one (method, route): all a request touches, under one lock."""
 
-    __slots__ = (
-        "_requests",
-        "_statuses",
-        "in_progress_dec",
-        "in_progress_inc",
-        "labels",
-        "observe_duration",
-        "observe_request_size",
-        "observe_response_size",
-    )
+    __slots__ = ("_duration", "_in_progress", "_request_size", "_requests", "_response_size",
+                 "_statuses", "labels")  # fmt: skip
 
     def __init__(self, metrics: RequestMetrics, labels: tuple[str, ...]) -> None:
         self.labels = labels
         self._requests = metrics.requests
         self._statuses: dict[str, Callable[[float], None]] = {}
-        self.observe_duration = fast_observer(metrics.duration.labels(*labels))
-        self.observe_request_size = fast_observer(metrics.request_size.labels(*labels))
-        self.observe_response_size = fast_observer(metrics.response_size.labels(*labels))
-        in_progress = _value_inc(metrics.in_progress.labels(*labels))
-        self.in_progress_inc = lambda: in_progress(1)
-        self.in_progress_dec = lambda: in_progress(-1)
+        self._duration = _HistogramCells(metrics.duration.labels(*labels))
+        self._request_size = _HistogramCells(metrics.request_size.labels(*labels))
+        self._response_size = _HistogramCells(metrics.response_size.labels(*labels))
+        self._in_progress = _adder(metrics.in_progress.labels(*labels)._value)
 
-    def count(self, status: str) -> None:
-        """Count one finished request with this status."""
-        inc = self._statuses.get(status)
-        if inc is None:
-            inc = self._statuses[status] = _value_inc(self._requests.labels(*self.labels, status))
-        inc(1)
+    def started(self) -> None:
+        """A request of this route is now in progress."""
+        with storage_lock():
+            self._in_progress(1)
+
+    def finished(
+        self,
+        status: str,
+        duration: float,
+        request_size: int,
+        response_size: int,
+        was_started: bool,
+    ) -> None:
+        """Record one finished request (requests without a body observe no request size)."""
+        count = self._statuses.get(status)
+        if count is None:
+            count = _adder(self._requests.labels(*self.labels, status)._value)
+            self._statuses[status] = count
+        with storage_lock():
+            count(1)
+            self._duration.observe(duration)
+            if request_size:
+                self._request_size.observe(request_size)
+            self._response_size.observe(response_size)
+            if was_started:
+                self._in_progress(-1)
 
 
 class RequestMetrics:

@@ -18,6 +18,7 @@ import glob
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "instrumentation_errors",
     "mark_dead",
     "process_identifier",
+    "storage_lock",
     "use_identifier",
 ]
 
@@ -44,6 +46,7 @@ log = logging.getLogger("ml_wsgi_metrics")
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
 _lock = threading.Lock()
+_pack_double = struct.Struct("d").pack
 
 
 class _State:
@@ -99,7 +102,11 @@ class _AllocatedMmapedDict(MmapedDict):
 class _UnavailableFile:
     """Stands in for a file that could not be opened: values live in memory only."""
 
+    _m = bytearray(16)
+    _positions: dict[str, int] = {}
+
     def read_value(self, key: str) -> tuple[float, float]:
+        self._positions[key] = 0
         return 0.0, 0.0
 
     def write_value(self, key: str, value: float, timestamp: float) -> None:
@@ -133,7 +140,7 @@ def _open_file(prefix: str) -> Any:
 class SlotValue:
     """A metric value stored in this process's slot file (prometheus_client's value interface)."""
 
-    __slots__ = ("_file", "_key", "_prefix", "_timestamp", "_value")
+    __slots__ = ("_buffer", "_file", "_key", "_position", "_prefix", "_timestamp", "_value")
     _multiprocess = True
 
     def __init__(
@@ -163,6 +170,11 @@ class SlotValue:
         except (OSError, ValueError, RuntimeError) as error:
             report_error(f"reading {self._prefix}", error)
             self._file = _UNAVAILABLE
+            self._file.read_value(self._key)
+        # Where this value lives, for writes that skip the key lookup. When the file grows,
+        # MmapedDict maps it anew; the old mapping stays valid for the bytes it covers.
+        self._buffer = self._file._m
+        self._position = self._file._positions[self._key]
 
     def _write(self) -> None:
         """Store the value; the lock is held and the file open."""
@@ -170,19 +182,23 @@ class SlotValue:
             self._file.write_value(self._key, self._value, self._timestamp)
         except (OSError, ValueError, RuntimeError) as error:
             report_error(f"writing {self._prefix}", error)
-            self._file = _UNAVAILABLE
+            self._file, self._buffer, self._position = _UNAVAILABLE, bytearray(16), 0
 
     def inc(self, amount: float) -> None:
         with _lock:
-            if self._file is None:
-                self._open()
-            self._value += amount
-            self._timestamp = 0.0
-            try:
-                self._file.write_value(self._key, self._value, 0.0)
-            except (OSError, ValueError, RuntimeError) as error:
-                report_error(f"writing {self._prefix}", error)
-                self._file = _UNAVAILABLE
+            self.add_unlocked(amount)
+
+    def add_unlocked(self, amount: float) -> None:
+        """``inc`` for a caller that holds :func:`storage_lock` around several updates."""
+        if self._file is None:
+            self._open()
+        self._value += amount
+        position = self._position
+        try:
+            self._buffer[position : position + 8] = _pack_double(self._value)
+        except (OSError, ValueError, TypeError) as error:  # the mapping was closed
+            report_error(f"writing {self._prefix}", error)
+            self._file, self._buffer, self._position = _UNAVAILABLE, bytearray(16), 0
 
     def set(self, value: float, timestamp: float | None = None) -> None:
         with _lock:
@@ -203,6 +219,11 @@ class SlotValue:
 
     def get_exemplar(self) -> None:
         return None
+
+
+def storage_lock() -> threading.Lock:
+    """The lock guarding every slot value of this process (renewed after a fork)."""
+    return _lock
 
 
 def _reopen_all() -> None:

@@ -1,20 +1,34 @@
-"""Flask adapter: the route template comes from Flask's own match (``request.url_rule``)."""
+"""Flask adapter: the route template comes from Flask's own match (``request.url_rule``).
+
+Flask stores the matched rule on its request object right after routing. The adapter gives the
+app a request class whose ``url_rule`` attribute reports that rule as it is stored: no URL
+matching of its own and no hook for Flask to call on every request.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask
+from werkzeug.routing import Rule
 
 from . import set_route
 
 __all__ = ["handles", "install"]
 
 
-def _name_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    rule = request.url_rule
-    if rule is not None:
-        set_route(request.environ, rule.rule)
+class _ReportedRule:
+    """A data descriptor standing in for ``Request.url_rule``: reports the rule when set."""
+
+    def __get__(self, request: Any, owner: type | None = None) -> Rule | None:
+        if request is None:
+            return self  # type: ignore[return-value]
+        return request.__dict__.get("url_rule")
+
+    def __set__(self, request: Any, rule: Rule | None) -> None:
+        request.__dict__["url_rule"] = rule
+        if rule is not None:
+            set_route(request.environ, rule.rule)
 
 
 def handles(app: Any) -> bool:
@@ -22,10 +36,11 @@ def handles(app: Any) -> bool:
 
 
 def install(app: Flask) -> None:
-    """Register a URL value preprocessor, first in line, that names the matched rule.
-
-    Flask runs it after routing and before ``before_request`` functions, for every request.
-    """
-    preprocessors = app.url_value_preprocessors.setdefault(None, [])
-    if _name_route not in preprocessors:
-        preprocessors.insert(0, _name_route)
+    """Subclass the app's request class once so that routing names the route."""
+    if isinstance(app.request_class.__dict__.get("url_rule"), _ReportedRule):
+        return
+    app.request_class = type(
+        app.request_class.__name__,
+        (app.request_class,),
+        {"url_rule": _ReportedRule(), "__module__": app.request_class.__module__},
+    )

@@ -2,11 +2,13 @@
 
 Flask stores the matched rule on its request object right after routing. The adapter gives the
 app a request class whose ``url_rule`` attribute reports that rule as it is stored: no URL
-matching of its own and no hook for Flask to call on every request.
+matching of its own and no hook for Flask to call on every request. Reading the attribute,
+which Flask does several times a request, stays a C-level attribute lookup.
 """
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from flask import Flask
@@ -16,19 +18,16 @@ from . import set_route
 
 __all__ = ["handles", "install"]
 
+_STORED = "_ml_wsgi_metrics_url_rule"
 
-class _ReportedRule:
-    """A data descriptor standing in for ``Request.url_rule``: reports the rule when set."""
 
-    def __get__(self, request: Any, owner: type | None = None) -> Rule | None:
-        if request is None:
-            return self  # type: ignore[return-value]
-        return request.__dict__.get("url_rule")
+def _store_rule(request: Any, rule: Rule | None) -> None:
+    setattr(request, _STORED, rule)
+    if rule is not None:
+        set_route(request.environ, rule.rule)
 
-    def __set__(self, request: Any, rule: Rule | None) -> None:
-        request.__dict__["url_rule"] = rule
-        if rule is not None:
-            set_route(request.environ, rule.rule)
+
+_reported_rule = property(attrgetter(_STORED), _store_rule, doc="The matched URL rule.")
 
 
 def handles(app: Any) -> bool:
@@ -37,10 +36,10 @@ def handles(app: Any) -> bool:
 
 def install(app: Flask) -> None:
     """Subclass the app's request class once so that routing names the route."""
-    if isinstance(app.request_class.__dict__.get("url_rule"), _ReportedRule):
+    if app.request_class.__dict__.get("url_rule") is _reported_rule:
         return
     app.request_class = type(
         app.request_class.__name__,
         (app.request_class,),
-        {"url_rule": _ReportedRule(), "__module__": app.request_class.__module__},
+        {"url_rule": _reported_rule, _STORED: None, "__module__": app.request_class.__module__},
     )

@@ -1,0 +1,209 @@
+"""Shared fixtures: a fresh registry, an isolated multiprocess directory, tiny WSGI apps.
+
+Helpers call a WSGI app directly with a hand-built environ and always close the response,
+as a server does (werkzeug's test client leaves closing to the caller).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import prometheus_client.values
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ml_wsgi_metrics import multiprocess
+from ml_wsgi_metrics.exposition import scrape_registry
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def make_environ(
+    path: str = "/",
+    method: str = "GET",
+    *,
+    script_name: str = "",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    remote_addr: str = "127.0.0.1",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A PEP 3333 environ for ``method path``; ``headers`` become ``HTTP_*`` keys."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": script_name,
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": remote_addr,
+        "HTTP_HOST": "localhost",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": io.StringIO(),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    if body:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    environ.update(extra)
+    return environ
+
+
+@dataclass
+class Response:
+    """What a server saw: the last status and headers given, the body, how it was closed."""
+
+    status: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    exc_info: Any = None
+
+    @property
+    def code(self) -> int:
+        return int(self.status.split()[0])
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        self.status, self.headers, self.exc_info = status, headers, exc_info
+        return lambda data: None
+
+
+def call_app(app: WSGIApp, path: str = "/", method: str = "GET", **environ: Any) -> Response:
+    """Run one request through ``app`` as a server would: iterate, then always close."""
+    response = Response()
+    iterable = app(make_environ(path, method, **environ), response.start_response)
+    try:
+        response.body = b"".join(iterable)
+    finally:
+        close = getattr(iterable, "close", None)
+        if close is not None:
+            close()
+    return response
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """A sample's value as a scrape sees it (merged in multiprocess mode), 0 when absent."""
+    return scrape_registry(registry).get_sample_value(name, labels) or 0.0
+
+
+def label_values(registry: CollectorRegistry, name: str, label: str) -> set[str]:
+    """Every value of ``label`` among the scraped samples called ``name``."""
+    return {
+        s.labels[label]
+        for metric in scrape_registry(registry).collect()
+        for s in metric.samples
+        if s.name == name and label in s.labels
+    }
+
+
+# -- tiny WSGI apps -------------------------------------------------------------------------
+
+
+def hello_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """200 with ``hello``; ``/status/<code>`` answers that status instead."""
+    path = environ["PATH_INFO"]
+    status = "200 OK"
+    if path.startswith("/status/"):
+        status = f"{path.rsplit('/', 1)[1]} Whatever"
+    body = b"hello"
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Answers with the request body."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length)
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body]
+
+
+def path_route(environ: dict[str, Any]) -> str | None:
+    """A ``route_resolver``: the path is the template, except under ``/unknown``."""
+    path = environ["PATH_INFO"]
+    return None if path.startswith("/unknown") else path
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def multiprocess_dir(tmp_path: Path) -> Iterator[Path]:
+    """Multiprocess mode in a fresh directory; the value class is always restored after."""
+    value_class = prometheus_client.values.ValueClass
+    directory = tmp_path / "multiprocess"
+    try:
+        yield Path(multiprocess.activate(directory))
+    finally:
+        multiprocess.deactivate()
+        assert prometheus_client.values.ValueClass is value_class
+
+
+@pytest.fixture(params=[pytest.param(False, id="single"), pytest.param(True, id="multi")])
+def mode(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | None]:
+    """Run a test in single-process mode (``None``) and in multiprocess mode (the directory)."""
+    if not request.param:
+        yield None
+        return
+    yield request.getfixturevalue("multiprocess_dir")
+
+
+@pytest.fixture
+def call() -> Callable[..., Response]:
+    """``call(app, path="/", method="GET", **environ) -> Response`` (closed, like a server)."""
+    return call_app
+
+
+@pytest.fixture
+def environ() -> Callable[..., dict[str, Any]]:
+    """``environ(path="/", method="GET", *, script_name, body, headers, ...) -> environ``."""
+    return make_environ
+
+
+@pytest.fixture(name="sample")
+def sample_fixture() -> Callable[..., float]:
+    """``sample(registry, name, **labels) -> value`` as scraped, 0 when absent."""
+    return sample
+
+
+@pytest.fixture(name="label_values")
+def label_values_fixture() -> Callable[..., set[str]]:
+    """``label_values(registry, sample_name, label) -> the set of values scraped``."""
+    return label_values
+
+
+@pytest.fixture
+def hello() -> WSGIApp:
+    """200 ``hello`` (Content-Length 5); ``/status/<code>`` answers that status."""
+    return hello_app
+
+
+@pytest.fixture
+def echo() -> WSGIApp:
+    """Answers with the request body."""
+    return echo_app
+
+
+@pytest.fixture(name="path_route")
+def path_route_fixture() -> Callable[[dict[str, Any]], str | None]:
+    """A ``route_resolver`` naming the path itself, ``None`` under ``/unknown``."""
+    return path_route

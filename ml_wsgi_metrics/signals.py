@@ -1,0 +1,892 @@
+"""The context API: the app says what its model did; this turns it into Prometheus metrics.
+
+In the manner of structlog's contextvars: a few verbs, no prometheus_client in the app::
+
+    signals.configure(secret_key=...)                 # optional: registry, namespace, ...
+    signals.register_model("models/churn/3/profile.json")
+    with signals.model_context("churn", "3"):         # or bind_model(); optional with one model
+        with signals.time_prediction() as timer:
+            scores = clf.predict_proba(frame)[:, 1]
+        prediction = signals.record_prediction(frame, scores=scores, classes=labels)
+    ids = prediction.ids                              # signed, per row, computed when read
+    ...
+    signals.record_feedback(prediction_id, actual="Yes")   # later, in any worker or host
+
+Everything is a counter or histogram per reference bin, so PSI, means, standard deviations and
+accuracy merge exactly across workers and hosts (see :mod:`ml_wsgi_metrics.rules`). Recording is
+vectorised per feature (one ``searchsorted`` and one ``bincount``) and only non-zero bins are
+incremented; a single-row dict takes a plain-Python fast path. Works from any thread and outside
+requests (batch jobs); nothing is computed or stored while the app records nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+from itsdangerous import BadPayload, BadSignature, SignatureExpired, URLSafeTimedSerializer
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from . import _context
+from .metrics import ModelMetrics, fast_observer, shared
+from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
+
+__all__ = [
+    "NO_CLASS",
+    "REJECT_REASONS",
+    "SECRET_KEY_ENV",
+    "Feedback",
+    "InvalidPredictionId",
+    "Prediction",
+    "PredictionTimer",
+    "bind_model",
+    "configure",
+    "current_model",
+    "model_context",
+    "record_feedback",
+    "record_prediction",
+    "register_model",
+    "registered_models",
+    "time_prediction",
+    "unbind_model",
+]
+
+#: Environment variable supplying the default ``secret_key``.
+SECRET_KEY_ENV = "ML_WSGI_METRICS_SECRET_KEY"
+#: The ``class`` label of predictions recorded without a predicted class.
+NO_CLASS = "__none__"
+#: The ``reason`` label values of ``model_feedback_rejected_total``.
+REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model")
+
+_SALT = "ml_wsgi_metrics.prediction"
+_MAX_TOKEN_LENGTH = 4096
+# payload (a leading "." when compressed) . timestamp . HMAC-SHA1 signature, URL-safe base64
+_TOKEN = re.compile(r"\.?[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{1,12}\.[A-Za-z0-9_-]{27}")
+_INF = math.inf
+_NAN = math.nan
+
+Inc = Callable[[float], None]
+
+
+class InvalidPredictionId(ValueError):
+    """A prediction id that cannot be scored; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _noop(amount: float) -> None:
+    return None
+
+
+def _inc(child: Any) -> Inc:
+    """The ``inc`` of a counter child's stored value, without the per-call argument check."""
+    value = getattr(child, "_value", None)
+    return value.inc if hasattr(value, "inc") else child.inc
+
+
+def _apply(incs: list[Inc], amounts: np.ndarray) -> None:
+    """Increment the slots whose amount is non-zero (a loop over slots, never over rows)."""
+    nonzero = np.flatnonzero(amounts)
+    for index, amount in zip(nonzero.tolist(), amounts[nonzero].tolist(), strict=True):
+        incs[index](amount)
+
+
+def _to_float(value: Any) -> float:
+    if value.__class__ is float:
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return _NAN
+
+
+def _as_floats(values: Any, rows: int) -> np.ndarray:
+    """A float vector; None, NA and anything not a number become NaN (counted as missing)."""
+    to_numpy = getattr(values, "to_numpy", None)
+    try:
+        if to_numpy is not None:
+            array = to_numpy(dtype=np.float64, na_value=_NAN)
+        else:
+            array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        items = values.tolist() if hasattr(values, "tolist") else list(values)
+        array = np.fromiter(map(_to_float, items), dtype=np.float64, count=len(items))
+    if array.shape != (rows,):
+        raise ValueError(f"expected {rows} values per column, got shape {array.shape}")
+    return array
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(value != value)  # NaN (and pandas' NA raises: missing too)
+    except TypeError:
+        return True
+
+
+def _is_scalar(value: Any) -> bool:
+    return (
+        value is None
+        or isinstance(value, str | bytes | int | float | np.generic)
+        or (np.ndim(value) == 0)
+    )
+
+
+# -- compiled models -----------------------------------------------------------------------
+
+
+class _NumericBlock:
+    """Numeric columns and their slots: per column ``[bins..., missing, oor, +sum, -sum, sq]``.
+
+    :meth:`amounts` turns an ``(n, columns)`` matrix into one increment per slot.
+    """
+
+    def __init__(self, columns: list[tuple[tuple[float, ...], float, float, list[Inc]]]) -> None:
+        self.incs: list[Inc] = []
+        self.edges: list[np.ndarray] = []
+        bin_base, missing, extras = [], [], []
+        for edges, _, _, incs in columns:
+            bin_base.append(len(self.incs))
+            missing.append(len(self.incs) + len(edges) + 1)
+            extras.append(len(self.incs) + len(edges) + 2)
+            self.incs.extend(incs)
+            self.edges.append(np.asarray(edges, dtype=np.float64))
+        self.bin_base = np.asarray(bin_base, dtype=np.intp)
+        self.missing = np.asarray(missing, dtype=np.intp)
+        extra = np.asarray(extras, dtype=np.intp)
+        self.out_of_range, self.positive, self.negative, self.squares = (
+            extra + i for i in range(4)
+        )
+        self.low = np.asarray([c[1] for c in columns], dtype=np.float64)
+        self.high = np.asarray([c[2] for c in columns], dtype=np.float64)
+
+    def amounts(self, matrix: np.ndarray) -> np.ndarray:
+        codes = np.empty(matrix.shape, dtype=np.intp)
+        for j, edges in enumerate(self.edges):
+            codes[:, j] = np.searchsorted(edges, matrix[:, j], side="left")
+        codes += self.bin_base
+        finite = np.isfinite(matrix)
+        np.copyto(codes, self.missing, where=~finite)
+        amounts = np.bincount(codes.ravel(), minlength=len(self.incs)).astype(np.float64)
+        values = np.where(finite, matrix, 0.0)
+        outside = (values < self.low) | (values > self.high)
+        amounts[self.out_of_range] = (outside & finite).sum(axis=0)
+        amounts[self.positive] = np.where(values > 0, values, 0.0).sum(axis=0)
+        amounts[self.negative] = -np.where(values < 0, values, 0.0).sum(axis=0)
+        amounts[self.squares] = np.square(values).sum(axis=0)
+        return amounts
+
+
+class _Numeric:
+    """One numeric column's series, for the single-row path."""
+
+    __slots__ = (
+        "bins",
+        "edges",
+        "high",
+        "low",
+        "missing",
+        "name",
+        "negative",
+        "oor",
+        "positive",
+        "squares",
+    )
+
+    def __init__(self, name: str, edges: tuple[float, ...], low: float, high: float) -> None:
+        self.name, self.edges, self.low, self.high = name, edges, low, high
+
+    def slots(self) -> list[Inc]:
+        return [*self.bins, self.missing, self.oor, self.positive, self.negative, self.squares]
+
+    def record(self, value: float) -> int | None:
+        """Count one value; returns its bin, or ``None`` when missing."""
+        if value != value or value == _INF or value == -_INF:
+            self.missing(1)
+            return None
+        index = bisect_left(self.edges, value)
+        self.bins[index](1)
+        if value > 0:
+            self.positive(value)
+            self.squares(value * value)
+        elif value < 0:
+            self.negative(-value)
+            self.squares(value * value)
+        if value < self.low or value > self.high:
+            self.oor(1)
+        return index
+
+
+class _Categorical:
+    """One categorical column: vocabulary codes and series."""
+
+    __slots__ = ("codes", "incs", "missing_code", "name", "unseen_code")
+
+    def __init__(self, name: str, categories: Sequence[str], incs: list[Inc]) -> None:
+        # slots: [categories..., unseen bin, missing, unseen counter]
+        self.name = name
+        self.codes = {c: i for i, c in enumerate(categories)}
+        self.unseen_code = len(categories)
+        self.missing_code = len(categories) + 1
+        self.incs = incs
+
+    def code(self, value: Any) -> int:
+        code = self.codes.get(value) if value.__class__ is str else None
+        if code is not None:
+            return code
+        if _is_missing(value):
+            return self.missing_code
+        return self.codes.get(str(value), self.unseen_code)
+
+    def record(self, value: Any) -> None:
+        code = self.code(value)
+        self.incs[code](1)
+        if code == self.unseen_code:
+            self.incs[-1](1)
+
+    def amounts(self, values: Any, rows: int) -> np.ndarray:
+        items = values.tolist() if hasattr(values, "tolist") else list(values)
+        if len(items) != rows:
+            raise ValueError(f"expected {rows} values per column, got {len(items)}")
+        codes = np.array(list(map(self.codes.get, items, repeat(-1))), dtype=np.intp)
+        misses = np.flatnonzero(codes < 0)
+        if misses.size:  # not a known string: missing, or a non-string category (True, 3)
+            codes[misses] = [self.code(items[i]) for i in misses.tolist()]
+        amounts = np.bincount(codes, minlength=len(self.incs)).astype(np.float64)
+        amounts[-1] = amounts[self.unseen_code]
+        return amounts
+
+
+class _Model:
+    """A registered profile with every series it writes, created (at zero) up front."""
+
+    def __init__(self, profile: ReferenceProfile, metrics: ModelMetrics) -> None:
+        self.profile = profile
+        labels = metrics.model_labels(profile.model, profile.version)
+        self.name, self.version = profile.model, profile.version
+        self.numeric: list[_Numeric] = []
+        self.categorical: list[_Categorical] = []
+        for feature in profile.features:
+            if isinstance(feature, NumericProfile):
+                self.numeric.append(self._numeric_series(metrics, labels, feature))
+            else:
+                self.categorical.append(self._categorical_series(metrics, labels, feature))
+        self.numeric_names = [f.name for f in self.numeric]
+        self.block = _NumericBlock([(f.edges, f.low, f.high, f.slots()) for f in self.numeric])
+        self.score = self._score_series(metrics, labels, profile.score)
+        self.score_block = _NumericBlock(
+            [(self.score.edges, self.score.low, self.score.high, self.score.slots())]
+        )
+        # Predicted classes: the profile's, then NO_CLASS, then UNSEEN (not a known class).
+        self.classes = (*(profile.classes or ()), NO_CLASS, UNSEEN)
+        self.class_codes = {c: i for i, c in enumerate(self.classes)}
+        self.class_incs = [_inc(metrics.predictions.labels(*labels, c)) for c in self.classes]
+        self.observe_latency = fast_observer(metrics.prediction_latency.labels(*labels))
+        self.observe_delay = fast_observer(metrics.label_delay.labels(*labels))
+        self._confusion = metrics.confusion
+        self._labels = labels
+        self._confusion_incs: dict[tuple[str, str], Inc] = {}
+        for predicted in profile.classes or ():
+            for actual in profile.classes or ():
+                self.confusion_inc(predicted, actual)
+
+    @staticmethod
+    def _numeric_series(
+        metrics: ModelMetrics, labels: tuple[str, ...], feature: NumericProfile
+    ) -> _Numeric:
+        series = _Numeric(feature.name, feature.edges, feature.min, feature.max)
+        key = (*labels, feature.name)
+        series.bins = [_inc(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
+        for bin_label, share in zip(feature.bins, feature.shares, strict=True):
+            metrics.feature_reference_share.labels(*key, bin_label).set(share)
+        series.missing = _inc(metrics.feature_missing.labels(*key))
+        series.oor = _inc(metrics.feature_out_of_range.labels(*key))
+        series.positive = _inc(metrics.feature_sum.labels(*key, "positive"))
+        series.negative = _inc(metrics.feature_sum.labels(*key, "negative"))
+        series.squares = _inc(metrics.feature_sum_squares.labels(*key))
+        return series
+
+    @staticmethod
+    def _categorical_series(
+        metrics: ModelMetrics, labels: tuple[str, ...], feature: CategoricalProfile
+    ) -> _Categorical:
+        key = (*labels, feature.name)
+        incs = [_inc(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
+        for bin_label, share in zip(feature.bins, feature.shares, strict=True):
+            metrics.feature_reference_share.labels(*key, bin_label).set(share)
+        incs.append(_inc(metrics.feature_missing.labels(*key)))
+        incs.append(_inc(metrics.feature_unseen.labels(*key)))
+        return _Categorical(feature.name, feature.categories, incs)
+
+    @staticmethod
+    def _score_series(
+        metrics: ModelMetrics, labels: tuple[str, ...], score: NumericProfile | None
+    ) -> _Numeric:
+        if score is None:  # no reference bins: count missing values and sums only
+            series = _Numeric("score", (), -_INF, _INF)
+            series.bins = [_noop]
+        else:
+            series = _Numeric("score", score.edges, -_INF, _INF)
+            series.bins = [_inc(metrics.score_bin.labels(*labels, b)) for b in score.bins]
+            for bin_label, share in zip(score.bins, score.shares, strict=True):
+                metrics.score_reference_share.labels(*labels, bin_label).set(share)
+        series.missing = _inc(metrics.score_missing.labels(*labels))
+        series.oor = _noop
+        series.positive = _inc(metrics.score_sum.labels(*labels, "positive"))
+        series.negative = _inc(metrics.score_sum.labels(*labels, "negative"))
+        series.squares = _inc(metrics.score_sum_squares.labels(*labels))
+        return series
+
+    def confusion_inc(self, predicted: str, actual: str) -> Inc:
+        inc = self._confusion_incs.get((predicted, actual))
+        if inc is None:
+            child = self._confusion.labels(*self._labels, predicted, actual)
+            inc = self._confusion_incs[(predicted, actual)] = _inc(child)
+        return inc
+
+    def class_code(self, value: Any) -> int:
+        """The index of a predicted class in :attr:`classes` (missing: NO_CLASS)."""
+        if _is_missing(value):
+            return self.class_codes[NO_CLASS]
+        code = self.class_codes.get(value if value.__class__ is str else str(value))
+        return self.class_codes[UNSEEN] if code is None else code
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+class _Config:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        namespace: str,
+        const_labels: dict[str, str],
+        secret_key: Any,
+        max_feedback_age: float,
+        metric_settings: dict[str, Any],
+    ) -> None:
+        self.registry = registry
+        self.namespace = namespace
+        self.const_labels = const_labels
+        self.secret_key = secret_key
+        self.max_feedback_age = max_feedback_age
+        self.metric_settings = metric_settings
+        self.models: dict[tuple[str, str], _Model] = {}
+        self.lock = threading.Lock()
+        self._metrics: ModelMetrics | None = None
+        self._serializer: URLSafeTimedSerializer | None = None
+        self._rejected: dict[str, Inc] = {}
+
+    @property
+    def metrics(self) -> ModelMetrics:
+        if self._metrics is None:
+            with self.lock:
+                if self._metrics is None:
+                    metrics = shared(
+                        ModelMetrics,
+                        self.registry,
+                        namespace=self.namespace,
+                        const_labels=self.const_labels,
+                        **self.metric_settings,
+                    )
+                    const = tuple(self.const_labels.values())
+                    self._rejected = {
+                        r: _inc(metrics.feedback_rejected.labels(*const, r)) for r in REJECT_REASONS
+                    }
+                    self._metrics = metrics
+        return self._metrics
+
+    def reject(self, reason: str) -> None:
+        _ = self.metrics
+        self._rejected[reason](1)
+
+    @property
+    def serializer(self) -> URLSafeTimedSerializer:
+        if self._serializer is None:
+            key = self.secret_key or os.environ.get(SECRET_KEY_ENV)
+            if not key:
+                raise ValueError(
+                    f"secret_key: prediction ids need a secret key; pass "
+                    f"configure(secret_key=...) or set {SECRET_KEY_ENV} (the same everywhere "
+                    f"feedback may arrive)"
+                )
+            self._serializer = URLSafeTimedSerializer(key, salt=_SALT)
+        return self._serializer
+
+
+_config: _Config | None = None
+_config_lock = threading.Lock()
+
+
+def configure(
+    *,
+    registry: CollectorRegistry | None = None,
+    namespace: str | None = None,
+    const_labels: Mapping[str, str] | None = None,
+    secret_key: str | bytes | Sequence[str | bytes] | None = None,
+    max_feedback_age: float = 30 * 86400,
+    **metric_settings: Any,
+) -> None:
+    """Set where and how model signals are recorded; forgets the models registered so far.
+
+    :param registry: where the metrics live (default: prometheus_client's).
+    :param namespace: metric name prefix (default ``$ML_WSGI_METRICS_NAMESPACE``); use the
+        middleware's, so both share one :class:`~ml_wsgi_metrics.metrics.ModelMetrics`.
+    :param const_labels: labels on every series, as given to the middleware.
+    :param secret_key: signs prediction ids (default ``$ML_WSGI_METRICS_SECRET_KEY``); a list
+        rotates keys (newest last). Needed only for ``Prediction.ids`` and feedback.
+    :param max_feedback_age: seconds after which a prediction id expires.
+    :param metric_settings: ``latency_buckets``, ``label_delay_buckets`` for ModelMetrics.
+    """
+    global _config
+    if not (isinstance(max_feedback_age, int | float) and max_feedback_age > 0):
+        raise ValueError(f"max_feedback_age: must be a positive number, got {max_feedback_age!r}")
+    unknown = set(metric_settings) - {"latency_buckets", "label_delay_buckets"}
+    if unknown:
+        raise ValueError(f"configure: unknown setting(s) {sorted(unknown)}")
+    if namespace is None:
+        namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+    config = _Config(
+        REGISTRY if registry is None else registry,
+        namespace,
+        dict(const_labels or {}),
+        secret_key,
+        float(max_feedback_age),
+        metric_settings,
+    )
+    _ = config.metrics  # validate settings now, with a clear error
+    with _config_lock:
+        _config = config
+
+
+def _reset() -> None:
+    """Forget the configuration and registered models (for tests: see :mod:`.testing`)."""
+    global _config
+    with _config_lock:
+        _config = None
+    _context.reset()
+
+
+def _current_config() -> _Config:
+    """The configuration; the defaults of :func:`configure` until it is called."""
+    global _config
+    config = _config
+    if config is None:
+        with _config_lock:
+            if _config is None:
+                namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+                _config = _Config(REGISTRY, namespace, {}, None, 30 * 86400.0, {})
+            config = _config
+    return config
+
+
+def register_model(profile: ReferenceProfile | str | os.PathLike[str]) -> ReferenceProfile:
+    """Register a model version from its profile (or the profile's path) and return it.
+
+    Creates every series of the model at zero (each bin, class and confusion cell) and sets the
+    reference-share gauges. Registering the same profile again does nothing; a different
+    profile under the same model and version is a ``ValueError`` (bump the version).
+    """
+    if not isinstance(profile, ReferenceProfile):
+        profile = ReferenceProfile.load(profile)
+    config = _current_config()
+    with config.lock:
+        existing = config.models.get(profile.key)
+    if existing is not None:
+        if existing.profile != profile:
+            raise ValueError(
+                f"register_model: model {profile.model!r} version {profile.version!r} is already "
+                f"registered with a different profile; give the new one a new version"
+            )
+        return existing.profile
+    compiled = _Model(profile, config.metrics)
+    with config.lock:
+        return config.models.setdefault(profile.key, compiled).profile
+
+
+def registered_models() -> list[tuple[str, str]]:
+    """The ``(model, version)`` pairs registered, in registration order."""
+    return list(_current_config().models)
+
+
+def bind_model(name: str, version: str) -> None:
+    """Bind the model of the current context (request, thread): the verbs default to it."""
+    _context.bind(name, version)
+
+
+def unbind_model() -> None:
+    """Forget the current context's binding."""
+    _context.reset()
+
+
+def current_model() -> tuple[str, str] | None:
+    """The bound ``(name, version)``, or ``None``."""
+    return _context.current()
+
+
+@contextmanager
+def model_context(name: str, version: str) -> Iterator[None]:
+    """Bind a model for the ``with`` block, restoring the previous binding after it."""
+    token = _context.bind(name, version)
+    try:
+        yield
+    finally:
+        _context.restore(token)
+
+
+def _resolve(model: str | None, version: str | None) -> tuple[_Config, _Model]:
+    config = _current_config()
+    if model is None:
+        bound = _context.current()
+        if bound is not None:
+            model, version = bound
+        elif len(config.models) == 1:
+            return config, next(iter(config.models.values()))
+        else:
+            raise ValueError(
+                f"model: {len(config.models)} models are registered and none is bound; call "
+                f"bind_model(name, version) or pass model=..., version=..."
+            )
+    if version is None:
+        versions = [k for k in config.models if k[0] == model]
+        if len(versions) != 1:
+            raise ValueError(
+                f"version: give the version of model {model!r} ({len(versions)} known)"
+            )
+        version = versions[0][1]
+    found = config.models.get((model, version))
+    if found is None:
+        raise ValueError(
+            f"model: {model!r} version {version!r} is not registered; call "
+            f"register_model(profile) first (registered: {sorted(config.models)})"
+        )
+    return config, found
+
+
+# -- predictions ---------------------------------------------------------------------------
+
+
+class Prediction:
+    """What :func:`record_prediction` recorded: ``rows`` rows of ``model`` ``version``.
+
+    ``ids`` (one signed token per row, for :func:`record_feedback`) is computed when first read.
+    """
+
+    __slots__ = ("_bins", "_classes", "_config", "_ids", "_time", "model", "rows", "version")
+
+    def __init__(
+        self,
+        config: _Config,
+        model: _Model,
+        rows: int,
+        classes: list[str | None] | None,
+        bins: list[int | None] | None,
+    ) -> None:
+        self._config = config
+        self.model, self.version, self.rows = model.name, model.version, rows
+        self._classes, self._bins = classes, bins
+        self._time = time.time()
+        self._ids: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return f"<Prediction {self.model}:{self.version} rows={self.rows}>"
+
+    @property
+    def ids(self) -> list[str]:
+        """One prediction id per row: a signed token carrying model, version, class, bin, time."""
+        if self._ids is None:
+            dumps = self._config.serializer.dumps
+            classes = self._classes or [None] * self.rows
+            bins = self._bins or [None] * self.rows
+            nonces = os.urandom(4 * self.rows).hex()
+            stamp = round(self._time, 3)
+            head = (self.model, self.version)
+            self._ids = [
+                dumps([*head, c, b, stamp, nonces[8 * i : 8 * i + 8]])
+                for i, (c, b) in enumerate(zip(classes, bins, strict=True))
+            ]
+        return self._ids
+
+    @property
+    def id(self) -> str:
+        """The id of a single-row prediction."""
+        if self.rows != 1:
+            raise ValueError(f"id: this prediction has {self.rows} rows; use .ids")
+        return self.ids[0]
+
+
+_ROW_TYPES = (str, bytes, int, float, bool, np.generic, type(None))
+
+
+def record_prediction(
+    inputs: Any = None,
+    *,
+    scores: Any = None,
+    classes: Any = None,
+    latency: float | None = None,
+    model: str | None = None,
+    version: str | None = None,
+) -> Prediction:
+    """Record one prediction call: its inputs, scores and predicted classes, one or many rows.
+
+    :param inputs: a pandas DataFrame, a dict of one row, a dict of columns or a list of row
+        dicts. Profile features absent from the inputs count as missing; others are ignored.
+    :param scores: the positive-class probability (or score) per row; a ``(n, 2)``
+        ``predict_proba`` result gives its column 1.
+    :param classes: the predicted class per row (compared with the profile's as strings).
+    :param latency: seconds the model took for the whole call (else see :func:`time_prediction`).
+    :param model: defaults to the bound model, or the only one registered.
+    """
+    config, compiled = _resolve(model, version)
+    if latency is not None:
+        compiled.observe_latency(latency)
+    if (
+        isinstance(inputs, Mapping)
+        and _is_scalar(next(iter(inputs.values()), None))
+        and (scores is None or _is_scalar(scores))
+        and (classes is None or _is_scalar(classes))
+    ):
+        return _record_row(config, compiled, inputs, scores, classes)
+    return _record_batch(config, compiled, inputs, scores, classes)
+
+
+def _record_row(
+    config: _Config, model: _Model, row: Mapping[str, Any], score: Any, predicted: Any
+) -> Prediction:
+    get = row.get
+    for feature in model.numeric:
+        feature.record(_to_float(get(feature.name)))
+    for categorical in model.categorical:
+        categorical.record(get(categorical.name))
+    score_bin = None
+    if score is not None:
+        score_bin = model.score.record(_to_float(score))
+        if not model.score.edges:
+            score_bin = None
+    code = model.class_code(predicted)
+    model.class_incs[code](1)
+    label = model.classes[code]
+    return Prediction(config, model, 1, [None if label == NO_CLASS else label], [score_bin])
+
+
+def _columns(inputs: Any) -> tuple[int, Callable[[str], Any]]:
+    """Row count and a column getter (``None`` for absent columns) for batch inputs."""
+    if hasattr(inputs, "columns") and hasattr(inputs, "iloc"):  # a pandas DataFrame
+        present = set(inputs.columns)
+        return len(inputs), lambda name: inputs[name] if name in present else None
+    if isinstance(inputs, Mapping):
+        lengths = {len(v) for v in inputs.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"inputs: columns of different lengths {sorted(lengths)}")
+        return (lengths.pop() if lengths else 0), inputs.get
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str | bytes):
+        rows = list(inputs)
+        if not all(isinstance(r, Mapping) for r in rows):
+            raise ValueError("inputs: a list must hold one dict per row")
+        return len(rows), lambda name: [r.get(name) for r in rows]
+    raise ValueError(
+        f"inputs: expected a DataFrame, a dict or a list of dicts, got {type(inputs).__name__}"
+    )
+
+
+def _numeric_matrix(inputs: Any, column: Callable[[str], Any], names: list[str], rows: int):
+    if hasattr(inputs, "reindex"):  # DataFrame: one conversion for all numeric columns
+        try:
+            return inputs.reindex(columns=names).to_numpy(dtype=np.float64, na_value=_NAN)
+        except (TypeError, ValueError):
+            pass
+    matrix = np.full((rows, len(names)), _NAN)
+    for j, name in enumerate(names):
+        values = column(name)
+        if values is not None:
+            matrix[:, j] = _as_floats(values, rows)
+    return matrix
+
+
+def _record_batch(
+    config: _Config, model: _Model, inputs: Any, scores: Any, classes: Any
+) -> Prediction:
+    rows: int | None = None
+    column: Callable[[str], Any] | None = None
+    if inputs is not None:
+        rows, column = _columns(inputs)
+    score_values = class_values = None
+    if scores is not None:
+        score_values = positive_scores(scores if not _is_scalar(scores) else [scores])
+        rows = _check_rows(rows, len(score_values), "scores")
+    if classes is not None:
+        class_values = classes.tolist() if hasattr(classes, "tolist") else classes
+        if _is_scalar(class_values):
+            class_values = [class_values]
+        class_values = list(class_values)
+        rows = _check_rows(rows, len(class_values), "classes")
+    rows = 1 if rows is None else rows
+
+    # Compute everything first: a bad input raises before any series is touched.
+    updates: list[tuple[list[Inc], np.ndarray]] = []
+    if column is not None:
+        if model.numeric:
+            matrix = _numeric_matrix(inputs, column, model.numeric_names, rows)
+            updates.append((model.block.incs, model.block.amounts(matrix)))
+        for categorical in model.categorical:
+            values = column(categorical.name)
+            if values is None:
+                values = [None] * rows
+            elif hasattr(values, "to_numpy"):
+                values = values.to_numpy(dtype=object)
+            updates.append((categorical.incs, categorical.amounts(values, rows)))
+    bins: list[int | None] | None = None
+    if score_values is not None:
+        updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
+        if model.score.edges:
+            codes = np.searchsorted(model.score_block.edges[0], score_values, side="left")
+            bins = np.where(np.isfinite(score_values), codes, -1).tolist()
+            bins = [None if b < 0 else b for b in bins]
+    if class_values is None:
+        labels = None
+        class_amounts = np.zeros(len(model.classes))
+        class_amounts[model.class_codes[NO_CLASS]] = rows
+    else:
+        codes = np.array(list(map(model.class_codes.get, class_values, repeat(-1))))
+        misses = np.flatnonzero(codes < 0)
+        if misses.size:
+            codes[misses] = [model.class_code(class_values[i]) for i in misses.tolist()]
+        class_amounts = np.bincount(codes, minlength=len(model.classes)).astype(np.float64)
+        named = np.asarray(model.classes, dtype=object)[codes]
+        named[codes == model.class_codes[NO_CLASS]] = None
+        labels = named.tolist()
+    updates.append((model.class_incs, class_amounts))
+    for incs, amounts in updates:
+        _apply(incs, amounts)
+    return Prediction(config, model, rows, labels, bins)
+
+
+def _check_rows(rows: int | None, count: int, what: str) -> int:
+    if rows is not None and rows != count:
+        raise ValueError(f"{what}: {count} values for {rows} rows")
+    return count
+
+
+class PredictionTimer:
+    """Yielded by :func:`time_prediction`; ``elapsed`` is set when the block ends."""
+
+    __slots__ = ("_model", "_version", "elapsed", "prediction")
+
+    def __init__(self, model: str, version: str) -> None:
+        self._model, self._version = model, version
+        self.elapsed: float | None = None
+        self.prediction: Prediction | None = None
+
+    def record(self, inputs: Any = None, *, scores: Any = None, classes: Any = None) -> Prediction:
+        """:func:`record_prediction` for the timed model (the latency is recorded at exit)."""
+        self.prediction = record_prediction(
+            inputs, scores=scores, classes=classes, model=self._model, version=self._version
+        )
+        return self.prediction
+
+
+@contextmanager
+def time_prediction(
+    *, model: str | None = None, version: str | None = None
+) -> Iterator[PredictionTimer]:
+    """Time the ``with`` block as one prediction call (``model_prediction_latency_seconds``).
+
+    Not recorded when the block raises: a failed call is not a prediction.
+    """
+    _, compiled = _resolve(model, version)
+    timer = PredictionTimer(compiled.name, compiled.version)
+    started = time.perf_counter()
+    yield timer
+    timer.elapsed = time.perf_counter() - started
+    compiled.observe_latency(timer.elapsed)
+
+
+# -- feedback ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Ground truth counted for one prediction id."""
+
+    model: str
+    version: str
+    predicted: str | None
+    actual: str
+    correct: bool | None
+    delay: float
+
+
+def _decode(config: _Config, prediction_id: Any) -> list[Any]:
+    if (
+        not isinstance(prediction_id, str)
+        or len(prediction_id) > _MAX_TOKEN_LENGTH
+        or not _TOKEN.fullmatch(prediction_id)
+    ):
+        raise InvalidPredictionId("malformed", "prediction id: not a prediction id")
+    try:
+        payload = config.serializer.loads(prediction_id, max_age=config.max_feedback_age)
+    except SignatureExpired:
+        raise InvalidPredictionId("expired", "prediction id: expired") from None
+    except BadPayload:
+        raise InvalidPredictionId("malformed", "prediction id: unreadable payload") from None
+    except BadSignature:
+        raise InvalidPredictionId("tampered", "prediction id: bad signature") from None
+    if (
+        not isinstance(payload, list)
+        or len(payload) != 6
+        or not all(isinstance(v, str) for v in payload[:2])
+        or not isinstance(payload[2], str | None)
+        or not (payload[3] is None or type(payload[3]) is int)
+        or not isinstance(payload[4], int | float)
+    ):
+        raise InvalidPredictionId("malformed", "prediction id: unexpected payload")
+    return payload
+
+
+def record_feedback(prediction_id: str, actual: Any) -> Feedback:
+    """Count the ground truth ``actual`` for a prediction id, in any process or host.
+
+    Increments ``model_confusion_total{predicted, actual}`` (when the prediction had a class)
+    and observes the label delay. Raises :class:`InvalidPredictionId` (after counting it in
+    ``model_feedback_rejected_total{reason}``) for malformed, tampered or expired ids, and for
+    models not registered here. The same id sent twice counts twice.
+    """
+    if _is_missing(actual):
+        raise ValueError("actual: the ground truth is missing")
+    config = _current_config()
+    try:
+        model, version, predicted, _, stamp, _ = _decode(config, prediction_id)
+        compiled = config.models.get((model, version))
+        if compiled is None:
+            raise InvalidPredictionId(
+                "unknown_model",
+                f"prediction id: model {model!r} version {version!r} is not registered here",
+            )
+    except InvalidPredictionId as error:
+        config.reject(error.reason)
+        raise
+    delay = max(0.0, time.time() - stamp)
+    code = compiled.class_code(actual)
+    label = compiled.classes[code] if code != compiled.class_codes[NO_CLASS] else UNSEEN
+    correct = None
+    if predicted is not None and compiled.profile.classes:
+        compiled.confusion_inc(predicted, label)(1)
+        correct = predicted == label
+    compiled.observe_delay(delay)
+    return Feedback(model, version, predicted, label, correct, delay)

@@ -1,0 +1,548 @@
+"""The context API: exact counts against a numpy computation, zero series, threads,
+multiprocess storage, signed prediction ids and feedback from another process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import itsdangerous
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from ml_wsgi_metrics import _context, signals
+from ml_wsgi_metrics.profile import (
+    UNSEEN,
+    CategoricalProfile,
+    NumericProfile,
+    ReferenceProfile,
+    build_profile,
+)
+from ml_wsgi_metrics.signals import NO_CLASS, REJECT_REASONS, InvalidPredictionId
+from ml_wsgi_metrics.testing import TEST_SECRET_KEY, isolated_signals
+
+MODEL = {"model": "churn", "version": "3"}
+CLASSES = ["No", "Yes"]
+
+
+@pytest.fixture(scope="module")
+def profile() -> ReferenceProfile:
+    rng = np.random.default_rng(11)
+    n = 3000
+    frame = pd.DataFrame(
+        {
+            "MonthlyCharges": np.round(rng.uniform(18.25, 118.75, n), 2),
+            "delta": rng.normal(0.0, 5.0, n),  # negative and positive values
+            "Contract": rng.choice(["Month-to-month", "One year", "Two year"], n),
+        }
+    )
+    return build_profile(
+        frame, model="churn", version="3", scores=rng.random(n), classes=CLASSES, accuracy=0.8
+    )
+
+
+@pytest.fixture
+def registry(profile: ReferenceProfile) -> Iterator[CollectorRegistry]:
+    with isolated_signals() as registry:
+        signals.register_model(profile)
+        yield registry
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    """A sample of the test model (``None`` when absent)."""
+    return registry.get_sample_value(name, {**MODEL, **labels})
+
+
+def rejected(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value("model_feedback_rejected_total", {"reason": reason})
+
+
+def merged(directory: Path) -> CollectorRegistry:
+    """All processes' files read back through prometheus_client's own collector."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    return registry
+
+
+def live_columns(rows: int = 500, seed: int = 5) -> dict[str, list[Any]]:
+    """Live inputs with every case: missing, infinities, out of range, unseen, ignored."""
+    rng = np.random.default_rng(seed)
+    charges: list[Any] = np.round(rng.uniform(0, 150, rows), 2).tolist()
+    delta: list[Any] = rng.normal(0.0, 8.0, rows).tolist()
+    contract: list[Any] = rng.choice(
+        ["Month-to-month", "One year", "Two year", "Three year"], rows
+    ).tolist()
+    for i in range(0, rows, 17):
+        charges[i] = [None, math.nan, math.inf, -math.inf][i % 4]
+    for i in range(3, rows, 23):
+        delta[i] = math.nan
+        contract[i] = None
+    return {
+        "MonthlyCharges": charges,
+        "delta": delta,
+        "Contract": contract,
+        "ignored": ["x"] * rows,  # not in the profile
+    }
+
+
+def live_outputs(rows: int = 500, seed: int = 6) -> tuple[list[float], list[str]]:
+    rng = np.random.default_rng(seed)
+    scores = rng.random(rows).tolist()
+    scores[7] = math.nan
+    classes = ["Yes" if s > 0.5 else "No" for s in scores]
+    classes[9] = "Maybe"  # not a class of the profile
+    return scores, classes
+
+
+def interval_counts(x: np.ndarray, edges: tuple[float, ...]) -> list[int]:
+    """Counts per bin (edges[i-1], edges[i]] by comparisons (independent of searchsorted)."""
+    bounds = [-math.inf, *edges, math.inf]
+    return [int(np.sum((x > lo) & (x <= hi))) for lo, hi in itertools.pairwise(bounds)]
+
+
+def expected_numeric(values: list[Any], edges: tuple[float, ...], low: float, high: float):
+    x = np.array([np.nan if v is None else v for v in values], dtype=float)
+    finite = x[np.isfinite(x)]
+    return {
+        "bins": interval_counts(finite, edges),
+        "missing": len(x) - len(finite),
+        "out_of_range": int(np.sum((finite < low) | (finite > high))),
+        "positive": float(finite[finite > 0].sum()),
+        "negative": float(-finite[finite < 0].sum()),
+        "squares": float((finite**2).sum()),
+    }
+
+
+def check_recorded(
+    registry: CollectorRegistry, profile: ReferenceProfile, columns, scores, classes
+):
+    """Every series equals the independent computation (counts exactly, sums to 1e-12)."""
+    for feature in profile.features:
+        key = {"feature": feature.name}
+        bins = [value(registry, "model_feature_bin_total", **key, bin=b) for b in feature.bins]
+        missing = value(registry, "model_feature_missing_total", **key)
+        if isinstance(feature, NumericProfile):
+            want = expected_numeric(columns[feature.name], feature.edges, feature.min, feature.max)
+            assert bins == want["bins"]
+            assert missing == want["missing"]
+            oor = value(registry, "model_feature_out_of_range_total", **key)
+            assert oor == want["out_of_range"]
+            for sign in ("positive", "negative"):
+                got = value(registry, "model_feature_sum_total", **key, sign=sign)
+                assert got == pytest.approx(want[sign], rel=1e-12)
+            squares = value(registry, "model_feature_sum_squares_total", **key)
+            assert squares == pytest.approx(want["squares"], rel=1e-12)
+        else:
+            assert isinstance(feature, CategoricalProfile)
+            raw = columns[feature.name]
+            counts = Counter(v if v in feature.categories else UNSEEN for v in raw if v is not None)
+            assert bins == [counts[b] for b in feature.bins]
+            assert missing == sum(v is None for v in raw)
+            assert value(registry, "model_feature_unseen_total", **key) == counts[UNSEEN]
+        assert sum(bins) + missing == len(columns[feature.name])  # count = sum of bins
+    assert profile.score is not None
+    want = expected_numeric(scores, profile.score.edges, -math.inf, math.inf)
+    assert [value(registry, "model_score_bin_total", bin=b) for b in profile.score.bins] == want[
+        "bins"
+    ]
+    assert value(registry, "model_score_missing_total") == want["missing"]
+    assert value(registry, "model_score_sum_total", sign="positive") == pytest.approx(
+        want["positive"], rel=1e-12
+    )
+    assert value(registry, "model_score_sum_squares_total") == pytest.approx(
+        want["squares"], rel=1e-12
+    )
+    predicted = Counter(c if c in CLASSES else UNSEEN for c in classes)
+    for label in [*CLASSES, UNSEEN, NO_CLASS]:
+        assert value(registry, "model_predictions_total", **{"class": label}) == predicted[label]
+
+
+def rows_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = list(columns)
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+
+@pytest.mark.parametrize("form", ["frame", "columns", "arrays", "rows", "single rows"])
+def test_counts_match_a_numpy_computation(
+    registry: CollectorRegistry, profile: ReferenceProfile, form: str
+) -> None:
+    columns = live_columns()
+    scores, classes = live_outputs()
+    if form == "single rows":  # the plain-Python fast path, one call per row
+        for row, score, predicted in zip(rows_of(columns), scores, classes, strict=True):
+            signals.record_prediction(row, scores=score, classes=predicted)
+    else:
+        inputs: Any = {
+            "frame": lambda: pd.DataFrame(columns),
+            "columns": lambda: columns,
+            "arrays": lambda: {k: np.asarray(v, dtype=object) for k, v in columns.items()},
+            "rows": lambda: rows_of(columns),
+        }[form]()
+        prediction = signals.record_prediction(
+            inputs, scores=np.asarray(scores), classes=np.asarray(classes)
+        )
+        assert prediction.rows == len(prediction) == 500
+    check_recorded(registry, profile, columns, scores, classes)
+
+
+def test_nan_and_infinities_never_poison_a_sum(registry: CollectorRegistry) -> None:
+    signals.record_prediction(
+        {"MonthlyCharges": [math.nan, math.inf, -math.inf, None, 50.0], "delta": [math.inf] * 5},
+        scores=[math.nan, math.inf, 0.5, None, -math.inf],
+    )
+    assert value(registry, "model_feature_missing_total", feature="MonthlyCharges") == 4
+    assert (
+        value(registry, "model_feature_sum_total", feature="MonthlyCharges", sign="positive") == 50
+    )
+    assert value(registry, "model_feature_sum_squares_total", feature="MonthlyCharges") == 2500
+    assert value(registry, "model_feature_missing_total", feature="delta") == 5
+    assert value(registry, "model_score_missing_total") == 4
+    assert value(registry, "model_score_sum_total", sign="positive") == 0.5
+    assert value(registry, "model_predictions_total", **{"class": NO_CLASS}) == 5
+
+
+def test_profile_features_absent_from_inputs_count_as_missing(registry: CollectorRegistry) -> None:
+    signals.record_prediction({"delta": [1.0, 2.0], "unknown": [1, 2]})
+    assert value(registry, "model_feature_missing_total", feature="MonthlyCharges") == 2
+    assert value(registry, "model_feature_missing_total", feature="Contract") == 2
+    assert value(registry, "model_feature_missing_total", feature="delta") == 0
+    signals.record_prediction(scores=0.2)  # no inputs: no feature is touched
+    assert value(registry, "model_feature_missing_total", feature="MonthlyCharges") == 2
+
+
+def test_every_label_set_exists_at_zero_after_register(
+    registry: CollectorRegistry, profile: ReferenceProfile
+) -> None:
+    expected: list[tuple[str, dict[str, str]]] = []
+    for feature in profile.features:
+        key = {"feature": feature.name}
+        expected += [("model_feature_bin_total", {**key, "bin": b}) for b in feature.bins]
+        expected.append(("model_feature_missing_total", key))
+        if isinstance(feature, NumericProfile):
+            expected.append(("model_feature_out_of_range_total", key))
+            expected += [
+                ("model_feature_sum_total", {**key, "sign": s}) for s in ("positive", "negative")
+            ]
+            expected.append(("model_feature_sum_squares_total", key))
+        else:
+            expected.append(("model_feature_unseen_total", key))
+        for b, share in zip(feature.bins, feature.shares, strict=True):
+            assert value(registry, "model_feature_reference_share", **key, bin=b) == share
+    assert profile.score is not None
+    expected += [("model_score_bin_total", {"bin": b}) for b in profile.score.bins]
+    expected += [("model_score_sum_total", {"sign": s}) for s in ("positive", "negative")]
+    expected += [("model_score_missing_total", {}), ("model_score_sum_squares_total", {})]
+    expected += [("model_predictions_total", {"class": c}) for c in [*CLASSES, NO_CLASS, UNSEEN]]
+    expected += [
+        ("model_confusion_total", {"predicted": p, "actual": a})
+        for p, a in itertools.product(CLASSES, CLASSES)
+    ]
+    expected += [
+        ("model_prediction_latency_seconds_count", {}),
+        ("model_label_delay_seconds_count", {}),
+    ]
+    for name, labels in expected:
+        assert value(registry, name, **labels) == 0, (name, labels)
+    for reason in REJECT_REASONS:
+        assert rejected(registry, reason) == 0
+    for b, share in zip(profile.score.bins, profile.score.shares, strict=True):
+        assert value(registry, "model_score_reference_share", bin=b) == share
+
+
+def test_bad_inputs_raise_before_anything_is_recorded(registry: CollectorRegistry) -> None:
+    with pytest.raises(ValueError, match="scores: 3 values for 2 rows"):
+        signals.record_prediction({"delta": [1.0, 2.0]}, scores=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="different lengths"):
+        signals.record_prediction({"delta": [1.0, 2.0], "MonthlyCharges": [1.0]})
+    with pytest.raises(ValueError, match="inputs"):
+        signals.record_prediction("not inputs")
+    with pytest.raises(ValueError, match="one score per row"):
+        signals.record_prediction({"delta": [1.0]}, scores=np.ones((1, 3)))
+    assert value(registry, "model_feature_bin_total", feature="delta", bin="5") == 0
+    assert value(registry, "model_predictions_total", **{"class": NO_CLASS}) == 0
+
+
+def test_predict_proba_output_uses_the_positive_column(registry: CollectorRegistry) -> None:
+    signals.record_prediction(scores=np.array([[0.9, 0.1], [0.3, 0.7]]), classes=["No", "Yes"])
+    assert value(registry, "model_score_sum_total", sign="positive") == pytest.approx(0.8)
+
+
+def test_unknown_model_and_binding(registry: CollectorRegistry, profile: ReferenceProfile) -> None:
+    with pytest.raises(ValueError, match="not registered"):
+        signals.record_prediction({"delta": 1.0}, model="nope", version="1")
+    other = ReferenceProfile.from_dict({**profile.to_dict(), "version": "4"})
+    signals.register_model(other)
+    with pytest.raises(ValueError, match="bind_model"):
+        signals.record_prediction({"delta": 1.0})  # two models, none bound
+    with signals.model_context("churn", "4"):
+        with signals.model_context("churn", "3"):
+            signals.record_prediction({"delta": 1.0})
+        assert signals.current_model() == ("churn", "4")
+        signals.record_prediction({"delta": 1.0})
+    assert signals.current_model() is None
+    signals.bind_model("churn", "4")
+    signals.record_prediction({"delta": 1.0})
+    signals.unbind_model()
+    for version, count in (("3", 1), ("4", 2)):
+        labels = {"model": "churn", "version": version, "class": NO_CLASS}
+        assert registry.get_sample_value("model_predictions_total", labels) == count
+    with pytest.raises(ValueError, match="give the version"):
+        signals.record_prediction(model="churn")
+
+
+def test_register_model_from_path_idempotent_and_versioned(
+    tmp_path: Path, profile: ReferenceProfile
+) -> None:
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    with isolated_signals():
+        assert signals.register_model(path) == profile
+        assert signals.register_model(profile) == profile
+        assert signals.registered_models() == [("churn", "3")]
+        changed = ReferenceProfile.from_dict({**profile.to_dict(), "rows": profile.rows + 1})
+        with pytest.raises(ValueError, match="new version"):
+            signals.register_model(changed)
+
+
+def test_configure_validates(profile: ReferenceProfile) -> None:
+    with pytest.raises(ValueError, match="max_feedback_age"):
+        signals.configure(max_feedback_age=0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        signals.configure(buckets=[1])
+    with pytest.raises(ValueError, match="const_labels"):
+        signals.configure(registry=CollectorRegistry(), const_labels={"model": "x"})
+    with isolated_signals(namespace="svc", const_labels={"service": "churn"}) as registry:
+        signals.register_model(profile)
+        signals.record_prediction({"delta": 1.0})
+        labels = {"service": "churn", **MODEL, "class": NO_CLASS}
+        assert registry.get_sample_value("svc_model_predictions_total", labels) == 1
+
+
+def test_latency_and_time_prediction(registry: CollectorRegistry) -> None:
+    signals.record_prediction({"delta": 1.0}, latency=0.02)
+    with signals.time_prediction() as timer:
+        time.sleep(0.01)
+        prediction = timer.record({"delta": 2.0}, scores=0.4, classes="Yes")
+    assert timer.elapsed is not None and timer.elapsed >= 0.01
+    assert timer.prediction is prediction
+    with pytest.raises(RuntimeError), signals.time_prediction():
+        raise RuntimeError("the model failed: not a prediction")
+    assert value(registry, "model_prediction_latency_seconds_count") == 2
+    assert value(registry, "model_prediction_latency_seconds_sum") == pytest.approx(
+        0.02 + timer.elapsed
+    )
+    assert value(registry, "model_predictions_total", **{"class": "Yes"}) == 1
+
+
+def test_threads_count_exactly(registry: CollectorRegistry) -> None:
+    threads, calls = 8, 100
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            assert signals.current_model() is None  # a new thread starts unbound
+            for i in range(calls):
+                signals.record_prediction({"delta": [float(seed), -1.0]}, classes=["Yes", "No"])
+                signals.record_prediction({"delta": float(i)}, scores=0.5, classes="Yes")
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    signals.bind_model("churn", "3")  # the main thread's binding is not inherited
+    workers = [threading.Thread(target=work, args=(s,)) for s in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    signals.unbind_model()
+    assert not errors
+    assert value(registry, "model_predictions_total", **{"class": "Yes"}) == 2 * threads * calls
+    assert value(registry, "model_predictions_total", **{"class": "No"}) == threads * calls
+    assert value(registry, "model_feature_sum_total", feature="delta", sign="negative") == (
+        threads * calls
+    )
+    positive = calls * sum(range(threads)) + threads * sum(range(calls))
+    assert value(registry, "model_feature_sum_total", feature="delta", sign="positive") == positive
+
+
+def test_prediction_ids_are_lazy_and_need_a_secret_key(
+    monkeypatch: pytest.MonkeyPatch, profile: ReferenceProfile
+) -> None:
+    monkeypatch.delenv(signals.SECRET_KEY_ENV, raising=False)
+    with isolated_signals(secret_key=None):
+        signals.register_model(profile)
+        prediction = signals.record_prediction({"delta": [1.0, 2.0]}, classes=["Yes", "No"])
+        assert prediction._ids is None  # nothing signed until read
+        with pytest.raises(ValueError, match=signals.SECRET_KEY_ENV):
+            _ = prediction.ids
+    monkeypatch.setenv(signals.SECRET_KEY_ENV, "from-the-environment")
+    with isolated_signals(secret_key=None):
+        signals.register_model(profile)
+        prediction = signals.record_prediction({"delta": [1.0, 2.0]}, classes=["Yes", "No"])
+        assert len(set(prediction.ids)) == 2  # unique per row
+        with pytest.raises(ValueError, match="2 rows"):
+            _ = prediction.id
+        assert signals.record_feedback(prediction.ids[0], "Yes").correct is True
+
+
+def test_feedback_counts_confusion_and_label_delay(registry: CollectorRegistry) -> None:
+    prediction = signals.record_prediction(
+        {"delta": [1.0, 2.0, 3.0, 4.0]},
+        scores=[0.9, 0.2, 0.7, math.nan],
+        classes=["Yes", "No", "Yes", None],
+    )
+    ids = prediction.ids
+    results = [
+        signals.record_feedback(ids[0], "Yes"),
+        signals.record_feedback(ids[1], "Yes"),
+        signals.record_feedback(ids[2], "Perhaps"),  # not a class: counted as unseen
+        signals.record_feedback(ids[3], "No"),  # no predicted class: delay only
+    ]
+    assert [r.correct for r in results] == [True, False, False, None]
+    assert [r.predicted for r in results] == ["Yes", "No", "Yes", None]
+    assert results[2].actual == UNSEEN
+    assert all(0 <= r.delay < 60 for r in results)
+    cells = {("Yes", "Yes"): 1, ("No", "Yes"): 1, ("Yes", UNSEEN): 1, ("No", "No"): 0}
+    for (predicted, actual), count in cells.items():
+        got = value(registry, "model_confusion_total", predicted=predicted, actual=actual)
+        assert got == count
+    assert value(registry, "model_label_delay_seconds_count") == 4
+    with pytest.raises(ValueError, match="actual"):
+        signals.record_feedback(ids[0], None)
+
+
+def _tamper(token: str) -> str:
+    payload, stamp, signature = token.split(".")
+    data = json.loads(itsdangerous.encoding.base64_decode(payload))
+    data[2] = "No" if data[2] == "Yes" else "Yes"  # flip the predicted class
+    forged = itsdangerous.encoding.base64_encode(json.dumps(data, separators=(",", ":")))
+    return ".".join([forged.decode(), stamp, signature])
+
+
+def test_invalid_ids_are_rejected_and_counted(
+    registry: CollectorRegistry, profile: ReferenceProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = signals.record_prediction({"delta": 1.0}, classes="Yes").id
+    foreign = itsdangerous.URLSafeTimedSerializer("another key", salt="ml_wsgi_metrics.prediction")
+    cases = {
+        "tampered": [_tamper(token), foreign.dumps(["churn", "3", "Yes", 1, time.time(), "x"])],
+        "malformed": ["", "garbage", 42, None, "a.b.c", "x" * 5000, token + "é"],
+        "unknown_model": [
+            itsdangerous.URLSafeTimedSerializer(
+                TEST_SECRET_KEY, salt="ml_wsgi_metrics.prediction"
+            ).dumps(["other", "1", "Yes", 1, time.time(), "x"])
+        ],
+    }
+    for reason, tokens in cases.items():
+        for bad in tokens:
+            with pytest.raises(InvalidPredictionId) as raised:
+                signals.record_feedback(bad, "Yes")  # type: ignore[arg-type]
+            assert raised.value.reason == reason, bad
+            assert isinstance(raised.value, ValueError)
+        count = rejected(registry, reason)
+        assert count == len(tokens)
+    # Expired: signed an hour ago, accepted for a minute.
+    monkeypatch.setattr(
+        itsdangerous.timed.TimestampSigner, "get_timestamp", lambda self: int(time.time()) - 3600
+    )
+    old = signals.record_prediction({"delta": 1.0}, classes="Yes").id
+    monkeypatch.undo()
+    signals.configure(registry=registry, secret_key=TEST_SECRET_KEY, max_feedback_age=60)
+    with pytest.raises(InvalidPredictionId) as raised:
+        signals.record_feedback(old, "Yes")
+    assert raised.value.reason == "expired"
+    assert rejected(registry, "expired") == 1
+    assert value(registry, "model_confusion_total", predicted="Yes", actual="Yes") == 0
+
+
+def test_multiprocess_mode_merges_exactly(
+    multiprocess_dir: Path, profile: ReferenceProfile
+) -> None:
+    columns = live_columns(300)
+    scores, classes = live_outputs(300)
+    with isolated_signals():
+        signals.register_model(profile)
+        before = merged(multiprocess_dir)
+        assert value(before, "model_feature_bin_total", feature="delta", bin="0") == 0
+        assert value(before, "model_confusion_total", predicted="No", actual="Yes") == 0
+        share = value(before, "model_feature_reference_share", feature="delta", bin="0")
+        assert share == profile.feature("delta").shares[0]
+        signals.record_prediction(pd.DataFrame(columns), scores=scores, classes=classes)
+        check_recorded(merged(multiprocess_dir), profile, columns, scores, classes)
+
+
+FEEDBACK_SCRIPT = """
+import json, sys
+from ml_wsgi_metrics import multiprocess
+multiprocess.activate(sys.argv[1])
+from prometheus_client import CollectorRegistry
+from ml_wsgi_metrics import signals
+signals.configure(registry=CollectorRegistry(), secret_key=sys.argv[2])
+signals.register_model(sys.argv[3])
+results = []
+for token, actual in json.load(sys.stdin):
+    try:
+        results.append(signals.record_feedback(token, actual).correct)
+    except signals.InvalidPredictionId as error:
+        results.append(error.reason)
+print(json.dumps(results))
+"""
+
+
+def test_feedback_in_another_process_counts(
+    multiprocess_dir: Path, profile: ReferenceProfile, tmp_path: Path
+) -> None:
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    with isolated_signals():
+        signals.register_model(path)
+        ids = signals.record_prediction(
+            {"delta": [1.0, 2.0, 3.0]}, scores=[0.9, 0.1, 0.8], classes=["Yes", "No", "Yes"]
+        ).ids
+        feedback = [[ids[0], "Yes"], [ids[1], "Yes"], [ids[2], "Yes"], [_tamper(ids[0]), "No"]]
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                FEEDBACK_SCRIPT,
+                str(multiprocess_dir),
+                TEST_SECRET_KEY,
+                str(path),
+            ],
+            input=json.dumps(feedback),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(child.stdout) == [True, False, True, "tampered"]
+        scraped = merged(multiprocess_dir)
+        assert value(scraped, "model_confusion_total", predicted="Yes", actual="Yes") == 2
+        assert value(scraped, "model_confusion_total", predicted="No", actual="Yes") == 1
+        assert value(scraped, "model_label_delay_seconds_count") == 3
+        assert rejected(scraped, "tampered") == 1
+        assert value(scraped, "model_predictions_total", **{"class": "Yes"}) == 2
+
+
+def test_context_module_is_cheap() -> None:
+    code = (
+        "import sys, ml_wsgi_metrics._context as c; c.bind('m', '1'); c.reset(); "
+        "assert c.current() is None; "
+        "print(sorted({'numpy', 'pandas', 'itsdangerous'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    token = _context.bind("a", "1")
+    _context.restore(token)
+    assert _context.current() is None

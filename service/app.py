@@ -1,0 +1,546 @@
+"""The churn-prediction service: a Flask app that publishes what its model does.
+
+    gunicorn -c gunicorn.conf.py service.app:app      # metrics middleware added by the config
+    flask --app service.app run                       # development server, no /metrics
+
+Routes (JSON in and out; every error is JSON with an ``"error"`` message, see
+:mod:`service.validation`):
+
+- ``POST /predict``   one row, ``{"rows": [...]}`` or a list -> probabilities, classes, ids
+- ``GET  /predict``   HTML results for the held-out set; records them and their ground truth
+- ``POST /feedback``  ``{"id": ..., "actual": "Yes"}`` or a batch -> the confusion counters
+- ``POST /pipeline``  train a new model version; every worker serves it within a second
+- ``GET  /healthz``   the model name and version served
+
+The app never imports prometheus_client: it tells :mod:`ml_wsgi_metrics.signals` what the
+model did, and the middleware (installed by ``gunicorn.conf.py``, not here, so requests are
+counted once) exports it. The model is loaded on the first request, after training one if
+none is published, so importing this module does no I/O.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+from prometheus_client import CollectorRegistry
+from sklearn.model_selection import train_test_split
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
+
+from ml_wsgi_metrics import signals
+from ml_wsgi_metrics.profile import ReferenceProfile
+from service.data import TARGET, load_data, preprocess
+from service.pipeline import (
+    DEFAULT_CONFIG,
+    NEGATIVE_CLASS,
+    POSITIVE_CLASS,
+    PROFILE_FILE,
+    LoadedModel,
+    TrainResult,
+    latest_version,
+    load_config,
+    load_latest,
+    train,
+)
+from service.validation import (
+    InputError,
+    parse_feedback,
+    parse_json,
+    parse_retrain,
+    parse_rows,
+    rows_to_frame,
+)
+
+__all__ = ["DEFAULTS", "ModelStore", "create_app"]
+
+log = logging.getLogger("service")
+
+#: Flask settings of the service; ``create_app(**settings)`` overrides them.
+DEFAULTS: dict[str, Any] = {
+    "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body (413 beyond)
+    "MAX_BATCH_ROWS": 1000,  # rows of a /predict batch, items of a /feedback batch (413)
+    "MODEL_RELOAD_INTERVAL": 1.0,  # seconds between two reads of the LATEST file
+    "LIVE_VERSIONS": 3,  # versions registered at start, so feedback for them still counts
+}
+KEY_FILE = ".prediction-id-key"
+_EXTENSION = "churn"
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+def _shared_key(models_dir: Path) -> str:
+    """The prediction-id key every worker using ``models_dir`` shares, created once.
+
+    Written to a private temporary file and linked into place, so concurrent first starts
+    agree on one key and nobody reads half of it.
+    """
+    path = models_dir / KEY_FILE
+    if not path.exists():
+        models_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=models_dir, prefix=".key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)
+            log.warning(
+                "prediction ids are signed with a key generated in %s; set %s to share one "
+                "key between hosts",
+                path,
+                signals.SECRET_KEY_ENV,
+            )
+        except FileExistsError:
+            pass  # another worker won the race: use its key
+        finally:
+            os.unlink(tmp)
+    return path.read_text().strip()
+
+
+class ModelStore:
+    """The model an app serves: trained on first use if none is published, then reloaded
+    (and registered with the model signals) whenever ``LATEST`` moves.
+
+    ``current()`` reads ``LATEST`` at most once per ``reload_interval`` seconds, so a new
+    version reaches every worker without a restart. Versions stay registered once loaded:
+    several can be live in the metrics at once.
+    """
+
+    def __init__(
+        self,
+        models_dir: str | os.PathLike[str] | None = None,
+        *,
+        config_path: str | os.PathLike[str] | None = None,
+        registry: CollectorRegistry | None = None,
+        secret_key: str | None = None,
+        reload_interval: float = 1.0,
+        live_versions: int = 3,
+    ) -> None:
+        self.config_path = Path(config_path) if config_path is not None else DEFAULT_CONFIG
+        self.config = load_config(self.config_path)
+        self.name = self.config.name
+        self.models_dir = Path(models_dir) if models_dir is not None else self.config.models_dir
+        self.reload_interval = reload_interval
+        self.live_versions = live_versions
+        self._registry, self._secret_key = registry, secret_key
+        self._model: LoadedModel | None = None
+        self._positive = 0
+        self._profiles: dict[str, ReferenceProfile] = {}
+        self._checked = -math.inf
+        self._lock = threading.Lock()
+        self._training = threading.Lock()
+        self._evaluation: tuple[pd.DataFrame, np.ndarray] | None = None
+
+    def current(self) -> LoadedModel:
+        """The model to serve now (loading, or training, it on first use)."""
+        model = self._model
+        if model is not None and time.monotonic() - self._checked < self.reload_interval:
+            return model
+        with self._lock:
+            if self._model is None:
+                self._start()
+            elif time.monotonic() - self._checked >= self.reload_interval:
+                self._refresh()
+            assert self._model is not None
+            return self._model
+
+    @property
+    def live(self) -> list[str]:
+        """The versions registered with the model signals, oldest first."""
+        return sorted(self._profiles, key=int)
+
+    def _start(self) -> None:
+        secret_key = self._secret_key
+        if secret_key is None and not os.environ.get(signals.SECRET_KEY_ENV):
+            secret_key = _shared_key(self.models_dir)
+        signals.configure(registry=self._registry, secret_key=secret_key)
+        self._train_if_none()
+        self._load()
+        self._register_previous()
+
+    def _train_if_none(self) -> None:
+        """Train the first version; of several workers starting together, one trains."""
+        if latest_version(self.models_dir, self.name) is not None:
+            return
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.models_dir / f".{self.name}.first-training.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if latest_version(self.models_dir, self.name) is None:
+                log.info("no %s model in %s: training one", self.name, self.models_dir)
+                train(self.config_path, models_dir=self.models_dir)
+
+    def _refresh(self) -> None:
+        self._checked = time.monotonic()
+        assert self._model is not None
+        if latest_version(self.models_dir, self.name) in (None, self._model.version):
+            return
+        try:
+            self._load()
+        except Exception:  # a bad version on disk must not stop a serving worker
+            log.exception("could not load the new %s version; still serving %s", self.name,
+                          self._model.version)  # fmt: skip
+
+    def _load(self) -> None:
+        model = load_latest(self.models_dir, self.name)
+        self._register(model.version, ReferenceProfile.load(model.profile_path))
+        self._positive = model.classes.index(model.positive_class)
+        self._model = model
+        self._checked = time.monotonic()
+        log.info("serving %s version %s", model.name, model.version)
+
+    def _register(self, version: str, profile: ReferenceProfile) -> None:
+        signals.register_model(profile)
+        self._profiles[version] = profile
+
+    def _register_previous(self) -> None:
+        """Register the versions published just before the served one (feedback for them)."""
+        assert self._model is not None
+        root = self.models_dir / self.name
+        older = sorted(
+            (int(p.name) for p in root.iterdir() if p.name.isdigit()),
+            reverse=True,
+        )
+        for number in [n for n in older if n < int(self._model.version)]:
+            if len(self._profiles) >= self.live_versions:
+                break
+            try:
+                profile = ReferenceProfile.load(root / str(number) / PROFILE_FILE)
+            except (OSError, ValueError):
+                continue  # unfinished or removed: nothing to score feedback against
+            self._register(str(number), profile)
+
+    def ensure_registered(self) -> None:
+        """Register the live versions again if the signals were reconfigured meanwhile."""
+        registered = set(signals.registered_models())
+        for profile in self._profiles.values():
+            if profile.key not in registered:
+                signals.register_model(profile)
+
+    def predict(self, features: pd.DataFrame) -> tuple[LoadedModel, np.ndarray, signals.Prediction]:
+        """Score preprocessed ``features`` and record the prediction with its latency."""
+        model = self.current()
+        self.ensure_registered()
+        signals.bind_model(model.name, model.version)  # the middleware clears it per request
+        with signals.time_prediction() as timer:
+            scores = model.model.predict_proba(features)[:, self._positive]
+        classes = np.where(scores > 0.5, POSITIVE_CLASS, NEGATIVE_CLASS)
+        prediction = timer.record(features, scores=scores, classes=classes)
+        return model, scores, prediction
+
+    def retrain(self, overrides: Mapping[str, Any]) -> TrainResult:
+        """Train and publish a new version with ``overrides`` of the config (seed, n_rows)."""
+        if not self._training.acquire(blocking=False):
+            raise InputError(
+                "a training is already running in this worker; retry when it ends",
+                code="training_in_progress",
+                status=409,
+            )
+        try:
+            if not overrides:
+                result = train(self.config_path, models_dir=self.models_dir)
+            else:
+                raw = json.loads(self.config_path.read_text()) | dict(overrides)
+                data_path = self.config.data_path
+                raw["data_path"] = None if data_path is None else os.fspath(data_path)
+                raw["models_dir"] = os.fspath(self.models_dir.absolute())
+                with tempfile.NamedTemporaryFile("w", suffix=".json") as config:
+                    json.dump(raw, config)
+                    config.flush()
+                    result = train(config.name, models_dir=self.models_dir)
+        finally:
+            self._training.release()
+        with self._lock:
+            self._refresh()  # this worker serves it now; the others within a second
+        return result
+
+    def evaluation_set(self) -> tuple[pd.DataFrame, np.ndarray]:
+        """The held-out rows of the configured data (preprocessed features, actual labels).
+
+        The same split as :func:`service.pipeline.train`, so the default model never saw them.
+        """
+        if self._evaluation is None:
+            config = self.config
+            frame = preprocess(load_data(config.data_path, n_rows=config.n_rows, seed=config.seed))
+            labels = np.where(frame[TARGET] == 1, POSITIVE_CLASS, NEGATIVE_CLASS)
+            _, features, _, actual = train_test_split(
+                frame[config.features],
+                labels,
+                test_size=config.test_size,
+                random_state=config.random_state,
+                stratify=labels,
+            )
+            self._evaluation = features, actual
+        return self._evaluation
+
+
+def _store() -> ModelStore:
+    store: ModelStore = current_app.extensions[_EXTENSION]
+    return store
+
+
+def _serving(store: ModelStore) -> LoadedModel:
+    """The current model, or a 503 when none can be loaded or trained."""
+    try:
+        return store.current()
+    except (OSError, ValueError) as error:
+        log.exception("no model to serve")
+        raise ServiceUnavailable(f"no model to serve: {error}") from None
+
+
+# -- the results page ---------------------------------------------------------------------
+
+
+def score_histogram(
+    scores: np.ndarray, actual: np.ndarray, *, bins: int = 20, width: int = 640, height: int = 240
+) -> dict[str, Any]:
+    """Stacked bars of the score distribution (non-churners below churners), in SVG units.
+
+    A non-empty bin is at least one unit high, so every count is visible.
+    """
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    stay, _ = np.histogram(scores[actual == NEGATIVE_CLASS], bins=edges)
+    churn, _ = np.histogram(scores[actual == POSITIVE_CLASS], bins=edges)
+    top = max(int((stay + churn).max()), 1)
+    bar = width / bins
+
+    def units(count: int) -> float:
+        return 0.0 if count == 0 else max(1.0, round(count / top * height, 1))
+
+    bars = []
+    for i, (low, high) in enumerate(zip(stay.tolist(), churn.tolist(), strict=True)):
+        low_h, high_h = units(low), units(high)
+        x = round(i * bar + 1, 1)
+        bars.append(
+            {
+                "x": x,
+                "width": round(bar - 2, 1),
+                "label": f"{edges[i]:.2f}-{edges[i + 1]:.2f}",
+                "stay": {"count": low, "y": round(height - low_h, 1), "height": low_h},
+                "churn": {
+                    "count": high,
+                    "y": round(height - low_h - high_h, 1),
+                    "height": high_h,
+                },
+            }
+        )
+    return {"bars": bars, "width": width, "height": height, "max_count": top}
+
+
+# -- routes -------------------------------------------------------------------------------
+
+api = Blueprint("api", __name__)
+
+
+def _max_items() -> int:
+    return int(current_app.config["MAX_BATCH_ROWS"])
+
+
+@api.get("/")
+def index() -> Response:
+    """What this service offers."""
+    return jsonify(
+        service="churn prediction",
+        routes={
+            "POST /predict": "score one row, {'rows': [...]} or a list of rows",
+            "GET /predict": "HTML results on the held-out set",
+            "POST /feedback": "{'id': <prediction id>, 'actual': 'Yes' | 'No'} or a batch",
+            "POST /pipeline": "train a new model version ({'seed': ..., 'n_rows': ...})",
+            "GET /healthz": "the model served",
+        },
+    )
+
+
+@api.post("/predict")
+def predict() -> Response:
+    """Churn probabilities, classes and signed prediction ids for raw Telco rows."""
+    payload = parse_json(request.get_data(cache=False), request.mimetype)
+    rows, _ = parse_rows(payload, max_rows=_max_items())
+    store = _store()
+    model = _serving(store)
+    features = preprocess(rows_to_frame(rows)[model.feature_columns])
+    model, scores, prediction = store.predict(features)
+    predictions = []
+    for row, prediction_id, score in zip(rows, prediction.ids, scores.tolist(), strict=True):
+        item = {"customerID": row["customerID"]} if "customerID" in row else {}
+        item |= {
+            "id": prediction_id,
+            "churn_probability": round(score, 6),
+            "churn": POSITIVE_CLASS if score > 0.5 else NEGATIVE_CLASS,
+        }
+        predictions.append(item)
+    return jsonify(model=model.name, version=model.version, predictions=predictions)
+
+
+@api.get("/predict")
+def results_page() -> str:
+    """Score the held-out set, record the predictions and their ground truth, show them."""
+    store = _store()
+    _serving(store)
+    features, actual = store.evaluation_set()
+    model, scores, prediction = store.predict(features)
+    for prediction_id, label in zip(prediction.ids, actual.tolist(), strict=True):
+        signals.record_feedback(prediction_id, label)
+    predicted = np.where(scores > 0.5, POSITIVE_CLASS, NEGATIVE_CLASS)
+    classes = (NEGATIVE_CLASS, POSITIVE_CLASS)
+    confusion = [[int(np.sum((actual == a) & (predicted == p))) for p in classes] for a in classes]
+    return render_template(
+        "predict_results.html",
+        model=model,
+        rows=len(actual),
+        accuracy=float(np.mean(predicted == actual)),
+        confusion=confusion,
+        classes=classes,
+        histogram=score_histogram(scores, actual),
+        mean_score=float(scores.mean()),
+    )
+
+
+@api.post("/feedback")
+def feedback() -> Response | tuple[Response, int]:
+    """Count the ground truth of earlier predictions, by their ids (any worker, any host)."""
+    payload = parse_json(request.get_data(cache=False), request.mimetype)
+    items, is_batch = parse_feedback(payload, max_items=_max_items())
+    store = _store()
+    _serving(store)
+    store.ensure_registered()
+    results: list[dict[str, Any]] = []
+    for prediction_id, actual in items:
+        try:
+            counted = signals.record_feedback(prediction_id, actual)
+        except signals.InvalidPredictionId as error:
+            rejected = InputError(
+                f"prediction id rejected ({error.reason}): {error}",
+                code="invalid_prediction_id",
+                status=410 if error.reason == "expired" else 400,
+                reason=error.reason,
+            )
+            if not is_batch:
+                raise rejected from None
+            results.append(rejected.to_dict())
+            continue
+        results.append(
+            {
+                "model": counted.model,
+                "version": counted.version,
+                "predicted": counted.predicted,
+                "actual": counted.actual,
+                "correct": counted.correct,
+            }
+        )
+    if not is_batch:
+        return jsonify(results[0])
+    rejected_count = sum("error" in r for r in results)
+    return jsonify(accepted=len(results) - rejected_count, rejected=rejected_count, results=results)
+
+
+@api.post("/pipeline")
+def pipeline() -> tuple[Response, int]:
+    """Train and publish a new model version; every worker picks it up without a restart."""
+    body = request.get_data(cache=False)
+    overrides = parse_retrain(parse_json(body, request.mimetype, required=False))
+    store = _store()
+    previous = _serving(store).version
+    result = store.retrain(overrides)
+    kept = ("accuracy", "roc_auc", "precision", "recall", "f1", "n_train", "n_test")
+    return jsonify(
+        model=result.name,
+        version=result.version,
+        previous_version=previous,
+        overrides=overrides,
+        metrics={key: result.metrics[key] for key in kept},
+    ), 201
+
+
+@api.get("/healthz")
+def healthz() -> Response:
+    """Liveness and the model served (503 when no model can be loaded)."""
+    store = _store()
+    model = _serving(store)
+    return jsonify(status="ok", model=model.name, version=model.version, live_versions=store.live)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def _input_error(error: InputError) -> tuple[Response, int]:
+    return jsonify(error.to_dict()), error.status
+
+
+def _http_error(error: HTTPException) -> Response:
+    """Framework errors (404, 405, 413, ...) as JSON, keeping their headers (``Allow``)."""
+    response = error.get_response()
+    message = error.description or error.name
+    if error.code == 413:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        message = f"the request body is larger than {limit} bytes"
+    elif error.code == 405:
+        message = f"{request.method} is not allowed here; allowed: {response.headers.get('Allow')}"
+    code = (error.name or "error").lower().replace(" ", "_")
+    response.set_data(json.dumps({"error": message, "code": code}))
+    response.content_type = "application/json"
+    return response
+
+
+def _internal_error(error: Exception) -> tuple[Response, int]:
+    if isinstance(error, HTTPException):
+        return _http_error(error), error.code or 500
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return jsonify(error="internal error: the service logged the details", code="internal"), 500
+
+
+# -- the factory ----------------------------------------------------------------------------
+
+
+def create_app(
+    models_dir: str | os.PathLike[str] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    registry: CollectorRegistry | None = None,
+    secret_key: str | None = None,
+    **settings: Any,
+) -> Flask:
+    """The churn service. Nothing is loaded until the first request.
+
+    :param models_dir: where versioned models live (default ``$CHURN_MODELS_DIR``, else the
+        config's ``models_dir``); all workers and instances sharing it serve the same model.
+    :param config_path: the training config (default ``$CHURN_CONFIG``, else
+        ``service/config.json``).
+    :param registry: the Prometheus registry of the model signals (default: the global one).
+    :param secret_key: signs prediction ids (default ``$ML_WSGI_METRICS_SECRET_KEY``, else a
+        key generated once in the models directory, shared by the workers using it).
+    :param settings: Flask config overrides, e.g. ``MAX_BATCH_ROWS=100`` (see :data:`DEFAULTS`).
+    """
+    app = Flask(__name__)
+    app.config.update(DEFAULTS)
+    app.config.update(settings)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[_EXTENSION] = ModelStore(
+        models_dir if models_dir is not None else os.environ.get("CHURN_MODELS_DIR"),
+        config_path=config_path if config_path is not None else os.environ.get("CHURN_CONFIG"),
+        registry=registry,
+        secret_key=secret_key,
+        reload_interval=float(app.config["MODEL_RELOAD_INTERVAL"]),
+        live_versions=int(app.config["LIVE_VERSIONS"]),
+    )
+    app.register_blueprint(api)
+    app.register_error_handler(InputError, _input_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal_error)
+    return app
+
+
+app = create_app()

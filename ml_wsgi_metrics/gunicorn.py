@@ -23,7 +23,7 @@ from . import multiprocess
 from .exposition import scrape_registry
 from .metrics import ServerMetrics, shared
 from .middleware import MetricsMiddleware
-from .process import remove_pid_file, write_pid_file
+from .process import remove_pid_file, remove_pid_files, write_pid_file
 
 __all__ = [
     "child_exit",
@@ -106,6 +106,7 @@ def _namespace() -> str:
 def on_starting(server: Any) -> None:
     """Master, at start: empty the directory, create the master's metrics."""
     multiprocess.clear_directory()
+    remove_pid_files(_directory)
     _Settings.server_metrics = shared(
         ServerMetrics,
         CollectorRegistry(),

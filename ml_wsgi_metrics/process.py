@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-__all__ = ["WorkerProcessCollector", "remove_pid_file", "write_pid_file"]
+__all__ = ["WorkerProcessCollector", "remove_pid_file", "remove_pid_files", "write_pid_file"]
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -36,6 +36,14 @@ def write_pid_file(directory: str, identifier: str, pid: int | None = None) -> N
 def remove_pid_file(directory: str, identifier: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(_pid_path(directory, identifier))
+
+
+def remove_pid_files(directory: str) -> None:
+    """Remove every pid file (and half-written one): a crashed run's pids may be reused."""
+    for pattern in ("*.pid", "*.pid.tmp"):
+        for path in glob.glob(os.path.join(directory, pattern)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def _boot_time() -> float:

@@ -84,7 +84,12 @@ class _AllocatedMmapedDict(MmapedDict):
         fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
-            os.posix_fallocate(fd, 0, max(size, 1 << 16))
+            try:
+                os.posix_fallocate(fd, 0, max(size, 1 << 16))
+            except OSError:
+                if size == 0:  # an empty file has no header: every scrape would fail on it
+                    os.remove(filename)
+                raise
         finally:
             os.close(fd)
         super().__init__(filename)

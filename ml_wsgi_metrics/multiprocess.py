@@ -328,8 +328,9 @@ def mark_dead(identifier: str) -> None:
 
 
 def clear_directory() -> None:
-    """Remove every ``*.db`` file from the directory and reopen this process's values."""
+    """Remove every metrics file and worker pid file, and reopen this process's values."""
     if _State.directory:
-        for path in glob.glob(os.path.join(_State.directory, "*.db")):
-            os.remove(path)
+        for pattern in ("*.db", "*.pid", "*.pid.tmp"):
+            for path in glob.glob(os.path.join(_State.directory, pattern)):
+                os.remove(path)
     _reopen_all()

@@ -1,0 +1,432 @@
+"""Slot-file storage: identifiers survive processes, files do not pile up, writes fail open.
+
+Processes are forked (``multiprocessing``'s fork context), as gunicorn forks its workers; a
+child reports back through a pipe, and a child killed by a signal (SIGBUS) fails the test
+without taking pytest down with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ml_wsgi_metrics import MetricsMiddleware, multiprocess
+from ml_wsgi_metrics.exposition import scrape_registry
+
+FORK = multiprocessing.get_context("fork")
+
+
+def start_child(work: Callable[[], Any]) -> tuple[Any, Any]:
+    """Fork a child running ``work``; ``finish_child`` collects its result."""
+    receive, send = FORK.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send(("ok", work()))
+        except BaseException:
+            send.send(("error", traceback.format_exc()))
+
+    process = FORK.Process(target=child)
+    process.start()
+    send.close()
+    return process, receive
+
+
+def finish_child(process: Any, receive: Any) -> Any:
+    """The child's result; a traceback or a killing signal fails the test."""
+    try:
+        outcome, value = receive.recv() if receive.poll(30) else ("error", "no answer")
+    except EOFError:
+        outcome, value = "error", "the child died without answering"
+    process.join(30)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    if process.exitcode and process.exitcode < 0:
+        pytest.fail(f"child killed by {signal.Signals(-process.exitcode).name}: {value}")
+    assert outcome == "ok", value
+    assert process.exitcode == 0
+    return value
+
+
+def in_child(work: Callable[[], Any]) -> Any:
+    """Run ``work`` in a forked child and return its result."""
+    return finish_child(*start_child(work))
+
+
+def db_files(directory: Path) -> set[str]:
+    return {path.name for path in directory.glob("*.db")}
+
+
+def merged(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return scrape_registry(registry).get_sample_value(name, labels) or 0.0
+
+
+# -- identifiers across processes -----------------------------------------------------------
+
+
+def test_a_successor_with_the_same_identifier_continues_the_counts(
+    multiprocess_dir: Path,
+) -> None:
+    registry = CollectorRegistry()
+    plain = Counter("jobs", "Jobs.", registry=registry)
+    labelled = Counter("hits", "Hits.", ["route"], registry=registry)
+    histogram = Histogram("took_seconds", "Took.", buckets=(1, 2), registry=registry)
+
+    def worker(times: int) -> Callable[[], int]:
+        def run() -> int:
+            multiprocess.use_identifier("w0")
+            for _ in range(times):
+                plain.inc()
+                labelled.labels("/a").inc()
+                histogram.observe(1.5)
+            return os.getpid()
+
+        return run
+
+    first = in_child(worker(3))
+    assert merged(registry, "jobs_total") == 3
+    second = in_child(worker(2))
+
+    assert first != second
+    assert merged(registry, "jobs_total") == 5
+    assert merged(registry, "hits_total", route="/a") == 5
+    assert merged(registry, "took_seconds_count") == 5
+    assert merged(registry, "took_seconds_bucket", le="2.0") == 5
+    assert merged(registry, "took_seconds_sum") == 7.5
+    names = db_files(multiprocess_dir)
+    assert {"counter_w0.db", "histogram_w0.db"} <= names
+    assert not any(str(pid) in name for name in names for pid in (first, second))
+
+
+def hello_middleware(registry: CollectorRegistry, hello: Any) -> MetricsMiddleware:
+    return MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: e["PATH_INFO"])
+
+
+@pytest.mark.parametrize(
+    ("identifier", "pid_files"),
+    [
+        pytest.param("w1", False, id="slot-right-after-fork"),
+        pytest.param(None, True, id="control-no-slot"),
+    ],
+)
+def test_a_child_given_its_slot_right_after_the_fork_leaves_no_pid_files(
+    identifier: str | None,
+    pid_files: bool,
+    multiprocess_dir: Path,
+    call: Callable[..., Any],
+    hello: Any,
+) -> None:
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)  # created before the fork, as with preload_app
+    call(app, "/in-parent")
+    before = db_files(multiprocess_dir)
+
+    def worker() -> int:
+        if identifier is not None:
+            multiprocess.use_identifier(identifier)
+        for path in ("/a", "/b", "/a", "/in-parent"):
+            call(app, path)
+        return os.getpid()
+
+    pid = in_child(worker)
+
+    created = db_files(multiprocess_dir) - before
+    assert any(name.endswith(f"_{pid}.db") for name in created) is pid_files
+    if identifier is not None:
+        assert created == {"counter_w1.db", "histogram_w1.db", "gauge_livesum_w1.db"}
+    assert merged(registry, "http_requests_total", method="GET", route="/a", status="200") == 2
+    assert (
+        merged(registry, "http_requests_total", method="GET", route="/in-parent", status="200") == 2
+    )
+
+
+def test_forked_child_does_not_write_into_its_parents_files(multiprocess_dir: Path) -> None:
+    registry = CollectorRegistry()
+    counter = Counter("jobs", "Jobs.", registry=registry)
+    counter.inc(10)
+
+    def worker() -> float:
+        multiprocess.use_identifier("w0")
+        counter.inc()
+        return counter._value.get()
+
+    assert in_child(worker) == 1  # the child's own slot, not the parent's 10
+    assert counter._value.get() == 10
+    assert merged(registry, "jobs_total") == 11
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("w_1", id="underscore"),
+        pytest.param("a/b", id="slash"),
+    ],
+)
+def test_bad_identifiers_are_refused(identifier: str, multiprocess_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"^identifier"):
+        multiprocess.use_identifier(identifier)
+
+
+# -- dead workers, clearing -----------------------------------------------------------------
+
+
+def test_mark_dead_removes_live_gauges_only(multiprocess_dir: Path) -> None:
+    modes = ("livesum", "liveall", "livemax", "all", "max", "sum", "mostrecent")
+
+    def worker(slot: str, gauge_modes: tuple[str, ...]) -> Callable[[], None]:
+        def run() -> None:
+            multiprocess.use_identifier(slot)
+            registry = CollectorRegistry()
+            Counter("jobs", "Jobs.", registry=registry).inc()
+            Histogram("took_seconds", "Took.", registry=registry).observe(1)
+            for mode in gauge_modes:
+                Gauge(f"g_{mode}", "G.", registry=registry, multiprocess_mode=mode).set(1)
+
+        return run
+
+    in_child(worker("w3", modes))
+    in_child(worker("w4", ("livesum",)))
+
+    multiprocess.mark_dead("w3")
+
+    assert db_files(multiprocess_dir) == {
+        "counter_w3.db",
+        "histogram_w3.db",
+        "gauge_all_w3.db",
+        "gauge_max_w3.db",
+        "gauge_sum_w3.db",
+        "gauge_mostrecent_w3.db",
+        "counter_w4.db",
+        "histogram_w4.db",
+        "gauge_livesum_w4.db",
+    }
+    registry = CollectorRegistry()
+    assert merged(registry, "jobs_total") == 2
+    assert merged(registry, "g_livesum") == 1  # w4's, still alive
+    assert merged(registry, "g_max") == 1
+    assert merged(registry, "g_all", pid="w3") == 1
+
+
+def test_in_progress_of_a_dead_worker_disappears(
+    multiprocess_dir: Path, environ: Callable[..., dict[str, Any]]
+) -> None:
+    registry = CollectorRegistry()
+
+    def never_finishing(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"..."]
+
+    app = MetricsMiddleware(never_finishing, registry=registry, route_resolver=lambda e: "/r")
+
+    def worker() -> None:
+        multiprocess.use_identifier("w2")
+        app(environ("/r"), lambda *args: None)  # never closed: the worker dies mid-request
+
+    in_child(worker)
+    labels = {"method": "GET", "route": "/r"}
+    assert merged(registry, "http_requests_in_progress", **labels) == 1
+    multiprocess.mark_dead("w2")
+    assert merged(registry, "http_requests_in_progress", **labels) == 0
+
+
+def test_clear_directory_empties_it_and_values_restart_from_zero(
+    multiprocess_dir: Path,
+) -> None:
+    registry = CollectorRegistry()
+    multiprocess.use_identifier("w0")
+    counter = Counter("jobs", "Jobs.", registry=registry)
+    counter.inc(4)
+    (multiprocess_dir / "counter_w9.db").write_bytes(b"left by a previous run")
+    (multiprocess_dir / "w9.pid").write_text("1")
+    (multiprocess_dir / "w9.pid.tmp").write_text("1")
+
+    multiprocess.clear_directory()
+
+    assert sorted(p.name for p in multiprocess_dir.iterdir()) == ["counter_w0.db"]
+    assert merged(registry, "jobs_total") == 0
+    counter.inc()
+    assert merged(registry, "jobs_total") == 1
+
+
+# -- activation -----------------------------------------------------------------------------
+
+
+def test_activate_uses_the_documented_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    given = tmp_path / "given"
+    monkeypatch.setenv(multiprocess.ENV_VAR, str(given))
+    try:
+        assert multiprocess.activate() == str(given)
+        assert multiprocess.active_directory() == str(given)
+        assert given.is_dir()
+    finally:
+        multiprocess.deactivate()
+    assert multiprocess.active_directory() is None
+    assert given.is_dir()  # the user's directory is left in place
+
+
+def test_activate_without_a_directory_owns_a_private_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(multiprocess.ENV_VAR, raising=False)
+    try:
+        directory = multiprocess.activate()
+        assert os.environ[multiprocess.ENV_VAR] == directory
+        assert os.path.isdir(directory)
+    finally:
+        multiprocess.deactivate()
+    assert not os.path.exists(directory)
+    assert multiprocess.ENV_VAR not in os.environ
+
+
+def test_activate_refuses_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("")
+    with pytest.raises(ValueError, match=multiprocess.ENV_VAR):
+        multiprocess.activate(path)
+
+
+# -- failing open ---------------------------------------------------------------------------
+
+
+def test_a_vanished_directory_fails_open(
+    multiprocess_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    call: Callable[..., Any],
+    hello: Any,
+) -> None:
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+    call(app, "/before")
+    errors = multiprocess.instrumentation_errors()
+    shutil.rmtree(multiprocess_dir)
+
+    with caplog.at_level(logging.WARNING, logger="ml_wsgi_metrics"):
+        responses = [call(app, path) for path in ("/before", "/new", "/new")]
+        Gauge("late", "G.", registry=registry, multiprocess_mode="max").set(3)
+        multiprocess.use_identifier("w0")
+        call(app, "/after-slot")
+
+    assert all((r.status, r.body) == ("200 OK", b"hello") for r in responses)
+    assert multiprocess.instrumentation_errors() > errors
+    assert str(multiprocess_dir) in caplog.text
+    assert "metrics degraded" in caplog.text
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill(directory: Path) -> None:
+    """Write a filler file until the filesystem is full."""
+    with open(directory / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    assert os.statvfs(directory).f_bavail == 0
+
+
+def test_a_full_filesystem_fails_open(tmp_path: Path, call: Callable[..., Any], hello: Any) -> None:
+    with tiny_tmpfs(tmp_path / "tiny") as mount:
+        directory = Path(multiprocess.activate(mount / "metrics"))
+        try:
+            registry = CollectorRegistry()
+            app = hello_middleware(registry, hello)
+            call(app, "/before")  # files allocated while there was room
+            fill(mount)
+
+            def worker() -> dict[str, Any]:
+                records: list[str] = []
+                handler = logging.Handler()
+                handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+                logging.getLogger("ml_wsgi_metrics").addHandler(handler)
+                errors = multiprocess.instrumentation_errors()
+                # Enough new series to outgrow the files allocated before the disk filled,
+                # a metric type with no file yet, and a slot whose files cannot be created.
+                bodies = {call(app, f"/route/{n}").body for n in range(400)}
+                Gauge("late", "G.", registry=registry, multiprocess_mode="max").set(3)
+                multiprocess.use_identifier("w0")
+                bodies |= {call(app, path).body for path in ("/before", "/after-slot")}
+                return {
+                    "bodies": bodies,
+                    "errors": multiprocess.instrumentation_errors() - errors,
+                    "log": records,
+                }
+
+            result = in_child(worker)
+            assert result["bodies"] == {b"hello"}
+            assert result["errors"] > 0
+            assert any("No space left on device" in line for line in result["log"])
+
+            # The metrics endpoint still answers, now and once space is free again.
+            assert call(app, "/metrics").code == 200
+            (mount / "filler").unlink()
+            response = call(app, "/metrics")
+            assert response.code == 200
+            assert b'route="/before"' in response.body
+        finally:
+            multiprocess.deactivate()
+    assert not directory.exists() or not any(directory.iterdir())
+
+
+# -- serving merged totals ------------------------------------------------------------------
+
+
+def test_every_worker_serves_the_merged_totals(
+    multiprocess_dir: Path, call: Callable[..., Any], hello: Any
+) -> None:
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+    barrier = FORK.Barrier(2, timeout=20)
+
+    def worker(slot: str, requests: int) -> Callable[[], float]:
+        def run() -> float:
+            multiprocess.use_identifier(slot)
+            for _ in range(requests):
+                call(app, "/a")
+            barrier.wait()  # both have written; each now serves a scrape
+            body = call(app, "/metrics").body.decode()
+            barrier.wait()
+            line = next(
+                line
+                for line in body.splitlines()
+                if line.startswith("http_requests_total{") and 'route="/a"' in line
+            )
+            return float(line.rsplit(" ", 1)[1])
+
+        return run
+
+    children = [start_child(worker("w0", 3)), start_child(worker("w1", 4))]
+    served = [finish_child(*child) for child in children]
+    assert served == [7, 7]
+    assert merged(registry, "http_requests_total", method="GET", route="/a", status="200") == 7

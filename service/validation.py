@@ -91,6 +91,15 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` has no lone surrogates (JSON's ``"\\ud800"`` escapes allow them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _type_name(value: Any) -> str:
     return {
         dict: "an object",
@@ -270,6 +279,8 @@ def _check_row(row: Any, index: int | None) -> dict[str, Any]:
             raise fail(f"expected a string, got {_show(value)}", "wrong_type")
         elif len(value) > _MAX_TEXT:
             raise fail(f"longer than {_MAX_TEXT} characters", "too_long")
+        elif not _is_unicode(value):
+            raise fail("not valid Unicode (a lone surrogate escape)", "bad_encoding")
         else:
             clean[name] = value
     return clean

@@ -304,7 +304,7 @@ def deactivate() -> None:
             prometheus_client.values.ValueClass = _State.previous_value_class
         if _State.owned_directory and _State.directory:
             shutil.rmtree(_State.directory, ignore_errors=True)
-        if os.environ.get(ENV_VAR) == _State.directory:
+        if _State.directory is not None and os.environ.get(ENV_VAR) == _State.directory:
             del os.environ[ENV_VAR]
         _State.directory = None
         _State.owned_directory = False

@@ -295,6 +295,18 @@ def test_activate_without_a_directory_owns_a_private_one(
     assert multiprocess.ENV_VAR not in os.environ
 
 
+def test_deactivate_twice_or_without_activate_is_harmless(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(multiprocess.ENV_VAR, raising=False)
+    multiprocess.deactivate()  # never activated
+    multiprocess.activate(tmp_path / "once")
+    multiprocess.deactivate()
+    multiprocess.deactivate()  # on_exit after a deactivate, say
+    assert multiprocess.active_directory() is None
+    assert multiprocess.ENV_VAR not in os.environ
+
+
 def test_activate_refuses_a_file(tmp_path: Path) -> None:
     path = tmp_path / "file"
     path.write_text("")

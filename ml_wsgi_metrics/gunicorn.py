@@ -152,7 +152,10 @@ def post_fork(server: Any, worker: Any) -> None:
     identifier = _identifier(worker)
     multiprocess.mark_dead(identifier)  # a predecessor that died unreaped left live gauges
     multiprocess.use_identifier(identifier)
-    write_pid_file(_directory, identifier)
+    try:
+        write_pid_file(_directory, identifier)
+    except OSError as error:  # raising here would fail the boot, and gunicorn would halt
+        multiprocess.report_error(f"writing {identifier}.pid", error)
 
 
 def post_worker_init(worker: Any) -> None:

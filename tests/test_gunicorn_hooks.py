@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -200,6 +202,22 @@ def test_post_fork_takes_over_the_slot_and_writes_a_pid_file(
     assert multiprocess.process_identifier() == "w0"
     assert (directory / "w0.pid").read_text() == str(os.getpid())
     assert not (directory / "gauge_livesum_w0.db").exists()
+
+
+def test_post_fork_fails_open_when_the_directory_is_gone(
+    hooks: ModuleType, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose post_fork raises fails to boot, and gunicorn then halts the server."""
+    worker = server.spawn()
+    shutil.rmtree(hooks._directory)
+    errors = multiprocess.instrumentation_errors()
+
+    with caplog.at_level(logging.WARNING, logger="ml_wsgi_metrics"):
+        hooks.post_fork(server, worker)
+
+    assert multiprocess.process_identifier() == "w0"
+    assert multiprocess.instrumentation_errors() > errors
+    assert "w0.pid" in caplog.text
 
 
 def test_post_worker_init_wraps_the_app_once(

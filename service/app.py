@@ -38,7 +38,7 @@ import pandas as pd
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
 from prometheus_client import CollectorRegistry
 from sklearn.model_selection import train_test_split
-from werkzeug.exceptions import HTTPException, ServiceUnavailable
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, ServiceUnavailable
 
 from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import ReferenceProfile
@@ -349,6 +349,16 @@ def _max_items() -> int:
     return int(current_app.config["MAX_BATCH_ROWS"])
 
 
+def _body() -> bytes:
+    """The request body. A streamed (chunked) body is cut at ``MAX_CONTENT_LENGTH`` by
+    werkzeug without an error, so reaching the limit is a 413 here, as a declared length is."""
+    data = request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
 @api.get("/")
 def index() -> Response:
     """What this service offers."""
@@ -367,7 +377,7 @@ def index() -> Response:
 @api.post("/predict")
 def predict() -> Response:
     """Churn probabilities, classes and signed prediction ids for raw Telco rows."""
-    payload = parse_json(request.get_data(cache=False), request.mimetype)
+    payload = parse_json(_body(), request.mimetype)
     rows, _ = parse_rows(payload, max_rows=_max_items())
     store = _store()
     model = _serving(store)
@@ -412,7 +422,7 @@ def results_page() -> str:
 @api.post("/feedback")
 def feedback() -> Response | tuple[Response, int]:
     """Count the ground truth of earlier predictions, by their ids (any worker, any host)."""
-    payload = parse_json(request.get_data(cache=False), request.mimetype)
+    payload = parse_json(_body(), request.mimetype)
     items, is_batch = parse_feedback(payload, max_items=_max_items())
     store = _store()
     _serving(store)
@@ -450,8 +460,7 @@ def feedback() -> Response | tuple[Response, int]:
 @api.post("/pipeline")
 def pipeline() -> tuple[Response, int]:
     """Train and publish a new model version; every worker picks it up without a restart."""
-    body = request.get_data(cache=False)
-    overrides = parse_retrain(parse_json(body, request.mimetype, required=False))
+    overrides = parse_retrain(parse_json(_body(), request.mimetype, required=False))
     store = _store()
     previous = _serving(store).version
     result = store.retrain(overrides)

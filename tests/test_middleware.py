@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -472,6 +474,43 @@ def test_in_progress_is_one_during_the_request_and_zero_after(
 
     assert seen == [1.0, 1.0]
     assert sample(registry, IN_PROGRESS, method="GET", route="/work/<name>") == 0
+
+
+def test_concurrent_requests_are_counted_exactly(
+    mode: Any, registry: CollectorRegistry, call: Callable[..., Any], hello: Any, sample: Any
+) -> None:
+    """As a threaded worker (gthread) serves them: no update lost, nothing left in progress."""
+    app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: e["PATH_INFO"])
+    threads, requests = 8, 300
+    start = threading.Barrier(threads)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+
+    def client(n: int) -> None:
+        start.wait()
+        for i in range(requests):
+            call(app, f"/route/{(n + i) % 3}")
+
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+
+    per_route = [
+        sample(registry, REQUESTS, method="GET", route=f"/route/{r}", status="200")
+        for r in range(3)
+    ]
+    assert sum(per_route) == threads * requests
+    assert per_route == [threads * requests / 3] * 3
+    for r in range(3):
+        labels = {"method": "GET", "route": f"/route/{r}"}
+        assert sample(registry, DURATION_COUNT, **labels) == per_route[r]
+        assert sample(registry, "http_response_size_bytes_sum", **labels) == 5 * per_route[r]
+        assert sample(registry, IN_PROGRESS, **labels) == 0
 
 
 # -- settings -------------------------------------------------------------------------------

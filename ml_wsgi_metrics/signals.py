@@ -21,13 +21,15 @@ requests (batch jobs); nothing is computed or stored while the app records nothi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from itsdangerous import BadPayload, BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous.encoding import base64_encode
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _context
@@ -76,6 +79,11 @@ _INF = math.inf
 _NAN = math.nan
 
 Inc = Callable[[float], None]
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def _compact_json(payload: Any) -> bytes:
+    return _JSON.encode(payload).encode("utf-8")
 
 
 class InvalidPredictionId(ValueError):
@@ -258,14 +266,17 @@ class _Categorical:
             self.incs[-1](1)
 
     def amounts(self, values: Any, rows: int) -> np.ndarray:
-        items = values.tolist() if hasattr(values, "tolist") else list(values)
-        if len(items) != rows:
-            raise ValueError(f"expected {rows} values per column, got {len(items)}")
-        codes = np.array(list(map(self.codes.get, items, repeat(-1))), dtype=np.intp)
-        misses = np.flatnonzero(codes < 0)
-        if misses.size:  # not a known string: missing, or a non-string category (True, 3)
-            codes[misses] = [self.code(items[i]) for i in misses.tolist()]
-        amounts = np.bincount(codes, minlength=len(self.incs)).astype(np.float64)
+        """Counts per slot: the values are counted by hashing (C), then each distinct value
+        is looked up once."""
+        if len(values) != rows:
+            raise ValueError(f"expected {rows} values per column, got {len(values)}")
+        try:
+            counts = Counter(values)
+        except TypeError:  # unhashable values (lists...): counted by their text
+            counts = Counter(v if isinstance(v, Hashable) else str(v) for v in values)
+        amounts = np.zeros(len(self.incs))
+        for value, count in counts.items():
+            amounts[self.code(value)] += count
         amounts[-1] = amounts[self.unseen_code]
         return amounts
 
@@ -388,6 +399,7 @@ class _Config:
         self.lock = threading.Lock()
         self._metrics: ModelMetrics | None = None
         self._serializer: URLSafeTimedSerializer | None = None
+        self._sign: Callable[[bytes], bytes] | None = None
         self._rejected: dict[str, Inc] = {}
 
     @property
@@ -424,7 +436,15 @@ class _Config:
                     f"feedback may arrive)"
                 )
             self._serializer = URLSafeTimedSerializer(key, salt=_SALT)
+            self._sign = self._serializer.make_signer().sign
         return self._serializer
+
+    def dumps(self, payload: list[Any]) -> str:
+        """``serializer.dumps(payload)`` without its zlib attempt (3x faster; same format)."""
+        if self._sign is None:
+            _ = self.serializer
+        assert self._sign is not None
+        return self._sign(base64_encode(_compact_json(payload))).decode("ascii")
 
 
 _config: _Config | None = None
@@ -611,7 +631,7 @@ class Prediction:
     def ids(self) -> list[str]:
         """One prediction id per row: a signed token carrying model, version, class, bin, time."""
         if self._ids is None:
-            dumps = self._config.serializer.dumps
+            dumps = self._config.dumps
             classes = self._classes or [None] * self.rows
             bins = self._bins or [None] * self.rows
             nonces = os.urandom(4 * self.rows).hex()

@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -573,15 +572,16 @@ def _resolve(model: str | None, version: str | None) -> tuple[_Config, _Model]:
         bound = _context.current()
         if bound is not None:
             model, version = bound
-        elif len(config.models) == 1:
-            return config, next(iter(config.models.values()))
         else:
+            models = list(config.models.values())  # a copy: other threads may register
+            if len(models) == 1:
+                return config, models[0]
             raise ValueError(
-                f"model: {len(config.models)} models are registered and none is bound; call "
+                f"model: {len(models)} models are registered and none is bound; call "
                 f"bind_model(name, version) or pass model=..., version=..."
             )
     if version is None:
-        versions = [k for k in config.models if k[0] == model]
+        versions = [k for k in list(config.models) if k[0] == model]
         if len(versions) != 1:
             raise ValueError(
                 f"version: give the version of model {model!r} ({len(versions)} known)"
@@ -602,22 +602,19 @@ def _resolve(model: str | None, version: str | None) -> tuple[_Config, _Model]:
 class Prediction:
     """What :func:`record_prediction` recorded: ``rows`` rows of ``model`` ``version``.
 
-    ``ids`` (one signed token per row, for :func:`record_feedback`) is computed when first read.
+    ``ids`` (one signed token per row, for :func:`record_feedback`) is computed when first read:
+    until then only references to the predicted classes and scores are kept.
     """
 
-    __slots__ = ("_bins", "_classes", "_config", "_ids", "_time", "model", "rows", "version")
+    __slots__ = ("_classes", "_compiled", "_config", "_ids", "_scores", "_time", "model", "rows",
+                 "version")  # fmt: skip
 
     def __init__(
-        self,
-        config: _Config,
-        model: _Model,
-        rows: int,
-        classes: list[str | None] | None,
-        bins: list[int | None] | None,
+        self, config: _Config, model: _Model, rows: int, classes: Any, scores: Any
     ) -> None:
-        self._config = config
+        self._config, self._compiled = config, model
         self.model, self.version, self.rows = model.name, model.version, rows
-        self._classes, self._bins = classes, bins
+        self._classes, self._scores = classes, scores
         self._time = time.time()
         self._ids: list[str] | None = None
 
@@ -632,8 +629,16 @@ class Prediction:
         """One prediction id per row: a signed token carrying model, version, class, bin, time."""
         if self._ids is None:
             dumps = self._config.dumps
-            classes = self._classes or [None] * self.rows
-            bins = self._bins or [None] * self.rows
+            model = self._compiled
+            classes: list[str | None] = [None] * self.rows
+            if self._classes is not None:
+                labels = [model.classes[model.class_code(c)] for c in self._classes]
+                classes = [None if label == NO_CLASS else label for label in labels]
+            bins: list[int | None] = [None] * self.rows
+            edges = model.score.edges
+            if self._scores is not None and edges:
+                finite = math.isfinite
+                bins = [bisect_left(edges, s) if finite(s) else None for s in self._scores]
             nonces = os.urandom(4 * self.rows).hex()
             stamp = round(self._time, 3)
             head = (self.model, self.version)
@@ -649,9 +654,6 @@ class Prediction:
         if self.rows != 1:
             raise ValueError(f"id: this prediction has {self.rows} rows; use .ids")
         return self.ids[0]
-
-
-_ROW_TYPES = (str, bytes, int, float, bool, np.generic, type(None))
 
 
 def record_prediction(
@@ -694,15 +696,12 @@ def _record_row(
         feature.record(_to_float(get(feature.name)))
     for categorical in model.categorical:
         categorical.record(get(categorical.name))
-    score_bin = None
+    value = None
     if score is not None:
-        score_bin = model.score.record(_to_float(score))
-        if not model.score.edges:
-            score_bin = None
-    code = model.class_code(predicted)
-    model.class_incs[code](1)
-    label = model.classes[code]
-    return Prediction(config, model, 1, [None if label == NO_CLASS else label], [score_bin])
+        value = _to_float(score)
+        model.score.record(value)
+    model.class_incs[model.class_code(predicted)](1)
+    return Prediction(config, model, 1, [predicted], None if value is None else [value])
 
 
 def _columns(inputs: Any) -> tuple[int, Callable[[str], Any]]:
@@ -748,7 +747,8 @@ def _record_batch(
         rows, column = _columns(inputs)
     score_values = class_values = None
     if scores is not None:
-        score_values = positive_scores(scores if not _is_scalar(scores) else [scores])
+        # a copy: the ids, computed later, must see the scores as they are now
+        score_values = positive_scores(scores if not _is_scalar(scores) else [scores]).copy()
         rows = _check_rows(rows, len(score_values), "scores")
     if classes is not None:
         class_values = classes.tolist() if hasattr(classes, "tolist") else classes
@@ -771,30 +771,18 @@ def _record_batch(
             elif hasattr(values, "to_numpy"):
                 values = values.to_numpy(dtype=object)
             updates.append((categorical.incs, categorical.amounts(values, rows)))
-    bins: list[int | None] | None = None
     if score_values is not None:
         updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
-        if model.score.edges:
-            codes = np.searchsorted(model.score_block.edges[0], score_values, side="left")
-            bins = np.where(np.isfinite(score_values), codes, -1).tolist()
-            bins = [None if b < 0 else b for b in bins]
+    class_amounts = np.zeros(len(model.classes))
     if class_values is None:
-        labels = None
-        class_amounts = np.zeros(len(model.classes))
         class_amounts[model.class_codes[NO_CLASS]] = rows
     else:
-        codes = np.array(list(map(model.class_codes.get, class_values, repeat(-1))))
-        misses = np.flatnonzero(codes < 0)
-        if misses.size:
-            codes[misses] = [model.class_code(class_values[i]) for i in misses.tolist()]
-        class_amounts = np.bincount(codes, minlength=len(model.classes)).astype(np.float64)
-        named = np.asarray(model.classes, dtype=object)[codes]
-        named[codes == model.class_codes[NO_CLASS]] = None
-        labels = named.tolist()
+        for label, count in Counter(class_values).items():
+            class_amounts[model.class_code(label)] += count
     updates.append((model.class_incs, class_amounts))
     for incs, amounts in updates:
         _apply(incs, amounts)
-    return Prediction(config, model, rows, labels, bins)
+    return Prediction(config, model, rows, class_values, score_values)
 
 
 def _check_rows(rows: int | None, count: int, what: str) -> int:

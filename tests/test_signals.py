@@ -546,3 +546,10 @@ def test_context_module_is_cheap() -> None:
     token = _context.bind("a", "1")
     _context.restore(token)
     assert _context.current() is None
+
+
+def test_text_in_a_numeric_feature_is_parsed_or_missing(registry: CollectorRegistry) -> None:
+    frame = pd.DataFrame({"delta": pd.Series(["12.5", " ", "abc", None], dtype="str")})
+    signals.record_prediction(frame)
+    assert value(registry, "model_feature_missing_total", feature="delta") == 3
+    assert value(registry, "model_feature_sum_total", feature="delta", sign="positive") == 12.5

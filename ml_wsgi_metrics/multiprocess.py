@@ -328,9 +328,8 @@ def mark_dead(identifier: str) -> None:
 
 
 def clear_directory() -> None:
-    """Remove every metrics file and worker pid file, and reopen this process's values."""
+    """Remove every ``*.db`` file from the directory and reopen this process's values."""
     if _State.directory:
-        for pattern in ("*.db", "*.pid", "*.pid.tmp"):
-            for path in glob.glob(os.path.join(_State.directory, pattern)):
-                os.remove(path)
+        for path in glob.glob(os.path.join(_State.directory, "*.db")):
+            os.remove(path)
     _reopen_all()

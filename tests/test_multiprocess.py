@@ -244,7 +244,7 @@ def test_in_progress_of_a_dead_worker_disappears(
     assert merged(registry, "http_requests_in_progress", **labels) == 0
 
 
-def test_clear_directory_empties_it_and_values_restart_from_zero(
+def test_clear_directory_removes_every_db_file_and_values_restart_from_zero(
     multiprocess_dir: Path,
 ) -> None:
     registry = CollectorRegistry()
@@ -252,12 +252,11 @@ def test_clear_directory_empties_it_and_values_restart_from_zero(
     counter = Counter("jobs", "Jobs.", registry=registry)
     counter.inc(4)
     (multiprocess_dir / "counter_w9.db").write_bytes(b"left by a previous run")
-    (multiprocess_dir / "w9.pid").write_text("1")
-    (multiprocess_dir / "w9.pid.tmp").write_text("1")
+    (multiprocess_dir / "gauge_livesum_w9.db").write_bytes(b"left by a previous run")
 
     multiprocess.clear_directory()
 
-    assert sorted(p.name for p in multiprocess_dir.iterdir()) == ["counter_w0.db"]
+    assert db_files(multiprocess_dir) == {"counter_w0.db"}
     assert merged(registry, "jobs_total") == 0
     counter.inc()
     assert merged(registry, "jobs_total") == 1

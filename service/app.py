@@ -138,7 +138,6 @@ class ModelStore:
         self.live_versions = live_versions
         self._registry, self._secret_key = registry, secret_key
         self._model: LoadedModel | None = None
-        self._positive = 0
         self._profiles: dict[str, ReferenceProfile] = {}
         self._checked = -math.inf
         self._lock = threading.Lock()
@@ -164,10 +163,12 @@ class ModelStore:
         return sorted(self._profiles, key=int)
 
     def _start(self) -> None:
+        """Configure the model signals if there is something to set, then load (or train)."""
         secret_key = self._secret_key
         if secret_key is None and not os.environ.get(signals.SECRET_KEY_ENV):
             secret_key = _shared_key(self.models_dir)
-        signals.configure(registry=self._registry, secret_key=secret_key)
+        if secret_key is not None or self._registry is not None:
+            signals.configure(registry=self._registry, secret_key=secret_key)
         self._train_if_none()
         self._load()
         self._register_previous()
@@ -191,13 +192,11 @@ class ModelStore:
         try:
             self._load()
         except Exception:  # a bad version on disk must not stop a serving worker
-            log.exception("could not load the new %s version; still serving %s", self.name,
-                          self._model.version)  # fmt: skip
+            log.exception("could not load a new version; still serving %s", self._model.version)
 
     def _load(self) -> None:
         model = load_latest(self.models_dir, self.name)
         self._register(model.version, ReferenceProfile.load(model.profile_path))
-        self._positive = model.classes.index(model.positive_class)
         self._model = model
         self._checked = time.monotonic()
         log.info("serving %s version %s", model.name, model.version)
@@ -235,14 +234,16 @@ class ModelStore:
         model = self.current()
         self.ensure_registered()
         signals.bind_model(model.name, model.version)  # the middleware clears it per request
+        positive = model.classes.index(model.positive_class)
         with signals.time_prediction() as timer:
-            scores = model.model.predict_proba(features)[:, self._positive]
+            scores = model.model.predict_proba(features)[:, positive]
         classes = np.where(scores > 0.5, POSITIVE_CLASS, NEGATIVE_CLASS)
         prediction = timer.record(features, scores=scores, classes=classes)
         return model, scores, prediction
 
     def retrain(self, overrides: Mapping[str, Any]) -> TrainResult:
         """Train and publish a new version with ``overrides`` of the config (seed, n_rows)."""
+        self.current()
         if not self._training.acquire(blocking=False):
             raise InputError(
                 "a training is already running in this worker; retry when it ends",
@@ -531,6 +532,10 @@ def create_app(
     :param registry: the Prometheus registry of the model signals (default: the global one).
     :param secret_key: signs prediction ids (default ``$ML_WSGI_METRICS_SECRET_KEY``, else a
         key generated once in the models directory, shared by the workers using it).
+
+    On the first request the app calls :func:`ml_wsgi_metrics.signals.configure` with
+    ``registry`` and the key, unless neither is needed (no registry given and the key in the
+    environment): then the model signals keep whatever configuration the process set up.
     :param settings: Flask config overrides, e.g. ``MAX_BATCH_ROWS=100`` (see :data:`DEFAULTS`).
     """
     app = Flask(__name__)

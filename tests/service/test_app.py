@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import itsdangerous.timed
+import pandas as pd
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
 from ml_wsgi_metrics import signals
-from ml_wsgi_metrics.testing import TEST_SECRET_KEY, reset_signals
+from ml_wsgi_metrics.testing import TEST_SECRET_KEY, isolated_signals, reset_signals
 from service.app import ModelStore, create_app
-from service.pipeline import latest_version
+from service.pipeline import latest_version, load_latest
 
 NAME = "churn_logreg"
 AppFactory = Callable[..., Flask]
@@ -99,10 +100,6 @@ def test_predict_accepts_the_raw_data_forms(
 def test_predictions_match_the_pipeline_model(
     client: FlaskClient, raw_rows: list[dict[str, Any]], models_dir: Path
 ) -> None:
-    import pandas as pd
-
-    from service.pipeline import load_latest
-
     model = load_latest(models_dir, NAME)
     expected = model.predict_proba(pd.DataFrame(raw_rows).astype({"TotalCharges": str}))
     got = [p["churn_probability"] for p in predict(client, raw_rows)["predictions"]]
@@ -287,12 +284,15 @@ def test_workers_starting_together_train_one_model(tmp_path: Path) -> None:
 
 
 def test_first_request_trains_and_shares_a_generated_key(
-    tmp_path: Path, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    registry: CollectorRegistry,
+    raw_rows: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(signals.SECRET_KEY_ENV, raising=False)
     app = create_app(tmp_path, registry=registry)
     try:
-        body = predict(app.test_client(), _one_row())
+        body = predict(app.test_client(), raw_rows[0])
         key = (tmp_path / ".prediction-id-key").read_text()
         assert len(key) >= 32
         assert (tmp_path / ".prediction-id-key").stat().st_mode & 0o077 == 0
@@ -303,10 +303,19 @@ def test_first_request_trains_and_shares_a_generated_key(
         reset_signals()
 
 
-def _one_row() -> dict[str, Any]:
-    from service.data import TARGET, generate
-
-    return json.loads(generate(1, seed=3).drop(columns=[TARGET]).to_json(orient="records"))[0]
+def test_the_app_keeps_the_signal_configuration_it_has_nothing_to_add_to(
+    models_dir: Path, raw_rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the key in the environment and no registry given, the app does not reconfigure
+    the model signals: a process (or a test's isolated_signals) decides where they go."""
+    monkeypatch.setenv(signals.SECRET_KEY_ENV, TEST_SECRET_KEY)
+    with isolated_signals() as registry:
+        client = create_app(models_dir).test_client()
+        items = predict(client, raw_rows[0])["predictions"]
+        assert client.post("/feedback", json={"id": items[0]["id"], "actual": "No"}).json
+        assert total(registry, "model_predictions_total") == 1
+        assert total(registry, "model_confusion_total") == 1
+    assert not (models_dir / ".prediction-id-key").exists()
 
 
 # -- the rest ------------------------------------------------------------------------------

@@ -506,8 +506,7 @@ def _http_error(error: HTTPException) -> Response:
 
 
 def _internal_error(error: Exception) -> tuple[Response, int]:
-    if isinstance(error, HTTPException):
-        return _http_error(error), error.code or 500
+    """Any other exception: a 500 with a JSON body that leaks nothing (the log has it)."""
     log.exception("unhandled error on %s %s", request.method, request.path)
     return jsonify(error="internal error: the service logged the details", code="internal"), 500
 

@@ -336,3 +336,20 @@ def test_the_module_app_loads_nothing_at_import() -> None:
 
     assert isinstance(service.app.app, Flask)
     assert service.app.app.extensions["churn"]._model is None
+
+
+def test_errors_of_the_service_itself_are_json_too(app: Flask, tmp_path: Path) -> None:
+    app.add_url_rule("/boom", view_func=lambda: 1 / 0)
+    response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    assert response.json == {
+        "error": "internal error: the service logged the details",
+        "code": "internal",
+    }
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    broken = create_app(blocked / "models", registry=CollectorRegistry(), secret_key="k")
+    response = broken.test_client().get("/healthz")
+    assert response.status_code == 503
+    assert "no model to serve" in response.json["error"]
+    reset_signals()

@@ -12,6 +12,7 @@ the app each worker serves in :class:`~ml_wsgi_metrics.MetricsMiddleware`. Optio
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -66,13 +67,20 @@ def configure(
     :param middleware_options: keyword arguments of :class:`~ml_wsgi_metrics.MetricsMiddleware`.
     Bad options raise ``ValueError`` here, when gunicorn reads its config.
     """
+    unknown = set(middleware_options) - set(inspect.signature(MetricsMiddleware).parameters)
+    if unknown:
+        raise ValueError(f"configure: unknown option(s) {', '.join(sorted(unknown))}")
     MetricsMiddleware(_no_app, **{"route_resolver": _no_route, **middleware_options, **_probe()})
     if metrics_port is None and os.environ.get("ML_WSGI_METRICS_PORT"):
         try:
             metrics_port = int(os.environ["ML_WSGI_METRICS_PORT"])
         except ValueError:
             raise ValueError("metrics_port: $ML_WSGI_METRICS_PORT is not an integer") from None
-    if metrics_port is not None and not 0 < metrics_port < 65536:
+    if metrics_port is not None and (
+        not isinstance(metrics_port, int)
+        or isinstance(metrics_port, bool)
+        or not 0 < metrics_port < 65536
+    ):
         raise ValueError(f"metrics_port: {metrics_port!r} is not a TCP port")
     _Settings.middleware = middleware_options
     _Settings.wrap_app = wrap_app

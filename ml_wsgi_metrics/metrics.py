@@ -85,21 +85,16 @@ def validate_namespace(namespace: str) -> str:
 def fast_observer(histogram: Any) -> Callable[[float], None]:
     """``observe`` for one labelled histogram child, without its per-call checks.
 
-    Writes exactly what ``Histogram.observe`` writes (one bucket and the sum), found by bisection.
-    Falls back to ``observe`` if prometheus_client's internals ever change shape.
+    Writes exactly what ``Histogram.observe`` writes (one bucket and the sum, found by
+    bisection), except that NaN is ignored instead of poisoning the sum.
     """
-    try:
-        buckets = [bucket.inc for bucket in histogram._buckets]
-        add_to_sum = histogram._sum.inc
-        bounds = tuple(histogram._upper_bounds)
-    except AttributeError:
-        return histogram.observe
-    if len(bounds) != len(buckets):
-        return histogram.observe
+    cells = _HistogramCells(histogram)
+    if not cells.fast:
+        return cells.observe
 
     def observe(amount: float) -> None:
-        buckets[bisect_left(bounds, amount)](1)
-        add_to_sum(amount)
+        with storage_lock():
+            cells._observe(amount)
 
     return observe
 
@@ -112,7 +107,7 @@ def _adder(value: Any) -> Callable[[float], None]:
 class _HistogramCells:
     """The stored values of one labelled histogram child, for updates under one lock."""
 
-    __slots__ = ("_bounds", "_buckets", "_sum", "observe")
+    __slots__ = ("_bounds", "_buckets", "_sum", "fast", "observe")
 
     def __init__(self, child: Any) -> None:
         try:
@@ -120,10 +115,14 @@ class _HistogramCells:
             self._buckets = [_adder(bucket) for bucket in child._buckets]
             self._sum = _adder(child._sum)
             self.observe = self._observe
+            self.fast = True
         except AttributeError:  # prometheus_client internals changed: take the public path
             self.observe = child.observe
+            self.fast = False
 
     def _observe(self, amount: float) -> None:
+        if amount != amount:  # NaN: in no bucket, and never in the sum
+            return
         self._buckets[bisect_left(self._bounds, amount)](1)
         self._sum(amount)
 

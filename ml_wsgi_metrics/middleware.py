@@ -82,7 +82,7 @@ class MetricsMiddleware:
             RequestMetrics,
             registry,
             namespace=namespace,
-            const_labels=dict(const_labels or {}),
+            const_labels=dict(sorted((const_labels or {}).items())),
             duration_buckets=tuple(duration_buckets),
             size_buckets=tuple(size_buckets),
             group_status_codes=group_status_codes,

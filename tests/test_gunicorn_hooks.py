@@ -404,8 +404,14 @@ def test_configure_refuses_bad_middleware_options(
 
 
 def test_configure_refuses_an_unknown_option(hooks: ModuleType) -> None:
-    with pytest.raises(TypeError, match="metrics_pth"):
+    with pytest.raises(ValueError, match=r"configure: unknown option.*metrics_pth"):
         hooks.configure(metrics_pth="/metrics")
+
+
+@pytest.mark.parametrize("port", ["9100", 9100.0, True, 0, 65536])
+def test_configure_refuses_a_bad_metrics_port(hooks: ModuleType, port: object) -> None:
+    with pytest.raises(ValueError, match="metrics_port"):
+        hooks.configure(metrics_port=port)
 
 
 def test_configure_registers_nothing(hooks: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:

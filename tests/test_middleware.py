@@ -16,7 +16,6 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _response
 from ml_wsgi_metrics.metrics import RouteSeries
-from ml_wsgi_metrics.routes import install_adapter
 
 REQUESTS = "http_requests_total"
 DURATION_COUNT = "http_request_duration_seconds_count"
@@ -265,11 +264,9 @@ def test_dispatcher_mounts_prefix_the_template(
     sample: Any,
 ) -> None:
     app_a, app_b = flask_app("a"), flask_app("b")
-    install_adapter(app_a)
-    install_adapter(app_b)
-    app = MetricsMiddleware(
-        DispatcherMiddleware(NotFound(), {"/a": app_a, "/b": app_b}), registry=registry
-    )
+    dispatcher = DispatcherMiddleware(NotFound(), {"/a": app_a, "/b": app_b})
+    app = MetricsMiddleware(dispatcher, registry=registry)
+    assert app.adapter == "flask"  # found in the mounted apps
 
     assert call(app, "/a/items/1", script_name=server_prefix).code == 200
     assert call(app, "/b/items/2", script_name=server_prefix).code == 200

@@ -57,12 +57,23 @@ def _framework_app(app: Any) -> Any:
     return getattr(app, "__self__", app)
 
 
+def _mounted_apps(app: Any) -> list[Any] | None:
+    """The apps mounted in a werkzeug ``DispatcherMiddleware``, else ``None``."""
+    if type(app).__module__ == "werkzeug.middleware.dispatcher" and hasattr(app, "mounts"):
+        return [app.app, *app.mounts.values()]
+    return None
+
+
 def install_adapter(app: Any) -> str | None:
     """Install the route adapter matching ``app``'s framework; return its name, or ``None``.
 
     Installing is idempotent, so wrapping an app twice installs one hook.
     """
     target = _framework_app(app)
+    mounted = _mounted_apps(target)
+    if mounted is not None:  # werkzeug's DispatcherMiddleware: each mounted app names its routes
+        found = {install_adapter(sub_app) for sub_app in mounted} - {None}
+        return ",".join(sorted(found)) or None  # type: ignore[arg-type]
     packages = {cls.__module__.partition(".")[0] for cls in type(target).__mro__}
     for name in _ADAPTERS:
         if name not in packages:

@@ -41,6 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _context
 from .metrics import ModelMetrics, fast_observer, shared
+from .multiprocess import SlotValue, storage_lock
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
 
 __all__ = [
@@ -98,16 +99,24 @@ def _noop(amount: float) -> None:
 
 
 def _inc(child: Any) -> Inc:
-    """The ``inc`` of a counter child's stored value, without the per-call argument check."""
+    """Add to a counter child's stored value, without the per-call argument check.
+
+    Slot values (multiprocess mode) are added to unlocked: every caller holds
+    :func:`~ml_wsgi_metrics.multiprocess.storage_lock` around all the updates of one call.
+    """
     value = getattr(child, "_value", None)
+    if isinstance(value, SlotValue):
+        return value.add_unlocked
     return value.inc if hasattr(value, "inc") else child.inc
 
 
-def _apply(incs: list[Inc], amounts: np.ndarray) -> None:
+def _apply(updates: list[tuple[list[Inc], np.ndarray]]) -> None:
     """Increment the slots whose amount is non-zero (a loop over slots, never over rows)."""
-    nonzero = np.flatnonzero(amounts)
-    for index, amount in zip(nonzero.tolist(), amounts[nonzero].tolist(), strict=True):
-        incs[index](amount)
+    with storage_lock():
+        for incs, amounts in updates:
+            nonzero = np.flatnonzero(amounts)
+            for index, amount in zip(nonzero.tolist(), amounts[nonzero].tolist(), strict=True):
+                incs[index](amount)
 
 
 def _to_float(value: Any) -> float:
@@ -422,7 +431,8 @@ class _Config:
 
     def reject(self, reason: str) -> None:
         _ = self.metrics
-        self._rejected[reason](1)
+        with storage_lock():
+            self._rejected[reason](1)
 
     @property
     def serializer(self) -> URLSafeTimedSerializer:
@@ -692,15 +702,15 @@ def _record_row(
     config: _Config, model: _Model, row: Mapping[str, Any], score: Any, predicted: Any
 ) -> Prediction:
     get = row.get
-    for feature in model.numeric:
-        feature.record(_to_float(get(feature.name)))
-    for categorical in model.categorical:
-        categorical.record(get(categorical.name))
-    value = None
-    if score is not None:
-        value = _to_float(score)
-        model.score.record(value)
-    model.class_incs[model.class_code(predicted)](1)
+    value = None if score is None else _to_float(score)
+    with storage_lock():  # one lock for all the updates (slot values add unlocked)
+        for feature in model.numeric:
+            feature.record(_to_float(get(feature.name)))
+        for categorical in model.categorical:
+            categorical.record(get(categorical.name))
+        if value is not None:
+            model.score.record(value)
+        model.class_incs[model.class_code(predicted)](1)
     return Prediction(config, model, 1, [predicted], None if value is None else [value])
 
 
@@ -780,8 +790,7 @@ def _record_batch(
         for label, count in Counter(class_values).items():
             class_amounts[model.class_code(label)] += count
     updates.append((model.class_incs, class_amounts))
-    for incs, amounts in updates:
-        _apply(incs, amounts)
+    _apply(updates)
     return Prediction(config, model, rows, class_values, score_values)
 
 
@@ -894,7 +903,9 @@ def record_feedback(prediction_id: str, actual: Any) -> Feedback:
     label = compiled.classes[code] if code != compiled.class_codes[NO_CLASS] else UNSEEN
     correct = None
     if predicted is not None and compiled.profile.classes:
-        compiled.confusion_inc(predicted, label)(1)
+        inc = compiled.confusion_inc(predicted, label)
+        with storage_lock():
+            inc(1)
         correct = predicted == label
     compiled.observe_delay(delay)
     return Feedback(model, version, predicted, label, correct, delay)

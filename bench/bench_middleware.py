@@ -88,9 +88,7 @@ def run_one(variant: str, mode: str, route: str, requests: int) -> float:
 
     paths = ["/"] if route == "hello" else [f"/items/{i}" for i in range(1000)]
     envs = [environ(p) for p in paths]
-    wsgi = app.wsgi_app if variant != "ours" else app.wsgi_app
     call = app  # Flask.__call__ -> wsgi_app (wrapped or not)
-    del wsgi
     for env in envs[:200]:  # warm up
         result = call(dict(env), start_response)
         b"".join(result)

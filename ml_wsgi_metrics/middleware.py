@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import routes
+from ._context import reset as reset_bound_model
 from ._response import StartResponse, TimedResponse
 from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
@@ -128,6 +129,7 @@ class MetricsMiddleware:
             self.metrics, method, environ.get("SCRIPT_NAME", ""), request_size, start_response
         )
         environ[REQUEST_KEY] = timed
+        reset_bound_model()  # a model bound by the previous request of this thread is not ours
         if app is self.exposition:
             timed.set_route(path)
         elif self.route_resolver is not None:

@@ -622,3 +622,22 @@ def test_failure_to_start_a_series_fails_open(
     assert call(app, "/r").body == b"hello"
     assert sample(registry, INSTRUMENTATION_ERRORS, stage="route") == 1
     assert sample(registry, REQUESTS, method="GET", route=UNMATCHED, status="200") == 1
+
+
+def test_a_model_bound_by_one_request_does_not_leak_into_the_next(
+    registry: CollectorRegistry, call: Callable[..., Any]
+) -> None:
+    from ml_wsgi_metrics import _context
+
+    seen: list[tuple[str, str] | None] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(_context.current())
+        _context.bind("churn", "1")
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = MetricsMiddleware(app, registry=registry, route_resolver=lambda e: "/")
+    call(wrapped, "/")
+    call(wrapped, "/")
+    assert seen == [None, None]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup test demo lint bench
+.PHONY: setup test-setup test demo lint bench
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,21 +12,30 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Debian's packages: the real Prometheus server and promtool; Chromium for the HTML page test.
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
 /usr/bin/promtool:
 	$(SUDO) apt-get update -qq
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+	$(APT_INSTALL) prometheus
+
+/usr/bin/chromium:
+	$(SUDO) apt-get update -qq
+	$(APT_INSTALL) chromium
 
 setup: $(BIN)/.installed /usr/bin/promtool
+
+test-setup: setup /usr/bin/chromium
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+test: test-setup lint
 	$(BIN)/python -m pytest -q
 
 demo: setup
 	$(BIN)/python -m service.demo
 
 bench: setup
-	$(BIN)/python bench/run.py
+	for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -163,7 +163,7 @@ def effective_bins(shares: Sequence[float]) -> int:
     return sum(1 for share in shares if share > 0)
 
 
-def critical_value(n: Any, m: int, bins: int, *, quantile: float = 0.999, floor: float = 0.01):
+def critical_value(n: Any, m: int, bins: int, *, quantile: float = 0.9995, floor: float = 0.01):
     """``max(floor, chi2.ppf(quantile, bins - 1) * (1/n + 1/m))``, as the drift rule has it.
 
     ``n`` may be an array. Computed in the order the PromQL rule computes it.

@@ -1,0 +1,483 @@
+"""Realistic traffic for the churn service, with an optional drift phase and delayed feedback.
+
+    python -m service.loadgen --url http://127.0.0.1:8000 --requests 2000 --concurrency 8 \\
+        --drift-from 1000 --flip 0.3 --feedback-delay 2
+
+Rows are sampled from the data set the model was trained on (:mod:`service.data`, as
+``service/config.json`` describes it) and sent as single rows and small batches to
+``POST /predict``, with a few ``GET /`` and rare ``GET /predict`` (the results page: it scores
+and labels the 1,409 held-out rows, so it is only request 0, ``page_every``, ... of the
+undrifted part; more would swamp the live rows with one fixed sample), some bad requests (4xx)
+and unknown paths. From request ``drift_from`` on, rows drift (MonthlyCharges inflated by 10-20 %,
+a share of one- and two-year contracts turned month-to-month). Ground truth, the data's
+``Churn``, is posted to ``POST /feedback`` ``feedback_delay`` seconds after each prediction,
+flipped with probability ``flip`` where rows drift (everywhere without ``drift_from``).
+
+Bounded in count and time, 127.0.0.1 only, never retries (a retry could count a request
+twice). :func:`run` returns a :class:`Summary`: requests by ``(method, route, status)`` with
+``route`` as the metrics label it (the route template, ``<unmatched>`` for unknown paths and
+refused methods), so it can be compared with ``http_requests_total``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import http.client
+import itertools
+import json
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ml_wsgi_metrics import UNMATCHED
+from service.data import TARGET, load_data
+from service.pipeline import load_config
+
+__all__ = ["Drift", "Summary", "load_rows", "main", "run"]
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+JSON = "application/json"
+#: Share of each kind of request (a ``GET /predict`` replaces every ``page_every``-th).
+MIX: dict[str, float] = {"single": 0.62, "batch": 0.2, "index": 0.03, "bad": 0.09, "unknown": 0.06}
+#: Bad requests: kind -> (method, path, route label). Bodies are made in :func:`_bad_request`.
+BAD_KINDS: dict[str, tuple[str, str, str]] = {
+    "malformed_json": ("POST", "/predict", "/predict"),
+    "wrong_content_type": ("POST", "/predict", "/predict"),
+    "missing_column": ("POST", "/predict", "/predict"),
+    "nan_value": ("POST", "/predict", "/predict"),
+    "empty_batch": ("POST", "/predict", "/predict"),
+    "forged_feedback": ("POST", "/feedback", "/feedback"),
+    "method_not_allowed": ("PUT", "/predict", UNMATCHED),  # no route matches a refused method
+}
+UNKNOWN_PATHS = ("/admin", "/wp-login.php", "/predict/v2", "/.env", "/api/v1/predict")
+FEEDBACK_BATCH = 100
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How drifted rows differ: MonthlyCharges times ``U(*charges)``, and a share of one- and
+    two-year contracts turned month-to-month."""
+
+    charges: tuple[float, float] = (1.10, 1.20)
+    contract_share: float = 0.3
+
+    def apply(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        row = dict(row)
+        row["MonthlyCharges"] = round(row["MonthlyCharges"] * rng.uniform(*self.charges), 2)
+        if row["Contract"] != "Month-to-month" and rng.random() < self.contract_share:
+            row["Contract"] = "Month-to-month"
+        return row
+
+
+@dataclass
+class Summary:
+    """What :func:`run` sent and what came back."""
+
+    #: ``(method, route, status)`` -> requests; status ``"error"`` for a network error.
+    requests: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    #: Requests by kind: ``single``, ``batch``, ``page``, ``index``, ``unknown``, ``bad:<kind>``.
+    kinds: Counter[str] = field(default_factory=Counter)
+    rows: int = 0  #: rows scored by ``POST /predict`` (answered 200)
+    drifted_rows: int = 0
+    pages: int = 0  #: ``GET /predict`` answered 200
+    #: rows scored per ``"model version"`` (from the answers)
+    versions: Counter[str] = field(default_factory=Counter)
+    feedback_items: int = 0  #: labels posted
+    feedback_flipped: int = 0
+    feedback_accepted: int = 0
+    feedback_dropped: int = 0  #: labels still waiting when the time bound was reached
+    errors: int = 0  #: network errors (not retried)
+    seconds: float = 0.0
+
+    def add(self, other: Summary) -> Summary:
+        """The sum of two summaries (two phases of one run)."""
+        total = Summary()
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(total, name, mine + theirs)
+        return total
+
+    def count(self, method: str | None = None, route: str | None = None, status: str = "") -> int:
+        """Requests matching ``method``, ``route`` and a status prefix (``"2"``, ``"404"``)."""
+        return sum(
+            n
+            for (m, r, s), n in self.requests.items()
+            if (method is None or m == method)
+            and (route is None or r == route)
+            and s.startswith(status)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["requests"] = [
+            {"method": m, "route": r, "status": s, "count": n}
+            for (m, r, s), n in sorted(self.requests.items())
+        ]
+        data["kinds"] = dict(sorted(self.kinds.items()))
+        data["versions"] = dict(self.versions)
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+    def format(self) -> str:
+        total = sum(self.requests.values())
+        rate = total / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"{total} requests in {self.seconds:.1f} s ({rate:.0f}/s), {self.errors} network errors"
+        ]
+        lines += [
+            f"  {m:<6} {r:<14} {s:>5} {n:>7}" for (m, r, s), n in sorted(self.requests.items())
+        ]
+        versions = ", ".join(f"{v}: {n}" for v, n in sorted(self.versions.items())) or "none"
+        lines.append(
+            f"  rows scored {self.rows} ({self.drifted_rows} drifted) by {versions}; "
+            f"{self.pages} results pages"
+        )
+        lines.append(
+            f"  feedback {self.feedback_items} labels ({self.feedback_flipped} flipped), "
+            f"{self.feedback_accepted} accepted, {self.feedback_dropped} dropped"
+        )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    route: str
+    kind: str
+    body: bytes | None = None
+    content_type: str | None = None
+    rows: tuple[int, ...] = ()  # indices of the data rows sent
+    drifted: bool = False
+
+
+def load_rows(
+    config_path: str | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The configured data set as request rows (JSON types, no label) and their labels."""
+    config = load_config(config_path)
+    frame = load_data(config.data_path, n_rows=config.n_rows, seed=config.seed)
+    return _rows_of(frame)
+
+
+def _rows_of(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], list[str]]:
+    labels = frame[TARGET].astype(str).tolist()
+    rows = json.loads(frame.drop(columns=[TARGET]).to_json(orient="records"))
+    return rows, labels
+
+
+def _dumps(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _bad_request(kind: str, row: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    if kind == "malformed_json":
+        return b'{"rows": [{"gender": "Female",', JSON
+    if kind == "wrong_content_type":
+        return _dumps(row), "text/plain"
+    if kind == "missing_column":
+        return _dumps({k: v for k, v in row.items() if k != "tenure"}), JSON
+    if kind == "nan_value":
+        return _dumps({**row, "MonthlyCharges": float("nan")}), JSON  # a NaN token
+    if kind == "empty_batch":
+        return b'{"rows": []}', JSON
+    if kind == "forged_feedback":
+        forged = "WyJjaHVybl9sb2dyZWciXQ.aAaAaA." + "x" * 27
+        return _dumps({"id": forged, "actual": "Yes"}), JSON
+    return None, None  # method_not_allowed
+
+
+def _plan(
+    count: int,
+    rows: Sequence[dict[str, Any]],
+    rng: np.random.Generator,
+    drift_from: int | None,
+    drift: Drift,
+    page_every: int,
+) -> list[_Request]:
+    """Every request of the run, decided up front from ``rng`` (the same seed, the same run)."""
+    kinds = rng.choice(list(MIX), size=count, p=np.array(list(MIX.values())) / sum(MIX.values()))
+    plan = []
+    for i, kind in enumerate(kinds.tolist()):
+        drifted = drift_from is not None and i >= drift_from
+        if page_every and not drifted and i % page_every == 0:
+            plan.append(_Request("GET", "/predict", "/predict", "page"))
+            continue
+        if kind in ("single", "batch"):
+            size = 1 if kind == "single" else int(rng.integers(2, 11))
+            picked = tuple(int(r) for r in rng.integers(0, len(rows), size))
+            sent = [drift.apply(rows[r], rng) if drifted else rows[r] for r in picked]
+            payload: Any = sent[0] if kind == "single" else {"rows": sent}
+            plan.append(
+                _Request(
+                    "POST", "/predict", "/predict", kind, _dumps(payload), JSON, picked, drifted
+                )
+            )
+        elif kind == "index":
+            plan.append(_Request("GET", "/", "/", kind))
+        elif kind == "unknown":
+            path = UNKNOWN_PATHS[int(rng.integers(len(UNKNOWN_PATHS)))]
+            plan.append(_Request("GET", path, UNMATCHED, kind))
+        else:
+            bad = list(BAD_KINDS)[int(rng.integers(len(BAD_KINDS)))]
+            method, path, route = BAD_KINDS[bad]
+            body, content_type = _bad_request(bad, rows[int(rng.integers(len(rows)))])
+            plan.append(_Request(method, path, route, f"bad:{bad}", body, content_type))
+    return plan
+
+
+def _send(
+    base: urllib.parse.SplitResult,
+    method: str,
+    path: str,
+    body: bytes | None,
+    content_type: str | None,
+    timeout: float,
+) -> tuple[int, bytes]:
+    """One request on a fresh connection (gunicorn's sync workers close it anyway)."""
+    connection = http.client.HTTPConnection(base.hostname, base.port, timeout=timeout)
+    try:
+        headers = {"Connection": "close"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class _Feedback:
+    """Labels waiting for their due time, posted in batches by one thread."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str, str]] = []
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+
+    def put(self, due: float, items: Sequence[tuple[str, str]]) -> None:
+        with self._lock:
+            for prediction_id, actual in items:
+                heapq.heappush(self._heap, (due, next(self._order), prediction_id, actual))
+
+    def due(self, now: float, limit: int) -> list[tuple[str, str]]:
+        with self._lock:
+            taken = []
+            while self._heap and self._heap[0][0] <= now and len(taken) < limit:
+                _, _, prediction_id, actual = heapq.heappop(self._heap)
+                taken.append((prediction_id, actual))
+            return taken
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._heap)
+
+
+def run(
+    url: str = "http://127.0.0.1:8000",
+    requests: int = 1000,
+    concurrency: int = 8,
+    *,
+    drift_from: int | None = None,
+    drift: Drift = Drift(),
+    flip: float = 0.0,
+    feedback_delay: float = 2.0,
+    feedback_rate: float = 1.0,
+    page_every: int = 1000,
+    rate: float | None = None,
+    seed: int = 0,
+    max_seconds: float = 300.0,
+    timeout: float = 30.0,
+    data: tuple[list[dict[str, Any]], list[str]] | None = None,
+    stop: threading.Event | None = None,
+) -> Summary:
+    """Send ``requests`` requests (plus feedback posts) and return what was sent and answered.
+
+    :param drift_from: index of the first drifted request (``None``: no drift).
+    :param flip: probability that a label posted for a drifted row (for any row without
+        ``drift_from``) is the wrong one, to make accuracy drop.
+    :param feedback_delay: seconds between a prediction and its label; ``feedback_rate`` is
+        the share of predicted rows that get one.
+    :param page_every: a ``GET /predict`` as request 0, ``page_every``, ... of the undrifted
+        part (0: none).
+    :param rate: requests per second over all clients (``None``: as fast as answered).
+    :param max_seconds: stop sending, and drop labels not yet due, after this long.
+    :param data: ``(rows, labels)`` to sample (default: :func:`load_rows`).
+    :param stop: set it to stop early (the run returns what it did so far).
+    """
+    base = urllib.parse.urlsplit(url)
+    if base.scheme != "http" or base.hostname not in LOCAL_HOSTS or base.port is None:
+        raise ValueError(f"url: http://127.0.0.1:<port> only, got {url!r}")
+    if requests < 0 or concurrency < 1:
+        raise ValueError("requests must be >= 0 and concurrency >= 1")
+    if not 0.0 <= flip <= 1.0 or not 0.0 <= feedback_rate <= 1.0:
+        raise ValueError("flip and feedback_rate are probabilities")
+    rows, labels = data if data is not None else load_rows()
+    rng = np.random.default_rng(seed)
+    plan = _plan(requests, rows, rng, drift_from, drift, page_every)
+    gets_label = rng.random(sum(len(r.rows) for r in plan)) < feedback_rate
+    flips = rng.random(len(gets_label)) < flip
+    offsets = list(itertools.accumulate((len(r.rows) for r in plan), initial=0))
+
+    summary, lock = Summary(), threading.Lock()
+    stop = stop if stop is not None else threading.Event()
+    queue = _Feedback()
+    next_index = itertools.count()
+    started = time.monotonic()
+    deadline = started + max_seconds
+    senders_done = threading.Event()
+
+    def record(request: _Request, status: str) -> None:
+        with lock:
+            summary.requests[(request.method, request.route, status)] += 1
+            if request.kind != "feedback":
+                summary.kinds[request.kind] += 1
+            if status == "error":
+                summary.errors += 1
+
+    def client() -> None:
+        while not stop.is_set():
+            i = next(next_index)
+            if i >= len(plan) or time.monotonic() > deadline:
+                return
+            if rate:
+                wait = started + i / rate - time.monotonic()
+                if wait > 0 and stop.wait(wait):
+                    return
+            request = plan[i]
+            try:
+                status, body = _send(
+                    base, request.method, request.path, request.body, request.content_type, timeout
+                )
+            except OSError:
+                record(request, "error")
+                continue
+            record(request, str(status))
+            if status != 200:
+                continue
+            if request.kind == "page":
+                with lock:
+                    summary.pages += 1
+            elif request.rows:
+                answer = json.loads(body)
+                ids = [p["id"] for p in answer["predictions"]]
+                wanted, sent = [], []
+                for k, (row, prediction_id) in enumerate(zip(request.rows, ids, strict=True)):
+                    j = offsets[i] + k
+                    if not gets_label[j]:
+                        continue
+                    actual = labels[row]
+                    flipped = bool(flips[j]) and (request.drifted or drift_from is None)
+                    if flipped:
+                        actual = "No" if actual == "Yes" else "Yes"
+                    wanted.append((prediction_id, actual))
+                    sent.append(flipped)
+                queue.put(time.monotonic() + feedback_delay, wanted)
+                with lock:
+                    summary.rows += len(ids)
+                    summary.drifted_rows += len(ids) if request.drifted else 0
+                    summary.versions[f"{answer['model']} {answer['version']}"] += len(ids)
+                    summary.feedback_flipped += sum(sent)
+
+    def feedback_sender() -> None:
+        feedback = _Request("POST", "/feedback", "/feedback", "feedback")
+        while not stop.is_set():
+            items = queue.due(time.monotonic(), FEEDBACK_BATCH)
+            if not items:
+                if senders_done.is_set() and not len(queue):
+                    return
+                if time.monotonic() > deadline:
+                    return
+                stop.wait(0.05)
+                continue
+            body = _dumps({"feedback": [{"id": i, "actual": a} for i, a in items]})
+            try:
+                status, answer = _send(base, "POST", "/feedback", body, JSON, timeout)
+            except OSError:
+                record(feedback, "error")
+                continue
+            record(feedback, str(status))
+            with lock:
+                summary.feedback_items += len(items)
+                if status == 200:
+                    summary.feedback_accepted += int(json.loads(answer).get("accepted", 0))
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    sender = threading.Thread(target=feedback_sender, daemon=True)
+    try:
+        for thread in [*clients, sender]:
+            thread.start()
+        for thread in clients:
+            while thread.is_alive():  # short joins: Ctrl-C reaches the main thread
+                thread.join(0.2)
+        senders_done.set()
+        while sender.is_alive():
+            sender.join(0.2)
+    finally:
+        stop.set()
+        for thread in [*clients, sender]:
+            thread.join(timeout + 1)
+    summary.feedback_dropped = len(queue)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -> int:
+    """Command line: send the traffic, print the summary (exit 1 after network errors)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.loadgen",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service (127.0.0.1)")
+    parser.add_argument("--requests", type=int, default=1000, metavar="N")
+    parser.add_argument("--concurrency", type=int, default=8, metavar="C")
+    parser.add_argument(
+        "--drift-from", type=int, metavar="K", help="first drifted request (default: no drift)"
+    )
+    parser.add_argument("--flip", type=float, default=0.0, help="label flip probability")
+    parser.add_argument("--feedback-delay", type=float, default=2.0, metavar="S")
+    parser.add_argument("--feedback-rate", type=float, default=1.0, metavar="P")
+    parser.add_argument(
+        "--page-every", type=int, default=1000, metavar="K", help="GET /predict every K (0: none)"
+    )
+    parser.add_argument("--rate", type=float, help="requests per second (default: unlimited)")
+    parser.add_argument("--max-seconds", type=float, default=300.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    try:
+        summary = run(
+            args.url,
+            args.requests,
+            args.concurrency,
+            drift_from=args.drift_from,
+            flip=args.flip,
+            feedback_delay=args.feedback_delay,
+            feedback_rate=args.feedback_rate,
+            page_every=args.page_every,
+            rate=args.rate,
+            seed=args.seed,
+            max_seconds=args.max_seconds,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    out(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
+    return 1 if summary.errors else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import queue
@@ -88,6 +89,16 @@ def wait_until(
         time.sleep(interval)
 
 
+class _Received:
+    """A finished exchange's bytes, shaped like the socket ``http.client`` parses from."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, *args: Any, **kwargs: Any) -> io.BytesIO:
+        return io.BytesIO(self._data)
+
+
 def http_request(
     url: str,
     method: str = "GET",
@@ -95,23 +106,28 @@ def http_request(
     headers: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> tuple[int, bytes]:
-    """One request on a fresh connection (no keep-alive); returns ``(status, body)``.
+    """One request on a fresh connection; returns ``(status, body)`` once the server closed it.
 
-    Unlike urllib it returns 4xx and 5xx answers instead of raising; network errors raise.
+    Waiting for the server to close the connection, not just for the last body byte, matters
+    for exact counts: a WSGI server closes the response iterable (where the middleware records
+    the request) after sending the body and before closing the connection. Unlike urllib, 4xx
+    and 5xx answers are returned, not raised; network errors raise.
     """
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        connection.request(
-            method, path, body=body, headers={"Connection": "close", **(headers or {})}
-        )
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    request = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b"")
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    response = http.client.HTTPResponse(_Received(b"".join(chunks)), method=method)  # type: ignore[arg-type]
+    response.begin()
+    return response.status, response.read()
 
 
 def send_all(

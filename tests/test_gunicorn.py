@@ -294,7 +294,9 @@ def test_sigkill_mid_request_loses_no_completed_request(tmp_path: Path) -> None:
             return victim not in live and pids.get(slot) in live and len(live) == WORKERS
 
         wait_until(replaced, 30, message="the killed worker was not replaced")
-        # child_exit dropped the victim's live gauge before the replacement was forked.
+        # child_exit dropped the victim's live gauges before the replacement was forked (which
+        # has served only scrapes since: no series of its own yet).
+        assert not (directory / f"gauge_livesum_{slot}.db").exists()
         for _ in range(8):
             text = scrape(server.url)
             assert_exact(text, expected)  # in progress all 0, the killed request not counted

@@ -7,13 +7,15 @@
 *wrapped* serves it with the repo's ``gunicorn.conf.py`` (multiprocess hooks, the app wrapped in
 ``MetricsMiddleware``). Both servers run side by side on 127.0.0.1; rounds alternate between
 them (ABBA) with the same load generator, and the ratio of the median requests/s is printed
-(target >= 0.97). Nothing is asserted: these are numbers to read.
+(target >= 0.97), with the server's CPU time per request (master and workers, from ``/proc``),
+which other load on the machine disturbs less. Nothing is asserted: these are numbers to read.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import re
 import shutil
 import statistics
@@ -88,6 +90,16 @@ def run_python(url: str, seconds: int, connections: int, threads: int) -> tuple[
     return total / (time.monotonic() - started), total
 
 
+def cpu_seconds(server: object) -> float:
+    """CPU time used so far by the server's master and workers (user + system)."""
+    total = 0.0
+    for pid in [server.pid, *server.worker_pids()]:  # type: ignore[attr-defined]
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def counted(url: str) -> float:
     from support import http_request, parse_samples
 
@@ -131,16 +143,20 @@ def main() -> None:
                 load(server.url + "/", 2, args.connections, args.threads)
             before = counted(wrapped.url)
             rates: dict[str, list[float]] = {"bare": [], "wrapped": []}
+            cpu: dict[str, list[float]] = {"bare": [], "wrapped": []}  # us per request
             wrapped_total = 0
             for round_ in range(args.rounds):
                 order = ("bare", "wrapped") if round_ % 2 == 0 else ("wrapped", "bare")
                 for name in order:
+                    used = cpu_seconds(servers[name])
                     rate, total = load(
                         servers[name].url + "/", args.seconds, args.connections, args.threads
                     )
+                    cpu[name].append((cpu_seconds(servers[name]) - used) / total * 1e6)
                     rates[name].append(rate)
                     wrapped_total += total if name == "wrapped" else 0
-                    print(f"round {round_ + 1} {name:8} {rate:9.0f} requests/s", flush=True)
+                    print(f"round {round_ + 1} {name:8} {rate:9.0f} requests/s, "
+                          f"server CPU {cpu[name][-1]:6.1f} us/request", flush=True)  # fmt: skip
             after = counted(wrapped.url)
 
     bare_rate, wrapped_rate = (statistics.median(rates[name]) for name in ("bare", "wrapped"))
@@ -152,6 +168,10 @@ def main() -> None:
     print(f"ratio wrapped/bare {wrapped_rate / bare_rate:.3f} (target >= 0.97); "
           f"median of the per-round ratios {statistics.median(pairs):.3f}: "
           + " ".join(f"{pair:.3f}" for pair in pairs))  # fmt: skip
+    bare_cpu, wrapped_cpu = (statistics.median(cpu[name]) for name in ("bare", "wrapped"))
+    print(f"server CPU per request (median): bare {bare_cpu:.1f} us, wrapped {wrapped_cpu:.1f} us"
+          f", +{wrapped_cpu - bare_cpu:.1f} us; throughput ratio if CPU-bound "
+          f"{bare_cpu / wrapped_cpu:.3f} (less disturbed by other load)")  # fmt: skip
     print(
         f"wrapped counted {after - before:.0f} requests; the loader saw {wrapped_total} "
         "(the loader stops with requests in flight, which the server may still finish)"

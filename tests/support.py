@@ -362,15 +362,16 @@ class GunicornServer:
                 self.startup_timeout,
                 message=f"gunicorn did not answer on {self.url}",
             )
-        except BaseException:
-            self.stop()
+        except BaseException as error:
+            error.add_note(f"gunicorn log ({self.log_path}):\n{self.log()[-6000:]}")
+            self.__exit__(type(error), error, error.__traceback__)
             raise
         return self
 
     def _answers(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
+            raise RuntimeError(f"gunicorn exited with {self.process.returncode}")
         try:
             http_request(self.url + self.ready_path, timeout=5)
         except OSError:
@@ -482,7 +483,9 @@ class PrometheusServer:
                 interval=0.2,
                 message=f"Prometheus targets not all up: {self.targets}",
             )
-        except BaseException:
+        except BaseException as error:
+            if self.process is not None:
+                error.add_note(f"prometheus log:\n{self.log()[-6000:]}")
             self.stop()
             raise
         return self
@@ -501,7 +504,7 @@ class PrometheusServer:
     def _all_targets_up(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log()}")
+            raise RuntimeError(f"prometheus exited with {self.process.returncode}")
         try:
             targets = self.api("targets", state="active")["activeTargets"]
         except (OSError, RuntimeError, ValueError):

@@ -1,0 +1,446 @@
+"""Helpers of the end-to-end tests: the churn service under gunicorn, a real Prometheus, and
+the Python computations their PromQL results are compared with.
+
+Builds on :mod:`support` (``GunicornServer``, ``PrometheusServer``, ``wait_until``)::
+
+    models = train_versions(tmp / "models", 2)
+    with running(prometheus := PrometheusServer([...]), service := ServiceServer(models, ...)):
+        answer = pinned_request(service, "POST", "/predict", body, accept=lambda pid: ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from support import REPO, GunicornServer, PrometheusServer, wait_until
+
+from ml_wsgi_metrics.profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile
+from service.data import TARGET, generate, preprocess
+from service.pipeline import LATEST_FILE, PROFILE_FILE, load_config, train
+from service.validation import parse_json, parse_rows, rows_to_frame
+
+__all__ = [
+    "MODEL",
+    "SECRET_KEY",
+    "Answer",
+    "Expectation",
+    "ServiceServer",
+    "assert_close",
+    "feature_rows",
+    "parallel",
+    "pinned_request",
+    "psi",
+    "publish",
+    "range_samples",
+    "running",
+    "serving_worker",
+    "train_versions",
+    "write_rules",
+]
+
+#: The service's model name (``service/config.json``).
+MODEL = load_config().name
+#: The prediction-id key every instance of a test shares.
+SECRET_KEY = "e2e-test-secret-key"
+EPS = 1e-4  # the rules' clamp of live and reference shares
+
+
+# -- models, rules ----------------------------------------------------------------------------
+
+
+def train_versions(models_dir: Path, count: int) -> list[ReferenceProfile]:
+    """Train ``count`` versions (identical models, 0.3 s each); ``LATEST`` names the last."""
+    for _ in range(count):
+        train(models_dir=models_dir)
+    root = models_dir / MODEL
+    return [ReferenceProfile.load(root / str(v) / PROFILE_FILE) for v in range(1, count + 1)]
+
+
+def profile_path(models_dir: Path, version: str) -> Path:
+    return models_dir / MODEL / version / PROFILE_FILE
+
+
+def publish(models_dir: Path, version: str) -> None:
+    """Point ``LATEST`` at ``version`` (atomically, as a deployment would)."""
+    root = models_dir / MODEL
+    temporary = root / f".{LATEST_FILE}.e2e"
+    temporary.write_text(f"{version}\n")
+    os.replace(temporary, root / LATEST_FILE)
+
+
+def write_rules(profiles: Sequence[Path], path: Path, **options: str | int | float) -> Path:
+    """``python -m ml_wsgi_metrics rules`` for ``profiles`` into ``path``, checked by promtool."""
+    command = [sys.executable, "-m", "ml_wsgi_metrics", "rules", "--output", str(path)]
+    for profile in profiles:
+        command += ["--profile", str(profile)]
+    for name, value in options.items():
+        command += ["--" + name.replace("_", "-"), str(value)]
+    subprocess.run(command, check=True, cwd=REPO, capture_output=True)
+    subprocess.run(["promtool", "check", "rules", str(path)], check=True, capture_output=True)
+    return path
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+class ServiceServer(GunicornServer):
+    """The churn service (``service.app:app``) under the repo's ``gunicorn.conf.py``.
+
+    :param models_dir: shared by every instance of a test (same versions, same ``LATEST``).
+    :param multiproc_dir: ``PROMETHEUS_MULTIPROC_DIR``; emptied by gunicorn at each start.
+    :param port: bind this port (a restarted instance keeps its address) instead of a free one.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path,
+        *,
+        multiproc_dir: Path,
+        workers: int = 4,
+        preload: bool = False,
+        port: int | None = None,
+        env: Mapping[str, str | None] | None = None,
+    ) -> None:
+        multiproc_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            "service.app:app",
+            env={
+                "CHURN_MODELS_DIR": str(models_dir),
+                "ML_WSGI_METRICS_SECRET_KEY": SECRET_KEY,
+                "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
+                "GUNICORN_PRELOAD": "1" if preload else "0",
+                **(env or {}),
+            },
+            workers=workers,
+            startup_timeout=60.0,
+        )
+        if port is not None:
+            self.port = port
+            self.address = f"127.0.0.1:{port}"
+            self.url = f"http://{self.address}"
+            self.env["BIND"] = self.address
+
+
+@contextlib.contextmanager
+def running(*servers: GunicornServer | PrometheusServer) -> Iterator[None]:
+    """Start every server at once (Prometheus' ~6 s first-scrape wait overlaps the others'
+    start), stop them all on exit, whatever happens."""
+    with ExitStack() as stack:
+        for server in servers:
+            stack.push(server.__exit__)
+        errors: list[BaseException] = []
+
+        def enter(server: GunicornServer | PrometheusServer) -> None:
+            try:
+                server.__enter__()
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=enter, args=(s,), daemon=True) for s in servers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        yield
+
+
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    pid: int  # the gunicorn worker that served the request
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _accepted_inode(server_port: int, client_port: int) -> int | None:
+    """The inode of the server side of the loopback connection ``client_port -> server_port``
+    once a process has accepted it (0 while it waits in the backlog), read from /proc/net/tcp.
+
+    A plain text search: the table holds thousands of TIME_WAIT lines after a busy test.
+    """
+    key = f"0100007F:{server_port:04X} 0100007F:{client_port:04X} 01 "
+    with open("/proc/net/tcp") as handle:
+        table = handle.read()
+    start = table.find(key)
+    if start < 0:
+        return None
+    line = table[start : table.find("\n", start)]
+    inode = int(line.split()[8])  # local remote st queues tr retrnsmt uid timeout inode
+    return inode or None
+
+
+def _holder(inode: int, pids: Sequence[int]) -> int | None:
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    return None
+
+
+def serving_worker(server: GunicornServer, client_port: int, timeout: float = 15.0) -> int:
+    """The worker that accepted the connection a client opened from ``client_port``."""
+    pids = server.worker_pids()
+
+    def holder() -> int | None:
+        inode = _accepted_inode(server.port, client_port)
+        return None if inode is None else _holder(inode, pids)
+
+    return wait_until(holder, timeout, interval=0.002, message="no worker took the connection")
+
+
+def pinned_request(
+    server: GunicornServer,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    accept: Callable[[int], bool] | None = None,
+    timeout: float = 30.0,
+) -> Answer:
+    """Send one request on a connection whose worker is known, and ``accept``-ed, beforehand.
+
+    A sync worker holds the connection it accepted while it waits for the request, so the
+    worker is found from ``/proc`` before anything is sent. A connection taken by a worker
+    ``accept`` refuses carries a ``GET /healthz`` instead (not measured) and another is opened.
+    """
+    for _ in range(200):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+        connection.sock = sock
+        try:
+            pid = serving_worker(server, sock.getsockname()[1])
+            chosen = accept is None or accept(pid)
+            headers = {"Connection": "close"}
+            if chosen and body is not None:
+                headers["Content-Type"] = "application/json"
+            if chosen:
+                connection.request(method, path, body=body, headers=headers)
+            else:
+                connection.request("GET", "/healthz", headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+            if chosen:
+                return Answer(response.status, data, pid)
+        finally:
+            connection.close()
+    raise AssertionError(f"no accepted worker took a connection to {server.url}")
+
+
+# -- Prometheus -------------------------------------------------------------------------------
+
+
+def parallel(function: Callable[[Any], Any], items: Sequence[Any], threads: int = 4) -> list[Any]:
+    """``[function(item) for item in items]`` from ``threads`` threads, in order; the first
+    error is raised after every thread stopped (nothing is retried)."""
+    results: list[Any] = [None] * len(items)
+    errors: list[BaseException] = []
+    positions = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                index = next(positions, None)
+            if index is None:
+                return
+            try:
+                results[index] = function(items[index])
+            except BaseException as error:
+                errors.append(error)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def range_samples(
+    prometheus: PrometheusServer, selector: str, since: float, until: float | None = None
+) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+    """The raw samples of ``selector`` stored with timestamps in ``[since, until]``."""
+    until = time.time() if until is None else until
+    seconds = max(1, math.ceil(until - since) + 1)
+    found = []
+    for series in prometheus.query(f"{selector}[{seconds}s]", time=until):
+        values = [(float(t), float(v)) for t, v in series["values"] if since <= float(t) <= until]
+        if values:
+            found.append((series["metric"], values))
+    return found
+
+
+def assert_close(
+    name: str, actual: float | None, expected: float, *, rel: float = 1e-6, abs_: float = 1e-12
+) -> float:
+    """Assert ``actual`` equals ``expected`` within ``rel`` (relative); return the error."""
+    assert actual is not None, f"{name}: Prometheus returned nothing (expected {expected!r})"
+    error = abs(actual - expected) / max(abs(expected), abs_)
+    assert math.isclose(actual, expected, rel_tol=rel, abs_tol=abs_), (
+        f"{name}: Prometheus {actual!r} != Python {expected!r} (relative error {error:.3g})"
+    )
+    return error if abs(expected) > abs_ else 0.0
+
+
+# -- traffic ----------------------------------------------------------------------------------
+
+
+def feature_rows(
+    rows: int,
+    seed: int,
+    *,
+    scale: Mapping[str, float] | None = None,
+    unseen: Mapping[str, str] | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Request rows of the Telco schema (the raw CSV form, no label) and their labels.
+
+    ``scale`` multiplies numeric columns (``{"MonthlyCharges": 1.3}``: drift), rounded to cents;
+    ``unseen`` puts a category the model never saw in every tenth row of a column.
+    """
+    frame = generate(rows, seed=seed)
+    for column, factor in (scale or {}).items():
+        frame[column] = (frame[column] * factor).round(2)
+    for column, category in (unseen or {}).items():
+        frame.loc[frame.index % 10 == 0, column] = category
+    labels = frame[TARGET].tolist()
+    payload = json.loads(frame.drop(columns=[TARGET]).to_json(orient="records"))
+    return payload, labels
+
+
+def predict_body(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    return json.dumps({"rows": list(rows)}).encode()
+
+
+def service_features(body: bytes, columns: Sequence[str]) -> pd.DataFrame:
+    """The features the service scores and records for a ``/predict`` body (its own parsing
+    and preprocessing, applied to exactly the bytes sent)."""
+    rows, _ = parse_rows(parse_json(body, "application/json"), max_rows=10**6)
+    return preprocess(rows_to_frame(rows)[list(columns)])
+
+
+# -- the Python side ----------------------------------------------------------------------------
+
+
+def psi(counts: Sequence[float], shares: Sequence[float], eps: float = EPS) -> float:
+    """PSI of live bin ``counts`` against reference ``shares``, both clamped at ``eps``."""
+    total = math.fsum(counts)
+    value = 0.0
+    for count, share in zip(counts, shares, strict=True):
+        live, reference = max(count / total, eps), max(share, eps)
+        value += (live - reference) * math.log(live / reference)
+    return value
+
+
+def _bin_counts(feature: NumericProfile | CategoricalProfile, values: Sequence[Any]) -> list[int]:
+    """Counts per reference bin (missing values left out), found independently of the package:
+    numeric bin ``i`` is ``(edges[i-1], edges[i]]``; categories outside the vocabulary are
+    :data:`UNSEEN`, the last bin."""
+    counts = [0] * (len(feature.shares))
+    if isinstance(feature, NumericProfile):
+        for value in values:
+            if value is not None and math.isfinite(value):
+                counts[bisect_left(feature.edges, value)] += 1
+        return counts
+    position = {category: i for i, category in enumerate(feature.categories)}
+    for value in values:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        counts[position.get(str(value), len(feature.categories))] += 1
+    assert feature.bins[-1] == UNSEEN
+    return counts
+
+
+@dataclass
+class Expectation:
+    """What the recording rules should compute for one model version, from rows and labels.
+
+    ``add`` takes the features the service recorded and the scores it computed; ``label``
+    one (predicted, actual) pair of feedback.
+    """
+
+    profile: ReferenceProfile
+    frames: list[pd.DataFrame] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add(self, features: pd.DataFrame, scores: Sequence[float]) -> None:
+        self.frames.append(features)
+        self.scores.extend(float(s) for s in scores)
+
+    def label(self, predicted: str, actual: str) -> None:
+        self.pairs[(predicted, actual)] += 1
+
+    @property
+    def rows(self) -> int:
+        return len(self.scores)
+
+    def _features(self) -> pd.DataFrame:
+        return pd.concat(self.frames, ignore_index=True)
+
+    def distributions(self) -> dict[tuple[str, str], float]:
+        """``{(statistic, feature): value}``: psi per feature and for ``score``; mean and
+        population stddev of every numeric feature and of the score."""
+        frame = self._features()
+        found: dict[tuple[str, str], float] = {}
+        columns: list[tuple[NumericProfile | CategoricalProfile, list[Any]]] = [
+            (f, frame[f.name].tolist()) for f in self.profile.features
+        ]
+        assert self.profile.score is not None
+        columns.append((self.profile.score, self.scores))
+        for feature, values in columns:
+            name = "score" if feature is self.profile.score else feature.name
+            found[("psi", name)] = psi(_bin_counts(feature, values), feature.shares)
+            if isinstance(feature, NumericProfile):
+                finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+                mean = math.fsum(finite) / len(finite)
+                found[("mean", name)] = mean
+                found[("stddev", name)] = math.sqrt(
+                    math.fsum((v - mean) ** 2 for v in finite) / len(finite)
+                )
+        return found
+
+    def accuracy(self) -> dict[str, float]:
+        """Accuracy, and precision and recall of each class, over the feedback given."""
+        total = sum(self.pairs.values())
+        found = {"accuracy": sum(n for (p, a), n in self.pairs.items() if p == a) / total}
+        for label in self.profile.classes or ():
+            hits = self.pairs[(label, label)]
+            predicted = sum(n for (p, _), n in self.pairs.items() if p == label)
+            actual = sum(n for (_, a), n in self.pairs.items() if a == label)
+            if predicted:
+                found[f"precision:{label}"] = hits / predicted
+            if actual:
+                found[f"recall:{label}"] = hits / actual
+        return found
+
+
+def score_batches(model: Any, frames: Sequence[pd.DataFrame], positive: str) -> list[np.ndarray]:
+    """The positive-class probability of each batch, as the service computes it."""
+    column = [str(c) for c in model.classes_].index(positive)
+    return [model.predict_proba(frame)[:, column] for frame in frames]

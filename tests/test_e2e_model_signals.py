@@ -1,0 +1,386 @@
+"""Issue 3 acceptance, end to end: model signals of the churn service under gunicorn (4 workers)
+turned into PSI, means, standard deviations, accuracy and alerts by a real Prometheus running
+the rules ``python -m ml_wsgi_metrics rules`` generates. No mocks.
+
+One gunicorn, one Prometheus (scraping and evaluating every second) for the module. Three model
+versions are live at once and each gets its own traffic, so no scenario waits for another's
+window to empty:
+
+- version 1: 1,200 undrifted rows, feedback with the true labels  -> no alert
+- version 2: the same size, ``MonthlyCharges`` x 1.3, true labels  -> ``ModelFeatureDrift``
+- version 3: 1,200 undrifted rows, every label flipped             -> ``ModelAccuracyDrop``
+
+Why the PromQL values are exact: ``increase()`` over ``[T - W, T]`` scales each series' raw
+increase by ``(sampled + to_start + to_end) / sampled``. Every series of a version exists, at
+zero, in every scrape from the warm-up on (the service registers all live versions on its first
+request), so when ``T - W`` falls after the warm-up and before the version's traffic, each
+series' first sample in the window is a zero taken at the same scrape (``to_start`` is cut to
+the zero point: 0), and all share ``to_end``: one factor for all, which cancels in every ratio
+(shares, mean, E[x^2], accuracy). The recorded values read at such ``T`` are compared with the
+Python computation on the very bytes sent; see ``../shared/notes/prometheus.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import joblib
+import pytest
+from e2e_support import (
+    MODEL,
+    Answer,
+    Expectation,
+    ServiceServer,
+    assert_close,
+    feature_rows,
+    parallel,
+    pinned_request,
+    predict_body,
+    profile_path,
+    publish,
+    range_samples,
+    running,
+    score_batches,
+    service_features,
+    train_versions,
+    write_rules,
+)
+from itsdangerous import URLSafeTimedSerializer
+from support import PrometheusServer, http_request, wait_until
+
+from ml_wsgi_metrics.profile import ReferenceProfile
+from service.pipeline import MODEL_FILE, POSITIVE_CLASS
+
+WINDOW = 20  # seconds: the rules' --window; every version's traffic fits well inside it
+ALERT_FOR = 4  # seconds a drift or accuracy condition holds before the alert fires
+ROWS, BATCH = 1200, 50
+VERSIONS = ("1", "2", "3")
+# Samples chosen once for a clear margin: undrifted, every feature's PSI over the whole sample
+# is at most 0.6 of its critical value. Drifted: MonthlyCharges x 1.3 empties its lowest
+# reference bin (the PSI rule's "or 0 * share" fill matters) and a tenth of PaymentMethod is a
+# category never seen in training (the unseen bin, reference share 0, clamped).
+TRAFFIC: dict[str, dict[str, Any]] = {
+    "1": {"seed": 1007},
+    "2": {"seed": 1002, "scale": {"MonthlyCharges": 1.3}, "unseen": {"PaymentMethod": "Bitcoin"}},
+    "3": {"seed": 1003, "flip": True},
+}
+FLIPPED = {"Yes": "No", "No": "Yes"}
+
+
+@dataclass
+class Phase:
+    """The traffic of one version and when it happened (wall clock, as Prometheus stamps)."""
+
+    version: str
+    expectation: Expectation
+    started: float = 0.0
+    scraped: float = 0.0  # every prediction and label seen by Prometheus by then
+    predictions: list[tuple[bytes, Answer]] = field(default_factory=list)
+    feedback: list[tuple[int, Answer]] = field(default_factory=list)  # (predicting pid, answer)
+
+    def exact_interval(self, visible: float) -> tuple[float, float]:
+        """Evaluation times whose window starts after every series was visible at zero and a
+        scrape before the traffic, and ends after everything was scraped."""
+        low = max(visible + WINDOW + 0.5, self.scraped + 1.0)
+        high = self.started + WINDOW - 1.5
+        return low, high
+
+
+@dataclass
+class Stack:
+    service: ServiceServer
+    prometheus: PrometheusServer
+    models: Path
+    profiles: dict[str, ReferenceProfile]
+
+
+@dataclass
+class Scenario:
+    stack: Stack
+    visible: float  # every series of every version scraped at zero by then
+    phases: dict[str, Phase]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The service (4 workers, versions 1-3 trained, 3 served) and Prometheus with the rules."""
+    root = tmp_path_factory.mktemp("e2e-signals")
+    models = root / "models"
+    profiles = {p.version: p for p in train_versions(models, len(VERSIONS))}
+    rules = write_rules(
+        [profile_path(models, v) for v in VERSIONS],
+        root / "rules.yml",
+        window=f"{WINDOW}s",
+        ops_window="1m",
+        alert_for=f"{ALERT_FOR}s",
+        ops_for="1m",
+    )
+    service = ServiceServer(models, multiproc_dir=root / "multiproc", workers=4)
+    prometheus = PrometheusServer([service.address], rule_files=[rules])
+    with running(prometheus, service):
+        yield Stack(service, prometheus, models, profiles)
+
+
+def _model_series(text: str) -> int:
+    return sum(1 for line in text.splitlines() if f'model="{MODEL}"' in line)
+
+
+def _warm_up(stack: Stack) -> float:
+    """Let the service register every live version (all series at zero) and Prometheus scrape
+    them; returns when the last one was seen."""
+    status, body = http_request(stack.service.url + "/healthz")
+    assert status == 200, body
+    assert json.loads(body)["live_versions"] == list(VERSIONS)
+    _, text = http_request(stack.service.url + "/metrics")
+    expected = _model_series(text.decode())
+    query = f'count({{__name__=~"model_.+", model="{MODEL}"}})'
+    wait_until(
+        lambda: stack.prometheus.value(query) == expected,
+        30,
+        interval=0.2,
+        message=f"Prometheus never saw the {expected} model series",
+    )
+    return time.time()
+
+
+def _traffic(stack: Stack, phase: Phase) -> None:
+    """Predictions from 4 concurrent clients, then feedback for each prediction call posted
+    to a worker other than the one that served it."""
+    setting = TRAFFIC[phase.version]
+    rows, labels = feature_rows(
+        ROWS, setting["seed"], scale=setting.get("scale"), unseen=setting.get("unseen")
+    )
+    bodies = [predict_body(rows[i : i + BATCH]) for i in range(0, ROWS, BATCH)]
+    phase.started = time.time()
+    answers = parallel(lambda body: pinned_request(stack.service, "POST", "/predict", body), bodies)
+    phase.predictions = list(zip(bodies, answers, strict=True))
+
+    posts = []
+    for i, (_, answer) in enumerate(phase.predictions):
+        assert answer.status == 200, answer.body
+        items = answer.json()["predictions"]
+        actual = labels[i * BATCH : i * BATCH + len(items)]
+        if setting.get("flip"):
+            actual = [FLIPPED[label] for label in actual]
+        feedback = [{"id": p["id"], "actual": a} for p, a in zip(items, actual, strict=True)]
+        posts.append((answer.pid, json.dumps({"feedback": feedback}).encode()))
+        for item, label in zip(items, actual, strict=True):
+            phase.expectation.label(item["churn"], label)
+
+    def post(item: tuple[int, bytes]) -> tuple[int, Answer]:
+        pid, body = item
+        return pid, pinned_request(
+            stack.service, "POST", "/feedback", body, accept=lambda other: other != pid
+        )
+
+    phase.feedback = parallel(post, posts)
+    version = phase.version
+    predicted = f'sum(model_predictions_total{{version="{version}"}})'
+    labelled = f'sum(model_confusion_total{{version="{version}"}})'
+    wait_until(
+        lambda: (
+            stack.prometheus.value(predicted) == ROWS and stack.prometheus.value(labelled) == ROWS
+        ),
+        20,
+        interval=0.1,
+        message=f"version {version}: Prometheus never saw all {ROWS} predictions and labels",
+    )
+    phase.scraped = time.time()
+
+
+def _python_side(stack: Stack, phase: Phase) -> None:
+    """The features and scores the service recorded, recomputed from the bytes sent."""
+    model = joblib.load(stack.models / MODEL / phase.version / MODEL_FILE)
+    columns = [str(c) for c in model.feature_names_in_]
+    frames = [service_features(body, columns) for body, _ in phase.predictions]
+    for frame, scores, (_, answer) in zip(
+        frames, score_batches(model, frames, POSITIVE_CLASS), phase.predictions, strict=True
+    ):
+        served = answer.json()
+        assert served["version"] == phase.version, "a worker served another version"
+        rounded = [p["churn_probability"] for p in served["predictions"]]
+        assert [round(float(s), 6) for s in scores] == rounded
+        phase.expectation.add(frame, scores)
+
+
+@pytest.fixture(scope="module")
+def scenario(stack: Stack) -> Scenario:
+    """Warm up, send each version's traffic in turn, then wait until every version has
+    evaluations inside its exact interval and the alerts had time to fire."""
+    visible = _warm_up(stack)
+    time.sleep(max(0.0, visible + 5 - time.time()))  # scrapes at zero before the traffic
+    phases: dict[str, Phase] = {}
+    for version in ("3", "1", "2"):  # 3 is served first: it is LATEST
+        if version != "3":
+            publish(stack.models, version)
+            time.sleep(1.2)  # every worker re-reads LATEST at its next request
+        phase = phases[version] = Phase(version, Expectation(stack.profiles[version]))
+        _traffic(stack, phase)
+    for phase in phases.values():
+        _python_side(stack, phase)
+        low, high = phase.exact_interval(visible)
+        assert high - low >= 1.2, f"version {phase.version}: traffic too slow for the window"
+    latest = max(phase.exact_interval(visible)[0] for phase in phases.values())
+    settled = max(phase.scraped for phase in phases.values()) + ALERT_FOR + 4
+    time.sleep(max(0.0, max(latest + 1.5, settled) - time.time()))
+    return Scenario(stack, visible, phases)
+
+
+def _recorded(
+    scenario: Scenario, name: str, version: str, low: float, high: float
+) -> dict[str, list[float]]:
+    """Recorded values of ``name`` for ``version`` evaluated in ``[low, high]``, by series."""
+    found = {}
+    selector = f'{name}{{model="{MODEL}", version="{version}"}}'
+    for labels, samples in range_samples(scenario.stack.prometheus, selector, low, high):
+        key = labels.get("feature") or labels.get("class") or ""
+        found[key] = [value for _, value in samples]
+    return found
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_psi_mean_stddev_accuracy_equal_python(scenario: Scenario, version: str) -> None:
+    """PSI (every feature and the score), mean and stddev (numeric features and the score),
+    accuracy, precision and recall from the recording rules equal Python within 1e-6."""
+    phase = scenario.phases[version]
+    low, high = phase.exact_interval(scenario.visible)
+    w = f"{WINDOW}s"
+    errors: dict[str, float] = {}
+
+    def check(statistic: str, recorded: str, expected: dict[str, float]) -> None:
+        values = _recorded(scenario, recorded, version, low, high)
+        assert set(values) == set(expected), f"{recorded}: series {sorted(values)}"
+        for key, python in expected.items():
+            assert values[key], f"{recorded}{{{key}}}: no evaluation in [{low}, {high}]"
+            for value in values[key]:
+                error = assert_close(f"{recorded}{{{key}}}", value, python)
+                errors[statistic] = max(errors.get(statistic, 0.0), error)
+
+    distributions = phase.expectation.distributions()
+    for statistic in ("psi", "mean", "stddev"):
+        features = {f: v for (s, f), v in distributions.items() if s == statistic and f != "score"}
+        check(statistic, f"ml:feature_{statistic}:{w}", features)
+        check(statistic, f"ml:score_{statistic}:{w}", {"": distributions[(statistic, "score")]})
+    assert len([k for k in distributions if k[0] == "psi"]) == 20  # 19 features + the score
+    accuracy = phase.expectation.accuracy()
+    check("accuracy", f"ml:accuracy:{w}", {"": accuracy["accuracy"]})
+    for kind in ("precision", "recall"):
+        expected = {k.split(":")[1]: v for k, v in accuracy.items() if k.startswith(kind)}
+        check(kind, f"ml:{kind}:{w}", expected)
+    summary = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    print(f"\nversion {version}: largest relative errors: {summary}")
+
+
+def _alert_features(scenario: Scenario, alert: str, version: str, state: str) -> set[str]:
+    selector = (
+        f'ALERTS{{alertname="{alert}", model="{MODEL}", version="{version}", alertstate="{state}"}}'
+    )
+    samples = range_samples(scenario.stack.prometheus, selector, scenario.visible)
+    return {labels.get("feature", "") for labels, _ in samples}
+
+
+def _wait_firing(scenario: Scenario, alert: str, version: str, feature: str) -> None:
+    wait_until(
+        lambda: feature in _alert_features(scenario, alert, version, "firing"),
+        WINDOW,
+        interval=0.5,
+        message=f"{alert} never fired for version {version} {feature}",
+    )
+
+
+def _never_active(scenario: Scenario, alert: str, version: str) -> None:
+    """Neither firing at any time, nor even pending while the window held the whole sample."""
+    assert _alert_features(scenario, alert, version, "firing") == set()
+    low, high = scenario.phases[version].exact_interval(scenario.visible)
+    selector = f'ALERTS{{alertname="{alert}", version="{version}"}}'
+    until = min(high, time.time())
+    assert range_samples(scenario.stack.prometheus, selector, low, until) == []
+
+
+def test_drift_alert_fires_on_drift_and_not_on_undrifted_traffic(scenario: Scenario) -> None:
+    """``MonthlyCharges`` x 1.3 fires ``ModelFeatureDrift`` for it; the undrifted samples of
+    the same size fire no drift alert, for any feature or the score."""
+    _wait_firing(scenario, "ModelFeatureDrift", "2", "MonthlyCharges")
+    for version in ("1", "3"):
+        _never_active(scenario, "ModelFeatureDrift", version)
+        _never_active(scenario, "ModelScoreDrift", version)
+
+
+def test_accuracy_alert_fires_on_flipped_labels_only(scenario: Scenario) -> None:
+    """Flipped ground truth fires ``ModelAccuracyDrop``; the true labels do not."""
+    _wait_firing(scenario, "ModelAccuracyDrop", "3", "")
+    _never_active(scenario, "ModelAccuracyDrop", "1")
+    assert scenario.phases["3"].expectation.accuracy()["accuracy"] < 0.3
+    assert scenario.phases["1"].expectation.accuracy()["accuracy"] > 0.75
+
+
+def test_feedback_counts_whichever_worker_receives_it(scenario: Scenario) -> None:
+    """Every label was posted to a worker other than the one that made the prediction, and
+    every one counts: the confusion counters hold exactly the labels sent, per cell."""
+    prometheus = scenario.stack.prometheus
+    workers = set(scenario.stack.service.worker_pids())
+    for version, phase in scenario.phases.items():
+        predicting = {answer.pid for _, answer in phase.predictions}
+        assert predicting <= workers and len(predicting) >= 2
+        for pid, answer in phase.feedback:
+            assert answer.status == 200, answer.body
+            assert answer.pid != pid
+            assert answer.json()["accepted"] == BATCH and answer.json()["rejected"] == 0
+        cells = prometheus.query(
+            f'sum by (predicted, actual) (model_confusion_total{{version="{version}"}})'
+        )
+        counted = {
+            (c["metric"]["predicted"], c["metric"]["actual"]): int(c["value"][1]) for c in cells
+        }
+        expected = phase.expectation.pairs
+        assert {k: v for k, v in counted.items() if v} == {k: v for k, v in expected.items() if v}
+        assert sum(expected.values()) == ROWS
+
+
+def _tamper(token: str) -> str:
+    """The same token with one character of its signature changed."""
+    head, signature = token.rsplit(".", 1)
+    swapped = "A" if signature[5] != "A" else "B"
+    return f"{head}.{signature[:5]}{swapped}{signature[6:]}"
+
+
+def test_tampered_feedback_is_rejected_and_counted(scenario: Scenario) -> None:
+    """A prediction id with a changed signature, or with a changed payload, is a 400 naming
+    the reason, counted in ``model_feedback_rejected_total{reason="tampered"}``; nothing else
+    moves. A token that is not one is ``malformed``."""
+    stack = scenario.stack
+    _, answer = scenario.phases["1"].predictions[0]
+    token = answer.json()["predictions"][0]["id"]
+    payload, rest = token.split(".", 1)
+    forged_payload = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
+    cases = [
+        (_tamper(token), "tampered"),
+        (f"{forged_payload}.{rest}", "tampered"),
+        (URLSafeTimedSerializer("another key").dumps([MODEL, "1", "Yes", 0, 0, "0"]), "tampered"),
+        ("not-a-prediction-id", "malformed"),
+    ]
+    query = "sum by (reason) (model_feedback_rejected_total)"
+
+    def rejected() -> dict[str, float]:
+        return {r["metric"]["reason"]: float(r["value"][1]) for r in stack.prometheus.query(query)}
+
+    before = rejected()
+    confusion = stack.prometheus.value("sum(model_confusion_total)")
+    for bad, reason in cases:
+        body = json.dumps({"id": bad, "actual": "Yes"}).encode()
+        answer = pinned_request(stack.service, "POST", "/feedback", body)
+        assert answer.status == 400, answer.body
+        error: dict[str, Any] = answer.json()
+        assert error["code"] == "invalid_prediction_id" and error["reason"] == reason, error
+        assert reason in error["error"]
+    expected = dict(before)
+    for _, reason in cases:
+        expected[reason] = expected.get(reason, 0.0) + 1
+    wait_until(lambda: rejected() == expected, 15, interval=0.2, message=f"{rejected()}")
+    assert set(expected) == {"malformed", "tampered", "expired", "unknown_model"}
+    assert stack.prometheus.value("sum(model_confusion_total)") == confusion

@@ -16,10 +16,12 @@ import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,11 +44,16 @@ __all__ = [
     "SECRET_KEY",
     "Answer",
     "Expectation",
+    "Image",
     "ServiceServer",
     "assert_close",
+    "bin_counts",
+    "chromium",
+    "decode_png",
     "feature_rows",
     "parallel",
     "pinned_request",
+    "prometheus_increase",
     "psi",
     "publish",
     "range_samples",
@@ -357,7 +364,7 @@ def psi(counts: Sequence[float], shares: Sequence[float], eps: float = EPS) -> f
     return value
 
 
-def _bin_counts(feature: NumericProfile | CategoricalProfile, values: Sequence[Any]) -> list[int]:
+def bin_counts(feature: NumericProfile | CategoricalProfile, values: Sequence[Any]) -> list[int]:
     """Counts per reference bin (missing values left out), found independently of the package:
     numeric bin ``i`` is ``(edges[i-1], edges[i]]``; categories outside the vocabulary are
     :data:`UNSEEN`, the last bin."""
@@ -415,7 +422,7 @@ class Expectation:
         columns.append((self.profile.score, self.scores))
         for feature, values in columns:
             name = "score" if feature is self.profile.score else feature.name
-            found[("psi", name)] = psi(_bin_counts(feature, values), feature.shares)
+            found[("psi", name)] = psi(bin_counts(feature, values), feature.shares)
             if isinstance(feature, NumericProfile):
                 finite = [float(v) for v in values if v is not None and math.isfinite(v)]
                 mean = math.fsum(finite) / len(finite)
@@ -444,3 +451,116 @@ def score_batches(model: Any, frames: Sequence[pd.DataFrame], positive: str) -> 
     """The positive-class probability of each batch, as the service computes it."""
     column = [str(c) for c in model.classes_].index(positive)
     return [model.predict_proba(frame)[:, column] for frame in frames]
+
+
+# -- headless Chromium ---------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def chromium(profile_dir: Path, *arguments: str, timeout: float = 60.0) -> str:
+    """Run Debian's ``chromium`` headless with a private profile; its stdout."""
+    command = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Image:
+    """A decoded 8-bit RGB(A) PNG: ``pixels[y, x]`` is ``(r, g, b)``."""
+
+    width: int
+    height: int
+    pixels: np.ndarray
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    if pa <= pb and pa <= pc:
+        return a
+    return b if pb <= pc else c
+
+
+def decode_png(data: bytes) -> Image:
+    """Decode a non-interlaced 8-bit RGB or RGBA PNG (what Chromium writes) with zlib and
+    struct; the five scanline filters of the PNG specification, vectorised where they allow."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    position, compressed, header = 8, [], None
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        body = data[position + 8 : position + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            compressed.append(body)
+        position += 12 + length
+    assert header is not None, "no IHDR chunk"
+    width, height, depth, color, _, _, interlace = header
+    if depth != 8 or color not in (2, 6) or interlace:
+        raise ValueError(f"unsupported PNG: depth {depth}, color {color}, interlace {interlace}")
+    channels = 3 if color == 2 else 4
+    stride = width * channels
+    raw = zlib.decompress(b"".join(compressed))
+    rows = np.zeros((height, stride), dtype=np.uint8)
+    previous = np.zeros(stride, dtype=np.uint8)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], np.frombuffer(raw, np.uint8, stride, start + 1)
+        if kind == 0:
+            row = line.copy()
+        elif kind == 1:  # Sub: a running sum per channel
+            row = np.cumsum(line.reshape(width, channels), axis=0, dtype=np.uint64)
+            row = (row % 256).astype(np.uint8).reshape(stride)
+        elif kind == 2:  # Up
+            row = line + previous
+        elif kind in (3, 4):  # Average, Paeth: byte by byte
+            out = bytearray(stride)
+            up = previous.tolist()
+            for i, value in enumerate(line.tolist()):
+                left = out[i - channels] if i >= channels else 0
+                corner = up[i - channels] if i >= channels else 0
+                guess = (left + up[i]) // 2 if kind == 3 else _paeth(left, up[i], corner)
+                out[i] = (value + guess) & 0xFF
+            row = np.frombuffer(bytes(out), np.uint8)
+        else:
+            raise ValueError(f"bad filter type {kind} on row {y}")
+        rows[y] = previous = row
+    pixels = rows.reshape(height, width, channels)[:, :, :3]
+    return Image(width, height, pixels)
+
+
+def prometheus_increase(samples: Sequence[tuple[int, float]], start: int, end: int) -> float:
+    """``increase()`` of Prometheus 2.42 over a counter's raw ``(ms, value)`` samples selected
+    by a range ``[start, end]`` (ms): resets corrected, then the result extrapolated towards the
+    range's ends as ``extrapolatedRate`` in ``promql/functions.go`` does."""
+    assert len(samples) >= 2, "increase() needs two samples"
+    correction, last = 0.0, 0.0
+    for _, value in samples:
+        if value < last:
+            correction += last
+        last = value
+    (first_ms, first), (last_ms, _) = samples[0], samples[-1]
+    result = last - first + correction
+    to_start, to_end = (first_ms - start) / 1000, (end - last_ms) / 1000
+    sampled = (last_ms - first_ms) / 1000
+    average = sampled / (len(samples) - 1)
+    if result > 0 and first >= 0:
+        to_start = min(to_start, sampled * (first / result))
+    threshold = average * 1.1
+    interval = sampled
+    interval += to_start if to_start < threshold else average / 2
+    interval += to_end if to_end < threshold else average / 2
+    return result * (interval / sampled)

@@ -40,6 +40,7 @@ from service.pipeline import LATEST_FILE, PROFILE_FILE, load_config, train
 from service.validation import parse_json, parse_rows, rows_to_frame
 
 __all__ = [
+    "EPS",
     "MODEL",
     "SECRET_KEY",
     "Answer",
@@ -53,11 +54,15 @@ __all__ = [
     "feature_rows",
     "parallel",
     "pinned_request",
+    "predict_body",
+    "profile_path",
     "prometheus_increase",
     "psi",
     "publish",
     "range_samples",
     "running",
+    "score_batches",
+    "service_features",
     "serving_worker",
     "train_versions",
     "write_rules",
@@ -82,6 +87,7 @@ def train_versions(models_dir: Path, count: int) -> list[ReferenceProfile]:
 
 
 def profile_path(models_dir: Path, version: str) -> Path:
+    """Where version ``version``'s reference profile is saved."""
     return models_dir / MODEL / version / PROFILE_FILE
 
 
@@ -100,8 +106,9 @@ def write_rules(profiles: Sequence[Path], path: Path, **options: str | int | flo
         command += ["--profile", str(profile)]
     for name, value in options.items():
         command += ["--" + name.replace("_", "-"), str(value)]
-    subprocess.run(command, check=True, cwd=REPO, capture_output=True)
-    subprocess.run(["promtool", "check", "rules", str(path)], check=True, capture_output=True)
+    for step in (command, ["promtool", "check", "rules", str(path)]):
+        done = subprocess.run(step, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(step)}:\n{done.stdout}{done.stderr}"
     return path
 
 

@@ -522,7 +522,7 @@ def create_app(
     secret_key: str | None = None,
     **settings: Any,
 ) -> Flask:
-    """The churn service. Nothing is loaded until the first request.
+    """The churn service. Nothing is loaded until the first request (see ``app`` below).
 
     :param models_dir: where versioned models live (default ``$CHURN_MODELS_DIR``, else the
         config's ``models_dir``); all workers and instances sharing it serve the same model.
@@ -556,4 +556,16 @@ def create_app(
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> Any:
+    """``service.app:app`` for gunicorn: the app, with its model loaded and registered now.
+
+    Loading when a worker starts (or in the master with ``preload_app``) creates every model
+    series at zero before the first request, so ``increase()`` sees the first predictions.
+    Importing ``create_app`` alone loads nothing.
+    """
+    if name == "app":
+        served = create_app()
+        served.extensions[_EXTENSION].current()
+        globals()["app"] = served
+        return served
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

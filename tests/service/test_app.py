@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
+import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -331,11 +334,29 @@ def test_index_lists_the_routes(client: FlaskClient) -> None:
     assert "POST /predict" in client.get("/").json["routes"]
 
 
-def test_the_module_app_loads_nothing_at_import() -> None:
+def test_importing_the_module_loads_nothing() -> None:
     import service.app
 
-    assert isinstance(service.app.app, Flask)
-    assert service.app.app.extensions["churn"]._model is None
+    assert "app" not in vars(service.app)  # only create_app and friends
+
+
+def test_the_served_app_registers_its_model_before_the_first_request(tmp_path: Path) -> None:
+    """gunicorn's ``service.app:app`` loads the model when the worker starts: every model
+    series exists at zero before any request, so ``increase()`` sees the first predictions."""
+    script = (
+        "from prometheus_client import REGISTRY\n"
+        "import service.app\n"
+        "service.app.app\n"
+        "labels = {'model': 'churn_logreg', 'version': '1', 'class': 'Yes'}\n"
+        "print(REGISTRY.get_sample_value('model_predictions_total', labels))\n"
+    )
+    env = {**os.environ, "CHURN_MODELS_DIR": str(tmp_path / "models")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0.0"
 
 
 def test_errors_of_the_service_itself_are_json_too(app: Flask, tmp_path: Path) -> None:

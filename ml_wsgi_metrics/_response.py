@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any
 
+from ._context import current as bound_model
 from .metrics import RequestMetrics, RouteSeries
 from .routes import UNMATCHED
 
@@ -170,6 +171,9 @@ class TimedResponse:
             else:
                 status = self._metrics.status_label(status)
             series.finished(status, duration, self._request_size, self._response_size, was_started)
+            model = bound_model()
+            if model is not None:
+                self._metrics.count_model_request(series, status, model)
         except Exception as error:
             self.instrumentation_failed("record", error)
 

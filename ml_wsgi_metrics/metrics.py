@@ -250,6 +250,12 @@ class RequestMetrics:
             (*route_labels, "exception"),
             **common,
         )
+        self.model_requests = Counter(
+            "http_model_requests",
+            "Requests that used a model (bound with the signals API), by model version.",
+            (*route_labels, "status", "model", "version"),
+            **common,
+        )
         self.instrumentation_errors = Counter(
             "ml_wsgi_metrics_instrumentation_errors",
             "Errors inside the instrumentation itself; the application was not affected.",
@@ -257,6 +263,7 @@ class RequestMetrics:
             **common,
         )
         self._routes: dict[tuple[str, str], RouteSeries] = {}
+        self._model_requests: dict[tuple[Any, ...], Callable[[float], None]] = {}
 
     def route_labels(self, method: str, route: str) -> tuple[str, ...]:
         return (*self._const_values, method, route)
@@ -271,6 +278,15 @@ class RequestMetrics:
     def status_label(self, status: str) -> str:
         """``"404"`` from ``"404 NOT FOUND"``, or ``"4xx"`` when grouping status codes."""
         return status[0] + "xx" if self.group_status_codes else status[:3]
+
+    def count_model_request(self, series: RouteSeries, status: str, model: tuple[str, str]) -> None:
+        """Count a finished request under the model version it used."""
+        key = (series.labels, status, model)
+        inc = self._model_requests.get(key)
+        if inc is None:
+            child = self.model_requests.labels(*series.labels, status, *model)
+            inc = self._model_requests[key] = child.inc
+        inc(1)
 
     def count_instrumentation_error(self, stage: str) -> None:
         self.instrumentation_errors.labels(*self._const_values, stage).inc()

@@ -641,3 +641,31 @@ def test_a_model_bound_by_one_request_does_not_leak_into_the_next(
     call(wrapped, "/")
     call(wrapped, "/")
     assert seen == [None, None]
+
+
+def test_requests_that_used_a_model_are_counted_by_model_version(
+    registry: CollectorRegistry, call: Callable[..., Any], sample: Any
+) -> None:
+    from ml_wsgi_metrics import _context
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/predict":
+            _context.bind("churn", "2")
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = MetricsMiddleware(app, registry=registry, route_resolver=lambda e: e["PATH_INFO"])
+    call(wrapped, "/predict")
+    call(wrapped, "/predict")
+    call(wrapped, "/other")
+    labels = {"method": "GET", "route": "/predict", "status": "200"}
+    assert sample(registry, "http_model_requests_total", **labels, model="churn", version="2") == 2
+    assert sample(registry, "http_requests_total", **labels) == 2
+    assert sample(registry, "http_requests_total", method="GET", route="/other", status="200") == 1
+    assert {s.labels.get("route") for s in _samples(registry, "http_model_requests_total")} == {
+        "/predict"
+    }
+
+
+def _samples(registry: CollectorRegistry, name: str) -> list[Any]:
+    return [s for m in registry.collect() for s in m.samples if s.name == name]

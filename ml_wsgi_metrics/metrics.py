@@ -25,6 +25,7 @@ __all__ = [
     "RequestMetrics",
     "RouteSeries",
     "ServerMetrics",
+    "child_adder",
     "fast_observer",
     "shared",
 ]
@@ -104,6 +105,16 @@ def _adder(value: Any) -> Callable[[float], None]:
     return value.add_unlocked if isinstance(value, SlotValue) else value.inc
 
 
+def child_adder(child: Any) -> Callable[[float], None]:
+    """Add to a counter or gauge child's stored value, without its per-call checks.
+
+    Slot values (multiprocess mode) are added to unlocked: the caller holds
+    :func:`~ml_wsgi_metrics.multiprocess.storage_lock` around all the updates of one call.
+    """
+    value = getattr(child, "_value", None)
+    return _adder(value) if hasattr(value, "inc") else child.inc
+
+
 class _HistogramCells:
     """The stored values of one labelled histogram child, for updates under one lock."""
 
@@ -156,7 +167,7 @@ class RouteSeries:
         self._duration = _HistogramCells(metrics.duration.labels(*labels))
         self._request_size = _HistogramCells(metrics.request_size.labels(*labels))
         self._response_size = _HistogramCells(metrics.response_size.labels(*labels))
-        self._in_progress = _adder(metrics.in_progress.labels(*labels)._value)
+        self._in_progress = child_adder(metrics.in_progress.labels(*labels))
 
     def started(self) -> None:
         """A request of this route is now in progress."""
@@ -174,7 +185,7 @@ class RouteSeries:
         """Record one finished request (requests without a body observe no request size)."""
         count = self._statuses.get(status)
         if count is None:
-            count = _adder(self._requests.labels(*self.labels, status)._value)
+            count = child_adder(self._requests.labels(*self.labels, status))
             self._statuses[status] = count
         with storage_lock():
             count(1)

@@ -40,8 +40,8 @@ from itsdangerous.encoding import base64_encode
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _context
-from .metrics import ModelMetrics, fast_observer, shared
-from .multiprocess import SlotValue, storage_lock
+from .metrics import ModelMetrics, child_adder, fast_observer, shared
+from .multiprocess import storage_lock
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
 
 __all__ = [
@@ -96,18 +96,6 @@ class InvalidPredictionId(ValueError):
 
 def _noop(amount: float) -> None:
     return None
-
-
-def _inc(child: Any) -> Inc:
-    """Add to a counter child's stored value, without the per-call argument check.
-
-    Slot values (multiprocess mode) are added to unlocked: every caller holds
-    :func:`~ml_wsgi_metrics.multiprocess.storage_lock` around all the updates of one call.
-    """
-    value = getattr(child, "_value", None)
-    if isinstance(value, SlotValue):
-        return value.add_unlocked
-    return value.inc if hasattr(value, "inc") else child.inc
 
 
 def _apply(updates: list[tuple[list[Inc], np.ndarray]]) -> None:
@@ -312,7 +300,9 @@ class _Model:
         # Predicted classes: the profile's, then NO_CLASS, then UNSEEN (not a known class).
         self.classes = (*(profile.classes or ()), NO_CLASS, UNSEEN)
         self.class_codes = {c: i for i, c in enumerate(self.classes)}
-        self.class_incs = [_inc(metrics.predictions.labels(*labels, c)) for c in self.classes]
+        self.class_incs = [
+            child_adder(metrics.predictions.labels(*labels, c)) for c in self.classes
+        ]
         self.observe_latency = fast_observer(metrics.prediction_latency.labels(*labels))
         self.observe_delay = fast_observer(metrics.label_delay.labels(*labels))
         self._confusion = metrics.confusion
@@ -320,7 +310,7 @@ class _Model:
         self._confusion_incs: dict[tuple[str, str], Inc] = {}
         for predicted in profile.classes or ():
             for actual in profile.classes or ():
-                self.confusion_inc(predicted, actual)
+                self.confusionchild_adder(predicted, actual)
 
     @staticmethod
     def _numeric_series(
@@ -328,14 +318,14 @@ class _Model:
     ) -> _Numeric:
         series = _Numeric(feature.name, feature.edges, feature.min, feature.max)
         key = (*labels, feature.name)
-        series.bins = [_inc(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
+        series.bins = [child_adder(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
         for bin_label, share in zip(feature.bins, feature.shares, strict=True):
             metrics.feature_reference_share.labels(*key, bin_label).set(share)
-        series.missing = _inc(metrics.feature_missing.labels(*key))
-        series.oor = _inc(metrics.feature_out_of_range.labels(*key))
-        series.positive = _inc(metrics.feature_sum.labels(*key, "positive"))
-        series.negative = _inc(metrics.feature_sum.labels(*key, "negative"))
-        series.squares = _inc(metrics.feature_sum_squares.labels(*key))
+        series.missing = child_adder(metrics.feature_missing.labels(*key))
+        series.oor = child_adder(metrics.feature_out_of_range.labels(*key))
+        series.positive = child_adder(metrics.feature_sum.labels(*key, "positive"))
+        series.negative = child_adder(metrics.feature_sum.labels(*key, "negative"))
+        series.squares = child_adder(metrics.feature_sum_squares.labels(*key))
         return series
 
     @staticmethod
@@ -343,11 +333,11 @@ class _Model:
         metrics: ModelMetrics, labels: tuple[str, ...], feature: CategoricalProfile
     ) -> _Categorical:
         key = (*labels, feature.name)
-        incs = [_inc(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
+        incs = [child_adder(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
         for bin_label, share in zip(feature.bins, feature.shares, strict=True):
             metrics.feature_reference_share.labels(*key, bin_label).set(share)
-        incs.append(_inc(metrics.feature_missing.labels(*key)))
-        incs.append(_inc(metrics.feature_unseen.labels(*key)))
+        incs.append(child_adder(metrics.feature_missing.labels(*key)))
+        incs.append(child_adder(metrics.feature_unseen.labels(*key)))
         return _Categorical(feature.name, feature.categories, incs)
 
     @staticmethod
@@ -359,21 +349,21 @@ class _Model:
             series.bins = [_noop]
         else:
             series = _Numeric("score", score.edges, -_INF, _INF)
-            series.bins = [_inc(metrics.score_bin.labels(*labels, b)) for b in score.bins]
+            series.bins = [child_adder(metrics.score_bin.labels(*labels, b)) for b in score.bins]
             for bin_label, share in zip(score.bins, score.shares, strict=True):
                 metrics.score_reference_share.labels(*labels, bin_label).set(share)
-        series.missing = _inc(metrics.score_missing.labels(*labels))
+        series.missing = child_adder(metrics.score_missing.labels(*labels))
         series.oor = _noop
-        series.positive = _inc(metrics.score_sum.labels(*labels, "positive"))
-        series.negative = _inc(metrics.score_sum.labels(*labels, "negative"))
-        series.squares = _inc(metrics.score_sum_squares.labels(*labels))
+        series.positive = child_adder(metrics.score_sum.labels(*labels, "positive"))
+        series.negative = child_adder(metrics.score_sum.labels(*labels, "negative"))
+        series.squares = child_adder(metrics.score_sum_squares.labels(*labels))
         return series
 
-    def confusion_inc(self, predicted: str, actual: str) -> Inc:
+    def confusionchild_adder(self, predicted: str, actual: str) -> Inc:
         inc = self._confusion_incs.get((predicted, actual))
         if inc is None:
             child = self._confusion.labels(*self._labels, predicted, actual)
-            inc = self._confusion_incs[(predicted, actual)] = _inc(child)
+            inc = self._confusion_incs[(predicted, actual)] = child_adder(child)
         return inc
 
     def class_code(self, value: Any) -> int:
@@ -424,7 +414,8 @@ class _Config:
                     )
                     const = tuple(self.const_labels.values())
                     self._rejected = {
-                        r: _inc(metrics.feedback_rejected.labels(*const, r)) for r in REJECT_REASONS
+                        r: child_adder(metrics.feedback_rejected.labels(*const, r))
+                        for r in REJECT_REASONS
                     }
                     self._metrics = metrics
         return self._metrics
@@ -903,7 +894,7 @@ def record_feedback(prediction_id: str, actual: Any) -> Feedback:
     label = compiled.classes[code] if code != compiled.class_codes[NO_CLASS] else UNSEEN
     correct = None
     if predicted is not None and compiled.profile.classes:
-        inc = compiled.confusion_inc(predicted, label)
+        inc = compiled.confusionchild_adder(predicted, label)
         with storage_lock():
             inc(1)
         correct = predicted == label

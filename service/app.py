@@ -37,12 +37,11 @@ import numpy as np
 import pandas as pd
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
 from prometheus_client import CollectorRegistry
-from sklearn.model_selection import train_test_split
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, ServiceUnavailable
 
 from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import ReferenceProfile
-from service.data import TARGET, load_data, preprocess
+from service.data import preprocess
 from service.pipeline import (
     DEFAULT_CONFIG,
     NEGATIVE_CLASS,
@@ -50,6 +49,7 @@ from service.pipeline import (
     PROFILE_FILE,
     LoadedModel,
     TrainResult,
+    held_out_split,
     latest_version,
     load_config,
     load_latest,
@@ -271,19 +271,11 @@ class ModelStore:
     def evaluation_set(self) -> tuple[pd.DataFrame, np.ndarray]:
         """The held-out rows of the configured data (preprocessed features, actual labels).
 
-        The same split as :func:`service.pipeline.train`, so the default model never saw them.
+        The held-out part of :func:`service.pipeline.held_out_split`, the split training uses,
+        so the default model never saw them.
         """
         if self._evaluation is None:
-            config = self.config
-            frame = preprocess(load_data(config.data_path, n_rows=config.n_rows, seed=config.seed))
-            labels = np.where(frame[TARGET] == 1, POSITIVE_CLASS, NEGATIVE_CLASS)
-            _, features, _, actual = train_test_split(
-                frame[config.features],
-                labels,
-                test_size=config.test_size,
-                random_state=config.random_state,
-                stratify=labels,
-            )
+            _, features, _, actual = held_out_split(self.config)
             self._evaluation = features, actual
         return self._evaluation
 

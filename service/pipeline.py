@@ -50,6 +50,7 @@ __all__ = [
     "Config",
     "LoadedModel",
     "TrainResult",
+    "held_out_split",
     "latest_version",
     "load_config",
     "load_latest",
@@ -238,6 +239,28 @@ def _publish(root: Path, version: str) -> bool:
         return True
 
 
+def held_out_split(
+    config: Config, data: str | os.PathLike[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """``(x_train, x_test, y_train, y_test)``: the training split :func:`train` uses.
+
+    The config's data (or the CSV ``data``), preprocessed, features only, labelled with the
+    class names; ``test_size`` of it held out, stratified on the labels, seeded with
+    ``random_state``: the same rows every time, so the held-out rows stay unseen by the model.
+    """
+    path = data if data is not None else config.data_path
+    frame = preprocess(load_data(path, n_rows=config.n_rows, seed=config.seed))
+    labels = np.where(frame[TARGET] == 1, POSITIVE_CLASS, NEGATIVE_CLASS)
+    x_train, x_test, y_train, y_test = train_test_split(
+        frame[config.features],
+        labels,
+        test_size=config.test_size,
+        random_state=config.random_state,
+        stratify=labels,
+    )
+    return x_train, x_test, y_train, y_test
+
+
 def train(
     config_path: str | os.PathLike[str] | None = None,
     data_path: str | os.PathLike[str] | None = None,
@@ -251,18 +274,10 @@ def train(
     data_path = data_path if data_path is not None else config.data_path
     root = Path(models_dir if models_dir is not None else config.models_dir) / config.name
 
-    frame = preprocess(load_data(data_path, n_rows=config.n_rows, seed=config.seed))
+    x_train, x_test, y_train, y_test = held_out_split(config, data_path)
     source = f"generated: {config.n_rows} rows, seed {config.seed}"
     if data_path is not None:
         source = os.fspath(data_path)
-    labels = np.where(frame[TARGET] == 1, POSITIVE_CLASS, NEGATIVE_CLASS)
-    x_train, x_test, y_train, y_test = train_test_split(
-        frame[config.features],
-        labels,
-        test_size=config.test_size,
-        random_state=config.random_state,
-        stratify=labels,
-    )
 
     model = build_model(config)
     started = time.perf_counter()

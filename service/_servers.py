@@ -1,11 +1,15 @@
-"""gunicorn and Prometheus as child processes, for the demo (and any test that wants them).
+"""gunicorn and Prometheus as child processes: the demo's servers, and the tests' (the test
+helpers in ``tests/support.py`` build on these classes).
 
 Each server runs in its own process group (a new session: a Ctrl-C in the terminal reaches
-only the parent, which then stops the children), binds 127.0.0.1 only, is polled until it
-answers (never a fixed sleep) and is stopped as a whole group: SIGTERM, then SIGKILL.
+only the parent, which then stops the children), binds 127.0.0.1 only, logs to a file, is
+polled until it answers (never a fixed sleep) and is stopped as a whole group: SIGTERM, then
+SIGKILL. A server that does not start is stopped before the error propagates, with the tail of
+its log in the error's notes.
 
-    with Gunicorn("service.app:app", port=8000) as service, \\
-         Prometheus(config_file, port=9090, storage=tmp / "data") as prometheus:
+    with Gunicorn("service.app:app", port=8000, log_path=tmp / "gunicorn.log") as service, \\
+         Prometheus(config_file, port=9090, storage=tmp / "data",
+                    log_path=tmp / "prometheus.log") as prometheus:
         prometheus.wait_for_targets(["127.0.0.1:8000"])
         prometheus.query("sum by (route) (rate(http_requests_total[1m]))")
 """
@@ -13,6 +17,8 @@ answers (never a fixed sleep) and is stopped as a whole group: SIGTERM, then SIG
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
 import json
 import os
 import signal
@@ -20,18 +26,28 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-__all__ = ["REPO", "Gunicorn", "Prometheus", "free_port", "port_is_free", "wait_until"]
+__all__ = [
+    "REPO",
+    "Gunicorn",
+    "Prometheus",
+    "free_port",
+    "http_request",
+    "port_is_free",
+    "wait_until",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+P = TypeVar("P", bound="_Process")
+
+#: How much of a log goes into the notes of a start-up error.
+_LOG_TAIL = 6000
 
 
 def free_port() -> int:
@@ -52,7 +68,7 @@ def port_is_free(port: int) -> bool:
 
 
 def wait_until(
-    condition: Callable[[], T], timeout: float, interval: float = 0.1, message: str = ""
+    condition: Callable[[], T], timeout: float, interval: float = 0.05, message: str = ""
 ) -> T:
     """Poll ``condition`` until it returns something true; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout
@@ -65,60 +81,141 @@ def wait_until(
         time.sleep(interval)
 
 
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """``GET url``: ``(status, body)``, 4xx and 5xx included; network errors raise OSError."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # 127.0.0.1 only
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+class _Received:
+    """A finished exchange's bytes, shaped like the socket ``http.client`` parses from."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, *args: Any, **kwargs: Any) -> io.BytesIO:
+        return io.BytesIO(self._data)
+
+
+def http_request(
+    url: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, bytes]:
+    """One request on a fresh connection; returns ``(status, body)`` once the server closed it.
+
+    Waiting for the server to close the connection, not just for the last body byte, matters
+    for exact counts: a WSGI server closes the response iterable (where the middleware records
+    the request) after sending the body and before closing the connection. Unlike urllib, 4xx
+    and 5xx answers are returned, not raised; network errors raise.
+    """
+    parts = urllib.parse.urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    request = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b"")
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    response = http.client.HTTPResponse(_Received(b"".join(chunks)), method=method)  # type: ignore[arg-type]
+    response.begin()
+    return response.status, response.read()
 
 
 class _Process:
-    """A child in its own process group, logging to a file, stopped as a group."""
+    """A child in its own process group, logging to a file, stopped as a group.
+
+    A subclass gives :meth:`_command` and :meth:`_ready`: ``__enter__`` starts the command and
+    polls ``_ready`` every ``poll_interval`` s until it is true (or ``startup_timeout`` passed,
+    or the child exited); ``__exit__`` stops the group.
+    """
 
     name = "process"
+    poll_interval = 0.05
 
-    def __init__(self, log_path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        log_path: str | os.PathLike[str],
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float,
+        stop_timeout: float = 10.0,
+    ) -> None:
         self.log_path = Path(log_path)
+        self.cwd = cwd
+        self.env = dict(env) if env is not None else None
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
+        """The child's pid (also its process group id)."""
         assert self.process is not None, f"{self.name} is not running"
         return self.process.pid
 
-    def log(self, lines: int = 30) -> str:
-        """The last ``lines`` lines of the log."""
+    def log(self) -> str:
+        """What the child wrote so far ("" before it started)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
 
-    def _start(
-        self, command: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path = REPO
-    ) -> None:
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _not_ready(self) -> str:
+        """The message of the TimeoutError when ``_ready`` stayed false."""
+        return f"{self.name} did not start within {self.startup_timeout} s"
+
+    def _start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                list(command),
-                cwd=cwd,
-                env=dict(env) if env is not None else None,
+                self._command(),
+                cwd=self.cwd,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a whole
             )
 
-    def check_running(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} exited with {self.process.returncode}; its log:\n{self.log()}"
-            )
+    def _add_log(self, error: BaseException) -> None:
+        """Put the tail of the log into ``error``'s notes (once)."""
+        header = f"{self.name} log ({self.log_path}):"
+        if not any(note.startswith(header) for note in getattr(error, "__notes__", ())):
+            error.add_note(f"{header}\n{self.log()[-_LOG_TAIL:]}")
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, wait up to ``grace`` s, then SIGKILL it (idempotent)."""
+    def check_running(self) -> None:
+        """Raise RuntimeError, the log's tail in its notes, if the child has exited."""
+        assert self.process is not None, f"{self.name} is not running"
+        if self.process.poll() is not None:
+            error = RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            self._add_log(error)
+            raise error
+
+    def _answers(self) -> bool:
+        self.check_running()
+        return self._ready()
+
+    def __enter__(self: P) -> P:
+        try:
+            self._start()
+            wait_until(self._answers, self.startup_timeout, self.poll_interval, self._not_ready())
+        except BaseException as error:
+            if self.process is not None:
+                self._add_log(error)
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait up to ``stop_timeout`` s for the child, then SIGKILL
+        the group (workers left behind, if any); idempotent."""
         process = self.process
         if process is None:
             return
@@ -127,10 +224,10 @@ class _Process:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(grace)
+                    process.wait(self.stop_timeout)
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # workers left behind, if any
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
     def __exit__(
@@ -143,10 +240,11 @@ class _Process:
 
 
 class Gunicorn(_Process):
-    """``python -m gunicorn -c <repo>/gunicorn.conf.py <app>`` on 127.0.0.1:``port``.
+    """``python -m gunicorn -c <config> <app>`` on 127.0.0.1:``port``, run in ``cwd``.
 
-    ``env`` is added to this process's environment (``BIND`` and ``WEB_CONCURRENCY`` are set
-    from ``port`` and ``workers``). ``__enter__`` returns once ``ready_path`` answers.
+    Its environment is ``environ`` (default: this process's), then ``env`` (a ``None`` value
+    removes a variable), then ``BIND`` and ``WEB_CONCURRENCY`` from ``port`` and ``workers``.
+    ``__enter__`` returns once ``ready_path`` answers, whatever the status.
     """
 
     name = "gunicorn"
@@ -157,52 +255,60 @@ class Gunicorn(_Process):
         *,
         port: int,
         workers: int = 4,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | None] | None = None,
+        environ: Mapping[str, str] | None = None,
         log_path: str | os.PathLike[str],
+        config: str | os.PathLike[str] = REPO / "gunicorn.conf.py",
+        cwd: str | os.PathLike[str] = REPO,
         ready_path: str = "/healthz",
         startup_timeout: float = 60.0,
+        stop_timeout: float = 10.0,
     ) -> None:
-        super().__init__(log_path)
         self.app = app
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.url = f"http://{self.address}"
-        self.env = {
-            **os.environ,
-            **(env or {}),
-            "BIND": self.address,
-            "WEB_CONCURRENCY": str(workers),
-        }
+        environment = dict(os.environ if environ is None else environ)
+        for variable, value in (env or {}).items():
+            if value is None:
+                environment.pop(variable, None)
+            else:
+                environment[variable] = value
+        environment.update(BIND=self.address, WEB_CONCURRENCY=str(workers))
+        super().__init__(
+            log_path,
+            cwd=cwd,
+            env=environment,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
+        self.config = os.fspath(config)
         self.ready_path = ready_path
-        self.startup_timeout = startup_timeout
 
-    def __enter__(self) -> Gunicorn:
-        config = REPO / "gunicorn.conf.py"
-        self._start([sys.executable, "-m", "gunicorn", "-c", str(config), self.app], self.env)
-        try:
-            wait_until(self._answers, self.startup_timeout, message=f"no answer from {self.url}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "gunicorn", "-c", self.config, self.app]
 
-    def _answers(self) -> bool:
-        self.check_running()
+    def _ready(self) -> bool:
         try:
-            http_get(self.url + self.ready_path, timeout=5)
+            http_request(self.url + self.ready_path, timeout=5)
         except OSError:
             return False
         return True
+
+    def _not_ready(self) -> str:
+        return f"gunicorn did not answer on {self.url}"
 
 
 class Prometheus(_Process):
     """A real Prometheus with ``config_file``, storage in ``storage``, on 127.0.0.1:``port``.
 
-    Started with ``--web.enable-lifecycle``. ``__enter__`` returns once the HTTP API answers;
-    call :meth:`wait_for_targets` before querying (the first scrape comes ~6 s after start).
+    Started with ``--web.enable-lifecycle``, in the config file's directory. ``__enter__``
+    returns once it is ready; call :meth:`wait_for_targets` before querying (the first scrape
+    comes ~6 s after start).
     """
 
     name = "prometheus"
+    poll_interval = 0.2
 
     def __init__(
         self,
@@ -214,54 +320,53 @@ class Prometheus(_Process):
         binary: str = "prometheus",
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
     ) -> None:
-        super().__init__(log_path)
         self.config_file = Path(config_file)
+        super().__init__(
+            log_path,
+            cwd=self.config_file.parent,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.storage = Path(storage)
         self.binary = binary
         self.extra_args = list(extra_args)
-        self.startup_timeout = startup_timeout
 
-    def __enter__(self) -> Prometheus:
-        self._start(
-            [
-                self.binary,
-                f"--config.file={self.config_file}",
-                f"--storage.tsdb.path={self.storage}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-                *self.extra_args,
-            ],
-            cwd=self.config_file.parent,
-        )
-        try:
-            wait_until(self._ready, self.startup_timeout, message=f"no answer from {self.url}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.config_file}",
+            f"--storage.tsdb.path={self.storage}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+            *self.extra_args,
+        ]
 
     def _ready(self) -> bool:
-        self.check_running()
         try:
-            return http_get(self.url + "/-/ready", timeout=5)[0] == 200
+            return http_request(self.url + "/-/ready", timeout=5)[0] == 200
         except OSError:
             return False
+
+    def _not_ready(self) -> str:
+        return f"Prometheus did not answer on {self.url}"
 
     def api(self, path: str, **params: str) -> Any:
         """``GET /api/v1/<path>``: the ``data`` of a successful answer."""
         url = f"{self.url}/api/v1/{path}"
         if params:
             url += "?" + urllib.parse.urlencode(params)
-        status, body = http_get(url)
+        status, body = http_request(url, timeout=10)
         answer = json.loads(body)
         if status != 200 or answer.get("status") != "success":
             raise RuntimeError(f"Prometheus {path}: {status} {body[:500]!r}")
         return answer["data"]
 
     def targets_up(self, targets: Sequence[str]) -> bool:
+        """Whether every target (``host:port``) has been scraped successfully."""
         self.check_running()
         try:
             active = self.api("targets", state="active")["activeTargets"]
@@ -279,12 +384,24 @@ class Prometheus(_Process):
             message=f"Prometheus targets not up within {timeout} s: {list(targets)}",
         )
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """An instant query: ``[{"metric": {...}, "value": [t, "v"]}, ...]``."""
-        data = self.api("query", query=promql)
+    def query(self, promql: str, time: float | None = None) -> list[dict[str, Any]]:
+        """An instant query (now, or at ``time``): ``[{"metric": {...}, "value": [t, "v"]}]``."""
+        params = {"query": promql}
+        if time is not None:
+            params["time"] = str(time)
+        data = self.api("query", **params)
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
+
+    def value(self, promql: str) -> float | None:
+        """The single value of an instant query, or ``None`` when it returns nothing."""
+        result = self.query(promql)
+        if not result:
+            return None
+        if len(result) != 1:
+            raise ValueError(f"{promql!r} returned {len(result)} series")
+        return float(result[0]["value"][1])
 
     def values(self, promql: str, *labels: str) -> dict[tuple[str, ...], float]:
         """An instant query's values keyed by the given labels' values."""

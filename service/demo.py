@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: gunicorn and Prometheus are stopped", flush=True)
         return 130
     except (RuntimeError, TimeoutError, OSError, ValueError) as error:
-        print(f"demo failed: {error}", file=sys.stderr, flush=True)
+        notes = getattr(error, "__notes__", ())  # a server's log tail
+        print(f"demo failed: {error}", *notes, sep="\n", file=sys.stderr, flush=True)
         return 1
 
 

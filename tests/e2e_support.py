@@ -144,13 +144,9 @@ class ServiceServer(GunicornServer):
                 **(env or {}),
             },
             workers=workers,
+            port=port,
             startup_timeout=60.0,
         )
-        if port is not None:
-            self.port = port
-            self.address = f"127.0.0.1:{port}"
-            self.url = f"http://{self.address}"
-            self.env["BIND"] = self.address
 
 
 @contextlib.contextmanager

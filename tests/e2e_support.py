@@ -19,7 +19,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from bisect import bisect_left
@@ -32,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from support import REPO, GunicornServer, PrometheusServer, wait_until
+from support import REPO, GunicornServer, PrometheusServer, parallel, wait_until
 
 from ml_wsgi_metrics.profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile
 from service.data import TARGET, generate, preprocess
@@ -156,21 +155,7 @@ def running(*servers: GunicornServer | PrometheusServer) -> Iterator[None]:
     with ExitStack() as stack:
         for server in servers:
             stack.push(server.__exit__)
-        errors: list[BaseException] = []
-
-        def enter(server: GunicornServer | PrometheusServer) -> None:
-            try:
-                server.__enter__()
-            except BaseException as error:
-                errors.append(error)
-
-        threads = [threading.Thread(target=enter, args=(s,), daemon=True) for s in servers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        parallel(lambda server: server.__enter__(), servers, threads=len(servers))
         yield
 
 
@@ -261,35 +246,6 @@ def pinned_request(
 
 
 # -- Prometheus -------------------------------------------------------------------------------
-
-
-def parallel(function: Callable[[Any], Any], items: Sequence[Any], threads: int = 4) -> list[Any]:
-    """``[function(item) for item in items]`` from ``threads`` threads, in order; the first
-    error is raised after every thread stopped (nothing is retried)."""
-    results: list[Any] = [None] * len(items)
-    errors: list[BaseException] = []
-    positions = iter(range(len(items)))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while not errors:
-            with lock:
-                index = next(positions, None)
-            if index is None:
-                return
-            try:
-                results[index] = function(items[index])
-            except BaseException as error:
-                errors.append(error)
-
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 def range_samples(

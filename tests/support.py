@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -43,6 +42,7 @@ __all__ = [
     "free_port",
     "http_request",
     "listening_addresses",
+    "parallel",
     "parse_samples",
     "send_all",
     "tcp_sockets",
@@ -73,6 +73,35 @@ def clean_environment() -> dict[str, str]:
     }
 
 
+def parallel(function: Callable[[Any], Any], items: Sequence[Any], threads: int = 4) -> list[Any]:
+    """``[function(item) for item in items]`` from ``threads`` threads, in order; the first
+    error is raised after every thread stopped (nothing is retried)."""
+    results: list[Any] = [None] * len(items)
+    errors: list[BaseException] = []
+    positions = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                index = next(positions, None)
+            if index is None:
+                return
+            try:
+                results[index] = function(items[index])
+            except BaseException as error:
+                errors.append(error)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def send_all(
     base_url: str,
     requests: Iterable[tuple[str, str, bytes | None]],
@@ -84,35 +113,13 @@ def send_all(
     Returns ``(method, path, status)`` for each request. A network error fails the whole call:
     retrying could count a request twice.
     """
-    work: queue.SimpleQueue[tuple[str, str, bytes | None]] = queue.SimpleQueue()
-    for request in requests:
-        work.put(request)
-    results: list[tuple[str, str, int]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
 
-    def client() -> None:
-        while not errors:
-            try:
-                method, path, body = work.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                status, _ = http_request(base_url + path, method, body, timeout=timeout)
-            except BaseException as error:
-                errors.append(error)
-                return
-            with lock:
-                results.append((method, path, status))
+    def send(request: tuple[str, str, bytes | None]) -> tuple[str, str, int]:
+        method, path, body = request
+        status, _ = http_request(base_url + path, method, body, timeout=timeout)
+        return method, path, status
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
+    return parallel(send, list(requests), threads=clients)
 
 
 def parse_samples(text: str) -> list[Sample]:

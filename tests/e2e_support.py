@@ -168,43 +168,15 @@ class Answer(NamedTuple):
         return json.loads(self.body)
 
 
-def _accepted_inode(server_port: int, client_port: int) -> int | None:
-    """The inode of the server side of the loopback connection ``client_port -> server_port``
-    once a process has accepted it (0 while it waits in the backlog), read from /proc/net/tcp.
-
-    A plain text search: the table holds thousands of TIME_WAIT lines after a busy test.
-    """
-    key = f"0100007F:{server_port:04X} 0100007F:{client_port:04X} 01 "
-    with open("/proc/net/tcp") as handle:
-        table = handle.read()
-    start = table.find(key)
-    if start < 0:
-        return None
-    line = table[start : table.find("\n", start)]
-    inode = int(line.split()[8])  # local remote st queues tr retrnsmt uid timeout inode
-    return inode or None
-
-
-def _holder(inode: int, pids: Sequence[int]) -> int | None:
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-    return None
-
-
 def serving_worker(server: GunicornServer, client_port: int, timeout: float = 15.0) -> int:
     """The worker that accepted the connection a client opened from ``client_port``."""
     pids = server.worker_pids()
-
-    def holder() -> int | None:
-        inode = _accepted_inode(server.port, client_port)
-        return None if inode is None else _holder(inode, pids)
-
-    return wait_until(holder, timeout, interval=0.002, message="no worker took the connection")
+    return wait_until(
+        lambda: server.worker_serving(client_port, pids),
+        timeout,
+        interval=0.002,
+        message="no worker took the connection",
+    )
 
 
 def pinned_request(

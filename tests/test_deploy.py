@@ -25,7 +25,14 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from support import REPO, GunicornServer, http_request, listening_addresses, parse_samples
+from support import (
+    REPO,
+    GunicornServer,
+    clean_environment,
+    http_request,
+    listening_addresses,
+    parse_samples,
+)
 
 from ml_wsgi_metrics.__main__ import main as rules_main
 from ml_wsgi_metrics.metrics import ModelMetrics, RequestMetrics, ServerMetrics
@@ -368,16 +375,6 @@ def test_the_load_generator_summary_matches_the_service_metrics(
 # -- the demo ---------------------------------------------------------------------------------
 
 
-def _demo_environment() -> dict[str, str]:
-    """This environment less the server settings a test must not pass on by accident."""
-    dropped = ("BIND", "WEB_CONCURRENCY", "SERVICE_NAME", "PROMETHEUS_MULTIPROC_DIR")
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if name not in dropped and not name.startswith(("GUNICORN_", "ML_WSGI_METRICS_"))
-    }
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -393,7 +390,7 @@ class _Demo:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.demo", *args],
             cwd=REPO,
-            env=_demo_environment(),
+            env=clean_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -15,11 +15,29 @@ from typing import Any
 import prometheus_client.values
 import pytest
 from prometheus_client import CollectorRegistry
+from support import require_tool
 
 from ml_wsgi_metrics import multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires_tool(name, ...): the commands a test runs; skipped when one is missing, "
+        "failed under CI=true (support.require_tool)",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``requires_tool`` marks, checked before the test's fixtures (a module-scoped server
+    needs the tool as much as the test does)."""
+    for mark in item.iter_markers("requires_tool"):
+        for name in mark.args:
+            require_tool(name)
 
 
 def make_environ(

@@ -44,6 +44,7 @@ __all__ = [
     "listening_addresses",
     "parallel",
     "parse_samples",
+    "require_tool",
     "send_all",
     "tcp_sockets",
     "wait_until",
@@ -71,6 +72,25 @@ def clean_environment() -> dict[str, str]:
         for name, value in os.environ.items()
         if name not in _INHERITED_SETTINGS and not name.startswith(_INHERITED_PREFIXES)
     }
+
+
+def require_tool(name: str) -> str:
+    """The path of the command ``name`` (a name looked up on ``PATH``, or a path).
+
+    When it is missing, the calling test is skipped; under CI (``CI=true``) it fails instead:
+    CI installs every tool through the Makefile, and a skip would hide a broken install. Tests
+    use it through the ``requires_tool(name, ...)`` mark (see ``conftest.py``), which calls it
+    before any fixture of the test is set up.
+    """
+    import pytest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed (make test-setup installs it)"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message}; CI=true: a missing tool fails the tests", pytrace=False)
+    pytest.skip(message)
 
 
 def parallel(function: Callable[[Any], Any], items: Sequence[Any], threads: int = 4) -> list[Any]:

@@ -63,12 +63,8 @@ BUILTIN_SERIES = {"ALERTS", "ALERTS_FOR_STATE", "up"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
 PROMQL_WORDS |= {"unless", "bool", "offset", "inf", "nan"}
 
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed (make setup installs it)"
-)
-needs_prometheus = pytest.mark.skipif(
-    shutil.which("prometheus") is None, reason="prometheus not installed (make setup installs it)"
-)
+needs_promtool = pytest.mark.requires_tool("promtool")
+needs_prometheus = pytest.mark.requires_tool("prometheus")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ Python computation on the very bytes sent; see ``../shared/notes/prometheus.md``
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,9 +56,7 @@ from support import PrometheusServer, http_request, wait_until
 from ml_wsgi_metrics.profile import ReferenceProfile
 from service.pipeline import MODEL_FILE, POSITIVE_CLASS
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("prometheus") is None, reason="prometheus not installed (make setup does it)"
-)
+pytestmark = pytest.mark.requires_tool("prometheus", "promtool")
 
 WINDOW = 20  # seconds: the rules' --window; every version's traffic fits well inside it
 ALERT_FOR = 4  # seconds a drift or accuracy condition holds before the alert fires

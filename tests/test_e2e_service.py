@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -67,9 +66,7 @@ from ml_wsgi_metrics.profile import ReferenceProfile
 from service import loadgen
 from service.pipeline import METRICS_FILE, MODEL_FILE, POSITIVE_CLASS
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("prometheus") is None, reason="prometheus not installed (make setup does it)"
-)
+pytestmark = pytest.mark.requires_tool("prometheus", "promtool")
 
 JOB = "flask_app"  # the seed's job, as in prometheus.yml
 SHORT_WINDOW, ALERT_FOR = 30, 4  # seconds: the load generator version's rules
@@ -460,7 +457,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+@pytest.mark.requires_tool("chromium")
 def test_the_results_page_renders_with_its_plot_in_chromium(fleet: Fleet, tmp_path: Path) -> None:
     """GET /predict in headless Chromium: the screenshot has the score histogram's bars in
     the plot region, and the laid-out SVG (read in the browser) puts a bar of the right colour

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -168,7 +166,7 @@ def promtool_check(text: bytes) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.skipif(not os.path.exists(PROMTOOL), reason="promtool (Debian's prometheus) absent")
+@pytest.mark.requires_tool(PROMTOOL)
 @pytest.mark.parametrize(
     "options",
     [
@@ -203,7 +201,7 @@ def test_promtool_check_metrics_passes_on_the_exposition(
     assert checked.stdout.strip() == ""
 
 
-@pytest.mark.skipif(not shutil.which(PROMTOOL), reason="promtool (Debian's prometheus) absent")
+@pytest.mark.requires_tool(PROMTOOL)
 def test_promtool_sees_problems(registry: CollectorRegistry) -> None:
     """The check above is a real one: promtool rejects a metric without help text."""
     checked = promtool_check(b"# TYPE things counter\nthings 1\n")

@@ -25,9 +25,7 @@ from ml_wsgi_metrics.rules import (
 )
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-needs_promtool = pytest.mark.skipif(
-    not Path(PROMTOOL).exists(), reason="promtool is not installed (apt-get install prometheus)"
-)
+needs_promtool = pytest.mark.requires_tool(PROMTOOL)
 
 MINUTES = 90  # samples per series, one a minute
 EVAL = "80m"  # the 1h window is fully sampled and the 10m "for" has elapsed

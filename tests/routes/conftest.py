@@ -1,8 +1,10 @@
-"""Shared fixtures: drive a WSGI app once and see which route its adapter named."""
+"""Shared fixtures: drive a WSGI app once and see which route its adapter named.
+
+The environ is the one ``tests/conftest.py`` builds (its ``environ`` fixture).
+"""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,76 +33,58 @@ class Result:
     body: bytes = b""
 
 
-def make_environ(path: str, method: str = "GET", script_name: str = "") -> dict[str, Any]:
-    """A minimal PEP 3333 environ for ``method path`` (no query, no body)."""
-    return {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": script_name,
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "SERVER_NAME": "localhost",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTP_HOST": "localhost",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(),
-        "wsgi.errors": io.StringIO(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-
-
-def recorded_environ(
-    path: str, method: str = "GET", script_name: str = ""
-) -> tuple[dict[str, Any], Recorder]:
-    """An environ carrying a fresh :class:`Recorder` under ``REQUEST_KEY``."""
-    environ = make_environ(path, method, script_name)
-    recorder = environ[REQUEST_KEY] = Recorder()
-    return environ, recorder
-
-
-def call_app(
-    app: Callable[..., Any],
-    path: str,
-    method: str = "GET",
-    script_name: str = "",
-    *,
-    record: bool = True,
-) -> Result:
-    """Run one request through ``app``, closing the response.
-
-    With ``record`` a recorder stands in for the middleware; without, the environ is bare
-    (for an app wrapped in the real ``MetricsMiddleware``, which skips requests it finds
-    already measured).
-    """
-    environ, recorder = recorded_environ(path, method, script_name)
-    if not record:
-        del environ[REQUEST_KEY]
-    statuses: list[str] = []
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        statuses.append(status)
-        return lambda data: None
-
-    body = app(environ, start_response)
-    try:
-        data = b"".join(body)
-    finally:
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()
-    return Result(int(statuses[-1].split()[0]), recorder.routes, data)
-
-
 @pytest.fixture
-def call() -> Callable[..., Result]:
-    """``call(app, path, method="GET", script_name="", *, record=True) -> Result``."""
-    return call_app
+def new_environ(
+    environ: Callable[..., dict[str, Any]],
+) -> Callable[..., tuple[dict[str, Any], Recorder]]:
+    """``new_environ(path, method="GET", script_name="") -> (environ, recorder)``: an environ
+    carrying a fresh :class:`Recorder` under ``REQUEST_KEY``."""
 
+    def recorded_environ(
+        path: str, method: str = "GET", script_name: str = ""
+    ) -> tuple[dict[str, Any], Recorder]:
+        env = environ(path, method, script_name=script_name)
+        recorder = env[REQUEST_KEY] = Recorder()
+        return env, recorder
 
-@pytest.fixture
-def new_environ() -> Callable[..., tuple[dict[str, Any], Recorder]]:
-    """``new_environ(path, method="GET", script_name="") -> (environ, recorder)``."""
     return recorded_environ
+
+
+@pytest.fixture
+def call(new_environ: Callable[..., tuple[dict[str, Any], Recorder]]) -> Callable[..., Result]:
+    """``call(app, path, method="GET", script_name="", *, record=True) -> Result``.
+
+    Runs one request through ``app``, closing the response. With ``record`` a recorder stands
+    in for the middleware; without, the environ is bare (for an app wrapped in the real
+    ``MetricsMiddleware``, which skips requests it finds already measured).
+    """
+
+    def call_app(
+        app: Callable[..., Any],
+        path: str,
+        method: str = "GET",
+        script_name: str = "",
+        *,
+        record: bool = True,
+    ) -> Result:
+        environ, recorder = new_environ(path, method, script_name)
+        if not record:
+            del environ[REQUEST_KEY]
+        statuses: list[str] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            statuses.append(status)
+            return lambda data: None
+
+        body = app(environ, start_response)
+        try:
+            data = b"".join(body)
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        return Result(int(statuses[-1].split()[0]), recorder.routes, data)
+
+    return call_app

@@ -7,11 +7,12 @@ from typing import Any
 
 import bottle
 import pytest
-from prometheus_client import CollectorRegistry
 
-from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware
 from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import bottle as bottle_adapter
+
+ADAPTER = "bottle"
+ITEM_ROUTE = "/items/<id:int>"
 
 
 def make_child() -> bottle.Bottle:
@@ -81,16 +82,13 @@ def app() -> bottle.Bottle:
     ],
 )
 def test_matched_route_is_named(
-    app: bottle.Bottle, call: Callable[..., Any], path: str, method: str, status: int, route: str
+    checks: Any, path: str, method: str, status: int, route: str
 ) -> None:
-    result = call(app, path, method)
-    assert result.status == status
-    assert result.routes == [route]
+    checks.named(path, method, status, route)
 
 
-def test_ids_share_one_template(app: bottle.Bottle, call: Callable[..., Any]) -> None:
-    routes = {tuple(call(app, f"/items/{i}").routes) for i in (1, 2, 300)}
-    assert routes == {("/items/<id:int>",)}
+def test_ids_share_one_template(checks: Any) -> None:
+    checks.ids_share_one_template()
 
 
 @pytest.mark.parametrize(
@@ -103,17 +101,12 @@ def test_ids_share_one_template(app: bottle.Bottle, call: Callable[..., Any]) ->
         pytest.param("/legacy/nope", "GET", 404, id="wsgi-mount-no-route"),
     ],
 )
-def test_unmatched_path_is_not_named(
-    app: bottle.Bottle, call: Callable[..., Any], path: str, method: str, status: int
-) -> None:
-    result = call(app, path, method)
-    assert result.status == status
-    assert result.routes == []
+def test_unmatched_path_is_not_named(checks: Any, path: str, method: str, status: int) -> None:
+    checks.not_named(path, method, status)
 
 
-def test_script_name_prefixes_the_template(app: bottle.Bottle, call: Callable[..., Any]) -> None:
-    result = call(app, "/items/7", script_name="/svc")
-    assert (result.status, result.routes) == (200, ["/svc/items/<id:int>"])
+def test_script_name_prefixes_the_template(checks: Any) -> None:
+    checks.script_name_prefixes_the_template()
 
 
 def test_install_adapter_detects_bottle_and_installs_once(
@@ -158,19 +151,5 @@ def test_handles_only_bottle() -> None:
     assert not bottle_adapter.handles(object())
 
 
-def test_metrics_middleware_counts_ids_under_one_template(
-    app: bottle.Bottle, call: Callable[..., Any]
-) -> None:
-    registry = CollectorRegistry()
-    wrapped = MetricsMiddleware(app, registry=registry)
-    assert wrapped.adapter == "bottle"
-    for i in range(3):
-        assert call(wrapped, f"/items/{i}", record=False).status == 200
-    assert call(wrapped, "/nope", record=False).status == 404
-
-    def count(route: str, status: str) -> float | None:
-        labels = {"method": "GET", "route": route, "status": status}
-        return registry.get_sample_value("http_requests_total", labels)
-
-    assert count("/items/<id:int>", "200") == 3
-    assert count(UNMATCHED, "404") == 1
+def test_metrics_middleware_counts_ids_under_one_template(checks: Any) -> None:
+    checks.metrics_middleware_counts_ids_under_one_template()

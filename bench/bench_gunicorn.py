@@ -3,7 +3,8 @@
     python bench/bench_gunicorn.py                  # wrk if installed, else a Python loader
     python bench/bench_gunicorn.py --seconds 10 --rounds 6
 
-*bare* serves the app with a plain gunicorn config of the same settings, without this package;
+The app is the tests' (``tests/apps/flask_app.py``), loaded at ``/``: hello world. *bare* serves
+it with a plain gunicorn config of the same settings, without this package;
 *wrapped* serves it with the repo's ``gunicorn.conf.py`` (multiprocess hooks, the app wrapped in
 ``MetricsMiddleware``). Both servers run side by side on 127.0.0.1; rounds alternate between
 them (ABBA) with the same load generator, and the ratio of the median requests/s is printed
@@ -25,18 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from flask import Flask
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-
-app = Flask(__name__)
-
-
-@app.get("/")
-def hello() -> str:
-    return "Hello, World!"
-
 
 BARE_CONFIG = """\
 import os
@@ -108,7 +99,7 @@ def counted(url: str) -> float:
 
 
 def main() -> None:
-    from support import GunicornServer
+    from support import TEST_APP, GunicornServer
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="per round")
@@ -128,7 +119,7 @@ def main() -> None:
         load, loader = run_python, f"python loader, {args.connections} processes"
         args.connections = min(args.connections, 8)
 
-    app_name = "bench.bench_gunicorn:app"
+    app_name = TEST_APP
     with tempfile.TemporaryDirectory() as directory:
         bare_config = Path(directory, "bare.conf.py")
         bare_config.write_text(BARE_CONFIG)

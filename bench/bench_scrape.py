@@ -28,27 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from flask import Flask
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tests.apps (the app below), support
 
-app = Flask(__name__)
+from tests.apps.flask_app import create_app  # noqa: E402 (the repo is on sys.path now)
 
-
-@app.get("/")
-def hello() -> str:
-    return "Hello, World!"
-
-
-@app.get("/items/<int:item_id>")
-def item(item_id: int) -> dict[str, int]:
-    return {"id": item_id}
-
-
-@app.post("/items")
-def create_item() -> tuple[dict[str, int], int]:
-    return {"created": 1}, 201
+#: The tests' app (``/``, ``/items/<int:item_id>``, ``POST /items``...) and two more routes.
+app = create_app()
 
 
 @app.get("/users/<name>")

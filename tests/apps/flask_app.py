@@ -5,7 +5,7 @@
 Routes: ``/`` (hello), ``/items/<int:item_id>`` (parametrised), ``POST /items`` (201, echoes the
 body size), ``/boom`` (raises; the exception propagates to the WSGI server, which answers 500),
 ``/slow?seconds=S`` (sleeps, for in-flight requests) and ``/pid`` (the serving worker's pid).
-Any other path is a 404.
+Any other path is a 404. ``create_app()`` makes another such app (the benchmarks add routes).
 """
 
 from __future__ import annotations
@@ -15,41 +15,43 @@ import time
 
 from flask import Flask, request
 
-app = Flask(__name__)
-# Let the exception reach the middleware (counted as 500 and re-raised) and then gunicorn.
-app.config["PROPAGATE_EXCEPTIONS"] = True
-
 
 class Boom(RuntimeError):
     """The exception ``/boom`` raises."""
 
 
-@app.get("/")
-def hello() -> str:
-    return "Hello, World!"
+def create_app() -> Flask:
+    """A new app with the routes above."""
+    app = Flask(__name__)
+    # Let the exception reach the middleware (counted as 500 and re-raised) and then gunicorn.
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+
+    @app.get("/")
+    def hello() -> str:
+        return "Hello, World!"
+
+    @app.get("/items/<int:item_id>")
+    def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    @app.post("/items")
+    def create_item() -> tuple[dict[str, int], int]:
+        return {"size": len(request.get_data())}, 201
+
+    @app.get("/boom")
+    def boom() -> str:
+        raise Boom("boom")
+
+    @app.get("/slow")
+    def slow() -> str:
+        time.sleep(float(request.args.get("seconds", "1")))
+        return "slow"
+
+    @app.get("/pid")
+    def pid() -> str:
+        return str(os.getpid())
+
+    return app
 
 
-@app.get("/items/<int:item_id>")
-def item(item_id: int) -> dict[str, int]:
-    return {"id": item_id}
-
-
-@app.post("/items")
-def create_item() -> tuple[dict[str, int], int]:
-    return {"size": len(request.get_data())}, 201
-
-
-@app.get("/boom")
-def boom() -> str:
-    raise Boom("boom")
-
-
-@app.get("/slow")
-def slow() -> str:
-    time.sleep(float(request.args.get("seconds", "1")))
-    return "slow"
-
-
-@app.get("/pid")
-def pid() -> str:
-    return str(os.getpid())
+app = create_app()

@@ -250,15 +250,20 @@ def _number(name: str, value: Any, fail: Any) -> float | int | None:
     return value
 
 
-def _check_row(row: Any, index: int | None) -> dict[str, Any]:
-    where = "" if index is None else f"rows[{index}]: "
+def _item(item: Any, index: int | None, key: str, expected: str) -> tuple[str, dict[str, int]]:
+    """The message prefix and location of a body's item (``index`` in a batch under ``key``,
+    ``None`` when alone), once it is checked to be an object (``expected`` describes it)."""
+    where = "" if index is None else f"{key}[{index}]: "
     location = {} if index is None else {"row": index}
-    if not isinstance(row, dict):
+    if not isinstance(item, dict):
         raise InputError(
-            f"{where}expected an object of column: value, got {_type_name(row)}",
-            code="wrong_type",
-            **location,
+            f"{where}expected {expected}, got {_type_name(item)}", code="wrong_type", **location
         )
+    return where, location
+
+
+def _check_row(row: Any, index: int | None) -> dict[str, Any]:
+    where, location = _item(row, index, "rows", "an object of column: value")
     _check_columns(row, where, index)
     clean: dict[str, Any] = {}
     for name in (*REQUIRED_COLUMNS, ID_COLUMN):
@@ -308,14 +313,7 @@ def rows_to_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def _check_feedback(item: Any, index: int | None) -> tuple[str, str]:
-    where = "" if index is None else f"feedback[{index}]: "
-    location = {} if index is None else {"row": index}
-    if not isinstance(item, dict):
-        raise InputError(
-            f'{where}expected {{"id": ..., "actual": ...}}, got {_type_name(item)}',
-            code="wrong_type",
-            **location,
-        )
+    where, location = _item(item, index, "feedback", '{"id": ..., "actual": ...}')
     missing = [k for k in ("id", "actual") if k not in item]
     if missing:
         raise InputError(f"{where}missing key(s) {missing}", code="missing_key", **location)

@@ -669,3 +669,12 @@ def test_requests_that_used_a_model_are_counted_by_model_version(
 
 def _samples(registry: CollectorRegistry, name: str) -> list[Any]:
     return [s for m in registry.collect() for s in m.samples if s.name == name]
+
+
+def test_the_adapter_is_found_through_other_middlewares(registry: CollectorRegistry) -> None:
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    app = flask_app()
+    assert MetricsMiddleware(ProxyFix(app), registry=registry).adapter == "flask"
+    inner = MetricsMiddleware(app, registry=registry)
+    assert MetricsMiddleware(inner, registry=registry).adapter == "flask"

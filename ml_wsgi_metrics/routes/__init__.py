@@ -64,10 +64,12 @@ def _mounted_apps(app: Any) -> list[Any] | None:
     return None
 
 
-def install_adapter(app: Any) -> str | None:
+def install_adapter(app: Any, _depth: int = 0) -> str | None:
     """Install the route adapter matching ``app``'s framework; return its name, or ``None``.
 
-    Installing is idempotent, so wrapping an app twice installs one hook.
+    Middlewares in between (``ProxyFix(app)``, another ``MetricsMiddleware``: anything keeping
+    the app it wraps in ``.app``) are looked through. Installing is idempotent, so wrapping an
+    app twice installs one hook.
     """
     target = _framework_app(app)
     mounted = _mounted_apps(target)
@@ -82,4 +84,7 @@ def install_adapter(app: Any) -> str | None:
         if adapter.handles(target):
             adapter.install(target)
             return name
+    inner = getattr(target, "app", None)  # a middleware (werkzeug's convention, and ours)
+    if inner is not None and inner is not target and _depth < 8:
+        return install_adapter(inner, _depth + 1)
     return None

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from ml_wsgi_metrics.profile import CategoricalProfile, NumericProfile, ReferenceProfile
 from ml_wsgi_metrics.rules import (
@@ -104,7 +105,6 @@ def test_promtool_check_rules_passes(tmp_path: Path, namespace: str) -> None:
 
 
 def test_yaml_output_parses_to_the_same_rules() -> None:
-    yaml = pytest.importorskip("yaml")
     rules, _ = generate_rules([make_profile()])
     assert yaml.safe_load(render_yaml(rules)) == rules
 

@@ -70,7 +70,9 @@ def configure(
     unknown = set(middleware_options) - set(inspect.signature(MetricsMiddleware).parameters)
     if unknown:
         raise ValueError(f"configure: unknown option(s) {', '.join(sorted(unknown))}")
-    MetricsMiddleware(_no_app, **{"route_resolver": _no_route, **middleware_options, **_probe()})
+    # Validate by building one, registering nothing for real.
+    probe = {"route_resolver": _no_route, **middleware_options, "registry": CollectorRegistry()}
+    MetricsMiddleware(_no_app, **probe)
     if metrics_port is None and os.environ.get("ML_WSGI_METRICS_PORT"):
         try:
             metrics_port = int(os.environ["ML_WSGI_METRICS_PORT"])
@@ -96,11 +98,6 @@ def _no_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 def _no_route(environ: dict[str, Any]) -> None:
     return None
-
-
-def _probe() -> dict[str, Any]:
-    """Options that let :func:`configure` validate without registering anything for real."""
-    return {"registry": CollectorRegistry()}
 
 
 def _identifier(worker: Any) -> str:

@@ -310,7 +310,7 @@ class _Model:
         self._confusion_incs: dict[tuple[str, str], Inc] = {}
         for predicted in profile.classes or ():
             for actual in profile.classes or ():
-                self.confusionchild_adder(predicted, actual)
+                self.confusion_adder(predicted, actual)
 
     @staticmethod
     def _numeric_series(
@@ -359,7 +359,7 @@ class _Model:
         series.squares = child_adder(metrics.score_sum_squares.labels(*labels))
         return series
 
-    def confusionchild_adder(self, predicted: str, actual: str) -> Inc:
+    def confusion_adder(self, predicted: str, actual: str) -> Inc:
         inc = self._confusion_incs.get((predicted, actual))
         if inc is None:
             child = self._confusion.labels(*self._labels, predicted, actual)
@@ -894,7 +894,7 @@ def record_feedback(prediction_id: str, actual: Any) -> Feedback:
     label = compiled.classes[code] if code != compiled.class_codes[NO_CLASS] else UNSEEN
     correct = None
     if predicted is not None and compiled.profile.classes:
-        inc = compiled.confusionchild_adder(predicted, label)
+        inc = compiled.confusion_adder(predicted, label)
         with storage_lock():
             inc(1)
         correct = predicted == label

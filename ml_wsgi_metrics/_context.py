@@ -8,6 +8,7 @@ the same thread; :func:`current` tells it which model the request used.
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
+from functools import partial
 
 __all__ = ["bind", "current", "reset", "restore"]
 
@@ -19,9 +20,8 @@ def bind(name: str, version: str) -> Token[tuple[str, str] | None]:
     return _model.set((name, version))
 
 
-def current() -> tuple[str, str] | None:
-    """The bound ``(name, version)``, or ``None``."""
-    return _model.get()
+#: The bound ``(name, version)``, or ``None`` (the variable's own ``get``: no Python frame).
+current = _model.get
 
 
 def restore(token: Token[tuple[str, str] | None]) -> None:
@@ -29,6 +29,5 @@ def restore(token: Token[tuple[str, str] | None]) -> None:
     _model.reset(token)
 
 
-def reset() -> None:
-    """Forget the binding (cheap: one ``ContextVar.set``)."""
-    _model.set(None)
+#: Forget the binding: one ``ContextVar.set(None)``, with no Python frame.
+reset = partial(_model.set, None)

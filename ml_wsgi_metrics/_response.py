@@ -1,17 +1,25 @@
-"""The per-request record: captures the status, learns the route, records once on ``close()``."""
+"""The per-request record: captures the status, learns the route, records once on ``close()``.
+
+Two implementations behave alike: the C one in ``_speedups`` (built by ``pip install``; about
+a third of the per-request cost) and :class:`PythonTimedResponse`, used where the extension
+is not built or ``ML_WSGI_METRICS_PURE_PYTHON=1`` is set. The tests run both.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any
 
+from . import _context
 from ._context import current as bound_model
 from .metrics import RequestMetrics, RouteSeries
+from .multiprocess import _State as storage_state
 from .routes import UNMATCHED
 
-__all__ = ["TimedResponse"]
+__all__ = ["PythonTimedResponse", "TimedResponse", "speedups"]
 
 log = logging.getLogger("ml_wsgi_metrics")
 
@@ -30,7 +38,47 @@ def _content_length(headers: list[tuple[str, str]] | None) -> int:
     return 0
 
 
-class TimedResponse:
+def instrumentation_failed(record: Any, stage: str, error: BaseException) -> None:
+    """Log an error inside the instrumentation (the first of each stage in full), count it."""
+    if stage not in _logged_stages:
+        _logged_stages.add(stage)
+        log.warning("ml_wsgi_metrics: %s failed: %r", stage, error, exc_info=error)
+    else:
+        log.debug("ml_wsgi_metrics: %s failed: %r", stage, error)
+    try:
+        record._metrics.count_instrumentation_error(stage)
+    except Exception:
+        log.exception("ml_wsgi_metrics: could not count an instrumentation error")
+
+
+def pass_file(record: Any, file: Any) -> Any:
+    """Hand a ``wsgi.file_wrapper`` back to the server's sendfile; record when it closes."""
+    inner_close = getattr(file, "close", None)
+
+    def close() -> None:
+        try:
+            if inner_close is not None:
+                inner_close()
+        finally:
+            record._response_size = _content_length(getattr(record, "_headers", None))
+            record.close()
+
+    try:
+        file.close = close
+        return file
+    except (AttributeError, TypeError):  # no instance dict: wrapped, without sendfile
+        record._iterable = file
+        return record
+
+
+def _request_size(content_length: str) -> int:
+    try:
+        return max(int(content_length), 0)
+    except ValueError:
+        return 0
+
+
+class PythonTimedResponse:
     """One measured request, and the iterable handed back to the server.
 
     The clock stops when the server calls :meth:`close`, i.e. after the last byte of a
@@ -39,13 +87,12 @@ class TimedResponse:
     """
 
     __slots__ = (
-        "_closed",
         "_exception",
         "_headers",
         "_iterable",
         "_method",
         "_metrics",
-        "_request_size",
+        "_request_length",
         "_response_size",
         "_script_name",
         "_series",
@@ -59,22 +106,19 @@ class TimedResponse:
         metrics: RequestMetrics,
         method: str,
         script_name: str,
-        request_size: int,
+        request_length: str | None,
         start_response: StartResponse,
     ) -> None:
         self._start = perf_counter()
         self._metrics = metrics
         self._method = method
         self._script_name = script_name
-        self._request_size = request_size
+        self._request_length = request_length  # CONTENT_LENGTH, parsed when recording
         self._start_response = start_response
         self._series: RouteSeries | None = None
-        self._status: str | None = None
-        self._headers: list[tuple[str, str]] | None = None
-        self._exception: str | None = None
-        self._iterable: Iterable[bytes] = ()
+        self._status: str | None = None  # None after an exception: recorded as a 500
+        self._iterable: Iterable[bytes] | None = ()  # None once closed
         self._response_size = 0
-        self._closed = False
 
     # -- during the request ------------------------------------------------------------------
 
@@ -94,7 +138,9 @@ class TimedResponse:
         if base and route.startswith(base):
             route = route[len(base) :] or "/"
         try:
-            series = self._metrics.route_series(self._method, route)
+            series = self._metrics.routes.get((self._method, route))
+            if series is None:
+                series = self._metrics.route_series(self._method, route)
             series.started()
             self._series = series
         except Exception as error:
@@ -102,54 +148,41 @@ class TimedResponse:
 
     def failed(self, error: BaseException) -> None:
         """The app raised instead of returning: record now, as a 500."""
-        self._exception = type(error).__name__
+        self._raised(error)
         self.close()
 
-    def wrap(self, iterable: Iterable[bytes], file_wrapper: Any) -> Iterable[bytes]:
-        """The iterable to give the server: ``self``, or a file wrapper left to its sendfile."""
-        self._iterable = iterable
-        if isinstance(file_wrapper, type) and isinstance(iterable, file_wrapper):
-            inner_close = getattr(iterable, "close", None)
+    def _raised(self, error: BaseException) -> None:
+        self._exception = type(error).__name__
+        self._status = None
 
-            def close() -> None:
-                try:
-                    if inner_close is not None:
-                        inner_close()
-                finally:
-                    self._response_size = _content_length(self._headers)
-                    self._iterable = ()
-                    self.close()
-
-            try:
-                iterable.close = close  # type: ignore[attr-defined]
-                return iterable
-            except (AttributeError, TypeError):
-                pass  # no instance dict: wrap it, at the cost of the server's sendfile
-        return self
+    def pass_file(self, file: Any) -> Any:
+        """Hand a ``wsgi.file_wrapper`` back to the server's sendfile; record when it closes."""
+        return pass_file(self, file)
 
     # -- the response iterable ---------------------------------------------------------------
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            for chunk in self._iterable:
+            for chunk in self._iterable:  # type: ignore[union-attr]
                 self._response_size += len(chunk)
                 yield chunk
         except GeneratorExit:
             raise
         except BaseException as error:
-            self._exception = type(error).__name__
+            self._raised(error)
             raise
 
     def close(self) -> None:
-        if self._closed:
+        iterable = self._iterable
+        if iterable is None:
             return
-        self._closed = True
+        self._iterable = None
         try:
-            close = getattr(self._iterable, "close", None)
+            close = getattr(iterable, "close", None)
             if close is not None:
                 close()
         except BaseException as error:
-            self._exception = type(error).__name__
+            self._raised(error)
             raise
         finally:
             self._record()
@@ -164,26 +197,36 @@ class TimedResponse:
             if series is None:
                 series = self._metrics.route_series(self._method, UNMATCHED)
             status = self._status
-            if self._exception is not None or status is None:
+            if status is None:
                 status = "500"
-                exception = self._exception or "NoStartResponse"
-                self._metrics.exceptions.labels(*series.labels, exception).inc()
+                self._metrics.count_exception(
+                    series, getattr(self, "_exception", "NoStartResponse")
+                )
+            elif self._metrics.group_status_codes:
+                status = status[0] + "xx"
             else:
-                status = self._metrics.status_label(status)
-            series.finished(status, duration, self._request_size, self._response_size, was_started)
+                status = status[:3]
+            request_size = self._request_length
+            if request_size:
+                request_size = _request_size(request_size)
+            series.finished(status, duration, request_size, self._response_size, was_started)
             model = bound_model()
             if model is not None:
                 self._metrics.count_model_request(series, status, model)
         except Exception as error:
             self.instrumentation_failed("record", error)
 
-    def instrumentation_failed(self, stage: str, error: Exception) -> None:
-        if stage not in _logged_stages:  # the first of each kind in full, then briefly
-            _logged_stages.add(stage)
-            log.warning("ml_wsgi_metrics: %s failed: %r", stage, error, exc_info=error)
-        else:
-            log.debug("ml_wsgi_metrics: %s failed: %r", stage, error)
-        try:
-            self._metrics.count_instrumentation_error(stage)
-        except Exception:
-            log.exception("ml_wsgi_metrics: could not count an instrumentation error")
+    def instrumentation_failed(self, stage: str, error: BaseException) -> None:
+        instrumentation_failed(self, stage, error)
+
+
+try:
+    if os.environ.get("ML_WSGI_METRICS_PURE_PYTHON"):
+        raise ImportError("ML_WSGI_METRICS_PURE_PYTHON is set")
+    from . import _speedups as speedups
+except ImportError:
+    speedups = None  # type: ignore[assignment]
+    TimedResponse: type = PythonTimedResponse
+else:
+    speedups.configure(storage_state, _context._model, UNMATCHED, instrumentation_failed, pass_file)
+    TimedResponse = speedups.TimedResponse

@@ -16,7 +16,10 @@ from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from . import multiprocess as _storage
 from .multiprocess import SlotValue, storage_lock
+
+Cell = tuple[Any, Any]  # (store, key): ``store[key] += amount`` adds to a metric value
 
 __all__ = [
     "DEFAULT_DURATION_BUCKETS",
@@ -154,25 +157,102 @@ def shared(cls: Callable[..., _M], registry: CollectorRegistry | None, **setting
         return found[1]
 
 
-class RouteSeries:
-    """The cached series of one (method, route): all a request touches, under one lock."""
+class _Adder:
+    """A store whose ``store[key] += amount`` calls ``inc(amount)``: for unknown value classes."""
 
-    __slots__ = ("_duration", "_in_progress", "_request_size", "_requests", "_response_size",
+    __slots__ = ("_inc",)
+
+    def __init__(self, inc: Callable[[float], object]) -> None:
+        self._inc = inc
+
+    def __getitem__(self, key: object) -> float:
+        return 0.0
+
+    def __setitem__(self, key: object, amount: float) -> None:
+        self._inc(amount)
+
+
+_NOWHERE = _Adder(lambda amount: None)
+
+
+def value_cell(value: Any) -> Cell:
+    """``(store, key)`` such that ``store[key] += amount`` adds to a stored metric value.
+
+    A slot value (multiprocess) is a double in its mapped file; prometheus_client's in-memory
+    value is its ``_value`` attribute; anything else is reached through its ``inc``. Use it
+    under :func:`~ml_wsgi_metrics.multiprocess.storage_lock`.
+    """
+    if isinstance(value, SlotValue):
+        return value.cell()
+    attributes = getattr(value, "__dict__", None)
+    if attributes is not None and type(attributes.get("_value")) is float:
+        return attributes, "_value"
+    return _Adder(value.inc), 0
+
+
+def _histogram_cells(child: Any) -> tuple[tuple[float, ...], list[Cell], Cell]:
+    """Upper bounds, bucket cells and the sum's cell of one labelled histogram child."""
+    try:
+        bounds = tuple(child._upper_bounds)
+        return bounds, [value_cell(bucket) for bucket in child._buckets], value_cell(child._sum)
+    except AttributeError:  # prometheus_client internals changed: observe through its API
+        return (), [(_NOWHERE, 0)], (_Adder(child.observe), 0)
+
+
+class RouteSeries:
+    """The series of one (method, route): everything a request adds to, under one lock.
+
+    Values are held as cells (``store[key] += amount``: an item assignment, no call), taken
+    again whenever the storage moves (a fork, a worker given its slot).
+    """
+
+    __slots__ = ("_counts", "_duration", "_generation", "_histograms", "_in_progress",
+                 "_in_progress_child", "_lock", "_request_size", "_requests", "_response_size",
                  "_statuses", "labels")  # fmt: skip
 
     def __init__(self, metrics: RequestMetrics, labels: tuple[str, ...]) -> None:
         self.labels = labels
         self._requests = metrics.requests
-        self._statuses: dict[str, Callable[[float], None]] = {}
-        self._duration = _HistogramCells(metrics.duration.labels(*labels))
-        self._request_size = _HistogramCells(metrics.request_size.labels(*labels))
-        self._response_size = _HistogramCells(metrics.response_size.labels(*labels))
-        self._in_progress = child_adder(metrics.in_progress.labels(*labels))
+        self._statuses: dict[str, Any] = {}
+        self._counts: dict[str, Cell] = {}
+        self._histograms = tuple(
+            histogram.labels(*labels)
+            for histogram in (metrics.duration, metrics.request_size, metrics.response_size)
+        )
+        self._in_progress_child = metrics.in_progress.labels(*labels)
+        self._lock = storage_lock()
+        with self._lock:
+            self._take_cells()
+
+    def _take_cells(self) -> None:
+        """(Re)take every cell from the stored values; the lock is held."""
+        self._duration, self._request_size, self._response_size = (
+            _histogram_cells(child) for child in self._histograms
+        )
+        self._in_progress = value_cell(self._in_progress_child._value)
+        self._counts = {status: value_cell(c._value) for status, c in self._statuses.items()}
+        self._generation = _storage._State.generation
+
+    def refresh(self) -> None:
+        """Take the cells again (the C record calls this when the storage has moved)."""
+        with self._lock:
+            self._take_cells()
+
+    def _add_status(self, status: str) -> Cell:
+        """Create the counter of a status first seen; return its cell."""
+        child = self._requests.labels(*self.labels, status)  # not under the storage lock
+        with self._lock:
+            self._statuses[status] = child
+            cell = self._counts[status] = value_cell(child._value)
+            return cell
 
     def started(self) -> None:
         """A request of this route is now in progress."""
-        with storage_lock():
-            self._in_progress(1)
+        with self._lock:
+            if self._generation != _storage._State.generation:
+                self._take_cells()
+            store, key = self._in_progress
+            store[key] += 1
 
     def finished(
         self,
@@ -183,18 +263,29 @@ class RouteSeries:
         was_started: bool,
     ) -> None:
         """Record one finished request (requests without a body observe no request size)."""
-        count = self._statuses.get(status)
-        if count is None:
-            count = child_adder(self._requests.labels(*self.labels, status))
-            self._statuses[status] = count
-        with storage_lock():
-            count(1)
-            self._duration.observe(duration)
+        if status not in self._statuses:
+            self._add_status(status)
+        with self._lock:
+            if self._generation != _storage._State.generation:
+                self._take_cells()
+            store, key = self._counts[status]
+            store[key] += 1
+            bounds, buckets, (store, key) = self._duration
+            store[key] += duration
+            store, key = buckets[bisect_left(bounds, duration)]
+            store[key] += 1
             if request_size:
-                self._request_size.observe(request_size)
-            self._response_size.observe(response_size)
+                bounds, buckets, (store, key) = self._request_size
+                store[key] += request_size
+                store, key = buckets[bisect_left(bounds, request_size)]
+                store[key] += 1
+            bounds, buckets, (store, key) = self._response_size
+            store[key] += response_size
+            store, key = buckets[bisect_left(bounds, response_size)]
+            store[key] += 1
             if was_started:
-                self._in_progress(-1)
+                store, key = self._in_progress
+                store[key] -= 1
 
 
 class RequestMetrics:
@@ -273,22 +364,22 @@ class RequestMetrics:
             (*const, "stage"),
             **common,
         )
-        self._routes: dict[tuple[str, str], RouteSeries] = {}
+        self.routes: dict[tuple[str, str], RouteSeries] = {}  # by (method, route)
         self._model_requests: dict[tuple[Any, ...], Callable[[float], None]] = {}
 
     def route_labels(self, method: str, route: str) -> tuple[str, ...]:
         return (*self._const_values, method, route)
 
     def route_series(self, method: str, route: str) -> RouteSeries:
-        series = self._routes.get((method, route))
+        series = self.routes.get((method, route))
         if series is None:
             series = RouteSeries(self, self.route_labels(method, route))
-            self._routes[(method, route)] = series
+            self.routes[(method, route)] = series
         return series
 
-    def status_label(self, status: str) -> str:
-        """``"404"`` from ``"404 NOT FOUND"``, or ``"4xx"`` when grouping status codes."""
-        return status[0] + "xx" if self.group_status_codes else status[:3]
+    def count_exception(self, series: RouteSeries, exception: str) -> None:
+        """Count an exception the app raised, by its class name."""
+        self.exceptions.labels(*series.labels, exception).inc()
 
     def count_model_request(self, series: RouteSeries, status: str, model: tuple[str, str]) -> None:
         """Count a finished request under the model version it used."""

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import routes
 from ._context import reset as reset_bound_model
-from ._response import StartResponse, TimedResponse
+from ._response import StartResponse, TimedResponse, instrumentation_failed
 from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
 from .routes import REQUEST_KEY, RouteResolver
@@ -48,6 +48,9 @@ class MetricsMiddleware:
     :param metrics_allowed_networks: serve metrics only to these networks (CIDR strings).
     :param count_metrics_requests: also measure the scrapes themselves.
     """
+
+    #: The per-request record: the C one when built, else the pure-Python one.
+    response_class: type = TimedResponse
 
     def __init__(
         self,
@@ -95,13 +98,17 @@ class MetricsMiddleware:
             allowed_networks=metrics_allowed_networks,
         )
         self.metrics_path = metrics_path
-        self.excluded_paths = (
+        self._unmeasured_paths = (
             excluded
             if count_metrics_requests or metrics_path is None
             else (excluded | {metrics_path})
         )
         self.route_resolver = route_resolver
         self.adapter = None if route_resolver else routes.install_adapter(app)
+        # Only requests the app's framework names can skip the check in _name_route.
+        self._adapter_names_routes = route_resolver is None and (
+            metrics_path is None or metrics_path in self._unmeasured_paths
+        )
         if route_resolver is None and self.adapter is None:
             log.warning(
                 "ml_wsgi_metrics: no route adapter for %r; every request is labelled %r. "
@@ -111,41 +118,54 @@ class MetricsMiddleware:
             )
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if REQUEST_KEY in environ:  # an outer MetricsMiddleware measures this request
-            return self.app(environ, start_response)
         path = environ.get("PATH_INFO", "")
-        app = self.exposition if path == self.metrics_path else self.app
-        if path in self.excluded_paths:
-            return app(environ, start_response)
-
+        if path in self._unmeasured_paths or REQUEST_KEY in environ:
+            return self._pass_through(path, environ, start_response)
         method = environ.get("REQUEST_METHOD", "")
         if method not in METHODS:
             method = OTHER_METHOD
-        try:
-            request_size = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            request_size = 0
-        timed = TimedResponse(
-            self.metrics, method, environ.get("SCRIPT_NAME", ""), request_size, start_response
+        timed = self.response_class(
+            self.metrics,
+            method,
+            environ.get("SCRIPT_NAME", ""),
+            environ.get("CONTENT_LENGTH"),
+            start_response,
         )
         environ[REQUEST_KEY] = timed
         reset_bound_model()  # a model bound by the previous request of this thread is not ours
-        if app is self.exposition:
-            timed.set_route(path)
-        elif self.route_resolver is not None:
-            self._resolve_route(environ, timed)
+        app = self.app if self._adapter_names_routes else self._name_route(path, environ, timed)
         try:
             iterable = app(environ, timed.start_response)
         except BaseException as error:
             timed.failed(error)
             raise
-        return timed.wrap(iterable, environ.get("wsgi.file_wrapper"))
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if file_wrapper is not None and type(iterable) is file_wrapper:
+            return timed.pass_file(iterable)
+        timed._iterable = iterable
+        return timed
 
-    def _resolve_route(self, environ: dict[str, Any], timed: TimedResponse) -> None:
-        try:
-            route = self.route_resolver(environ)  # type: ignore[misc]
-        except Exception as error:
-            timed.instrumentation_failed("route_resolver", error)
-            return
-        if route is not None:
-            timed.set_route(environ.get("SCRIPT_NAME", "") + route)
+    def _pass_through(
+        self, path: str, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """Requests not measured here: excluded, unmeasured scrapes, or measured outside."""
+        if path == self.metrics_path and REQUEST_KEY not in environ:
+            return self.exposition(environ, start_response)
+        return self.app(environ, start_response)
+
+    def _name_route(
+        self, path: str, environ: dict[str, Any], timed: TimedResponse
+    ) -> WSGIApp | MetricsExposition:
+        """Name the route before the app runs (scrapes, ``route_resolver``); the app to call."""
+        if path == self.metrics_path:
+            timed.set_route(path)
+            return self.exposition
+        if self.route_resolver is not None:
+            try:
+                route = self.route_resolver(environ)
+            except Exception as error:
+                instrumentation_failed(timed, "route_resolver", error)
+            else:
+                if route is not None:
+                    timed.set_route(environ.get("SCRIPT_NAME", "") + route)
+        return self.app

@@ -18,7 +18,6 @@ import glob
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import threading
 from typing import Any
@@ -36,6 +35,7 @@ __all__ = [
     "instrumentation_errors",
     "mark_dead",
     "process_identifier",
+    "storage_generation",
     "storage_lock",
     "use_identifier",
 ]
@@ -45,8 +45,7 @@ log = logging.getLogger("ml_wsgi_metrics")
 #: prometheus_client's documented variable; a directory given there is the one used.
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
-_lock = threading.Lock()
-_pack_double = struct.Struct("d").pack
+_lock = threading.RLock()  # re-entrant: a fallback may call ``inc`` under it
 
 
 class _State:
@@ -58,6 +57,7 @@ class _State:
     values: list[SlotValue] = []
     errors: int = 0
     reported: set[str] = set()
+    generation: int = 0
 
 
 def instrumentation_errors() -> int:
@@ -73,11 +73,20 @@ def report_error(where: str, error: BaseException) -> None:
         log.warning("ml_wsgi_metrics: %s failed, metrics degraded: %r", where, error)
 
 
-class _AllocatedMmapedDict(MmapedDict):
-    """An ``MmapedDict`` whose file blocks are really allocated before they are mapped.
+Cell = tuple[memoryview, int]  # a view of a file's doubles, and a value's index in it
 
-    prometheus_client grows files with ``truncate``: sparse blocks that, on a full disk, kill the
-    process with SIGBUS at the first write. Allocating first turns that into an ``OSError``.
+
+def _private_cell() -> Cell:
+    """Storage in this process's memory only, for a value whose file is unavailable."""
+    return memoryview(bytearray(16)).cast("d"), 0
+
+
+class _SlotFile(MmapedDict):
+    """One slot file: an ``MmapedDict`` whose values are also reachable as ``view[index]``.
+
+    Blocks are really allocated before they are mapped: prometheus_client grows files with
+    ``truncate``, i.e. sparse blocks that, on a full disk, kill the process with SIGBUS at the
+    first write. Allocating first turns that into an ``OSError``.
     """
 
     def __init__(self, filename: str) -> None:
@@ -93,6 +102,8 @@ class _AllocatedMmapedDict(MmapedDict):
         finally:
             os.close(fd)
         super().__init__(filename)
+        self._views: list[memoryview] = []
+        self._viewed: Any = None  # the mapping the newest view covers
 
     def _init_value(self, key: str) -> None:
         needed = self._used + len(key.encode()) + 32
@@ -103,19 +114,32 @@ class _AllocatedMmapedDict(MmapedDict):
             os.posix_fallocate(self._f.fileno(), 0, capacity)
         super()._init_value(key)
 
+    def cell(self, key: str) -> Cell:
+        """Where ``key``'s value lives (its timestamp follows it), created if new.
+
+        Growing the file maps it anew; views of older mappings stay valid for what they cover.
+        """
+        if key not in self._positions:
+            self._init_value(key)
+        if self._viewed is not self._m:
+            with memoryview(self._m) as raw:
+                self._views.append(raw.cast("d"))
+            self._viewed = self._m
+        return self._views[-1], self._positions[key] // 8
+
+    def close(self) -> None:
+        for view in self._views:
+            view.release()
+        self._views.clear()
+        self._viewed = None
+        super().close()
+
 
 class _UnavailableFile:
     """Stands in for a file that could not be opened: values live in memory only."""
 
-    _m = bytearray(16)
-    _positions: dict[str, int] = {}
-
-    def read_value(self, key: str) -> tuple[float, float]:
-        self._positions[key] = 0
-        return 0.0, 0.0
-
-    def write_value(self, key: str, value: float, timestamp: float) -> None:
-        pass
+    def cell(self, key: str) -> Cell:
+        return _private_cell()
 
     def close(self) -> None:
         pass
@@ -129,12 +153,12 @@ def process_identifier() -> str:
     return _State.identifier or str(os.getpid())
 
 
-def _open_file(prefix: str) -> Any:
+def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
     handle = _State.files.get(prefix)
     if handle is None:
         path = os.path.join(_State.directory or ".", f"{prefix}_{process_identifier()}.db")
         try:
-            handle = _AllocatedMmapedDict(path)
+            handle = _SlotFile(path)
         except (OSError, ValueError) as error:
             report_error(f"opening {path}", error)
             handle = _UNAVAILABLE
@@ -143,9 +167,13 @@ def _open_file(prefix: str) -> Any:
 
 
 class SlotValue:
-    """A metric value stored in this process's slot file (prometheus_client's value interface)."""
+    """A metric value stored in this process's slot file (prometheus_client's value interface).
 
-    __slots__ = ("_buffer", "_file", "_key", "_position", "_prefix", "_timestamp", "_value")
+    The value is ``view[index]``, a double in the mapped file itself: adding to it is one
+    item assignment. ``view`` is ``None`` until the value is (re)opened in this process.
+    """
+
+    __slots__ = ("_index", "_key", "_prefix", "_view")
     _multiprocess = True
 
     def __init__(
@@ -161,33 +189,25 @@ class SlotValue:
     ) -> None:
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
         self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
-        self._value = 0.0
-        self._timestamp = 0.0
+        self._view: memoryview | None = None
+        self._index = 0
         with _lock:
             _State.values.append(self)
             self._open()
 
     def _open(self) -> None:
-        """(Re)open this value's file and read the stored value; the lock is held."""
-        self._file = _open_file(self._prefix)
+        """(Re)open this value in its file (continuing what is stored there); the lock is held."""
         try:
-            self._value, self._timestamp = self._file.read_value(self._key)
+            self._view, self._index = _open_file(self._prefix).cell(self._key)
         except (OSError, ValueError, RuntimeError) as error:
-            report_error(f"reading {self._prefix}", error)
-            self._file = _UNAVAILABLE
-            self._file.read_value(self._key)
-        # Where this value lives, for writes that skip the key lookup. When the file grows,
-        # MmapedDict maps it anew; the old mapping stays valid for the bytes it covers.
-        self._buffer = self._file._m
-        self._position = self._file._positions[self._key]
+            report_error(f"opening {self._prefix}", error)
+            self._view, self._index = _private_cell()
 
-    def _write(self) -> None:
-        """Store the value; the lock is held and the file open."""
-        try:
-            self._file.write_value(self._key, self._value, self._timestamp)
-        except (OSError, ValueError, RuntimeError) as error:
-            report_error(f"writing {self._prefix}", error)
-            self._file, self._buffer, self._position = _UNAVAILABLE, bytearray(16), 0
+    def cell(self) -> Cell:
+        """``(view, index)``: the value is ``view[index]``; the lock is held."""
+        if self._view is None:
+            self._open()
+        return self._view, self._index  # type: ignore[return-value]
 
     def inc(self, amount: float) -> None:
         with _lock:
@@ -195,48 +215,54 @@ class SlotValue:
 
     def add_unlocked(self, amount: float) -> None:
         """``inc`` for a caller that holds :func:`storage_lock` around several updates."""
-        if self._file is None:
-            self._open()
-        self._value += amount
-        position = self._position
         try:
-            self._buffer[position : position + 8] = _pack_double(self._value)
-        except (OSError, ValueError, TypeError) as error:  # the mapping was closed
-            report_error(f"writing {self._prefix}", error)
-            self._file, self._buffer, self._position = _UNAVAILABLE, bytearray(16), 0
+            self._view[self._index] += amount  # type: ignore[index]
+        except (TypeError, ValueError):  # not opened in this process yet, or closed under us
+            if self._view is not None:
+                report_error(f"writing {self._prefix}", ValueError("the file was closed"))
+                self._view, self._index = _private_cell()
+            self.cell()[0][self._index] += amount
 
     def set(self, value: float, timestamp: float | None = None) -> None:
         with _lock:
-            if self._file is None:
-                self._open()
-            self._value = value
-            self._timestamp = timestamp or 0.0
-            self._write()
+            view, index = self.cell()
+            view[index] = float(value)
+            view[index + 1] = float(timestamp or 0.0)
 
     def set_exemplar(self, exemplar: Any) -> None:
         return None
 
     def get(self) -> float:
         with _lock:
-            if self._file is None:
-                self._open()
-            return self._value
+            view, index = self.cell()
+            return view[index]
 
     def get_exemplar(self) -> None:
         return None
 
 
-def storage_lock() -> threading.Lock:
-    """The lock guarding every slot value of this process (renewed after a fork)."""
+def storage_lock() -> threading.RLock:
+    """The lock guarding every slot value of this process (the same object for its lifetime)."""
     return _lock
+
+
+def storage_generation() -> int:
+    """Changes whenever values move to other files: cells taken before then are stale."""
+    return _State.generation
+
+
+def _close_files() -> None:
+    """Close this process's files; cells taken from them are stale now. The lock is held."""
+    for handle in _State.files.values():
+        handle.close()
+    _State.files.clear()
+    _State.generation += 1
 
 
 def _reopen_all() -> None:
     """Close this process's files and reopen every value under the current identifier."""
     with _lock:
-        for handle in _State.files.values():
-            handle.close()
-        _State.files.clear()
+        _close_files()
         for value in _State.values:
             value._open()
 
@@ -245,17 +271,15 @@ def _after_fork_in_child() -> None:
     """A child must not write into its parent's files: reopen lazily, at the first write.
 
     Lazily, because a gunicorn worker is given its slot right after the fork: opening under
-    the pid first would leave a file set per worker start behind. The lock is renewed: another
-    thread of the parent may have held it at the fork.
+    the pid first would leave a file set per worker start behind. The lock is reinitialised in
+    place (another thread of the parent may have held it at the fork), as the standard library
+    does for its own locks, so hot paths may keep a reference to it.
     """
-    global _lock
-    _lock = threading.Lock()
+    _lock._at_fork_reinit()  # type: ignore[attr-defined]
     _State.identifier = None
-    for handle in _State.files.values():
-        handle.close()
-    _State.files.clear()
+    _close_files()
     for value in _State.values:
-        value._file = None
+        value._view = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -295,9 +319,9 @@ def activate(directory: str | os.PathLike[str] | None = None) -> str:
 def deactivate() -> None:
     """Close all files and return to the value class in use before :func:`activate`."""
     with _lock:
-        for handle in _State.files.values():
-            handle.close()
-        _State.files.clear()
+        _close_files()
+        for value in _State.values:  # values still referenced count on in memory
+            value._view, value._index = _private_cell()
         _State.values.clear()
         _State.identifier = None
         if _State.previous_value_class is not None:

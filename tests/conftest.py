@@ -7,6 +7,7 @@ as a server does (werkzeug's test client leaves closing to the caller).
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import require_tool
 
-from ml_wsgi_metrics import multiprocess
+from ml_wsgi_metrics import _response, middleware, multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
+from ml_wsgi_metrics.metrics import RouteSeries
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -113,6 +115,19 @@ def call_app(app: WSGIApp, path: str = "/", method: str = "GET", **environ: Any)
     return response
 
 
+class _BrokenStore:
+    """A cell's store that fails every write, as an instrumentation bug would."""
+
+    def __getitem__(self, key: object) -> float:
+        return 0.0
+
+    def __setitem__(self, key: object, value: float) -> None:
+        raise RuntimeError("instrumentation bug")
+
+
+BROKEN_CELL = (_BrokenStore(), 0)
+
+
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     """A sample's value as a scrape sees it (merged in multiprocess mode), 0 when absent."""
     return scrape_registry(registry).get_sample_value(name, labels) or 0.0
@@ -183,6 +198,45 @@ def mode(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | None
         yield None
         return
     yield request.getfixturevalue("multiprocess_dir")
+
+
+@pytest.fixture(params=["c", "python"])
+def record_implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """The middleware's per-request record: the C one (``_speedups``), then the pure-Python one.
+
+    Without the built extension the C run is skipped; under CI (``CI=true``) it fails: CI
+    installs the package, which builds it.
+    """
+    if request.param == "python":
+        implementation: type = _response.PythonTimedResponse
+    elif _response.speedups is not None:
+        implementation = _response.speedups.TimedResponse
+    elif os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
+    else:
+        pytest.skip("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
+    monkeypatch.setattr(middleware.MetricsMiddleware, "response_class", implementation)
+    return implementation
+
+
+@pytest.fixture
+def break_series(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``break_series(started=..., finished=...)``: every route series then fails when a
+    request starts and/or finishes (both records write through the series' cells)."""
+
+    def breaking(*, started: bool, finished: bool) -> None:
+        take_cells = RouteSeries._take_cells
+
+        def take_broken_cells(series: RouteSeries) -> None:
+            take_cells(series)
+            if started:
+                series._in_progress = BROKEN_CELL
+            if finished:
+                series._duration = ((), [BROKEN_CELL], BROKEN_CELL)
+
+        monkeypatch.setattr(RouteSeries, "_take_cells", take_broken_cells)
+
+    return breaking
 
 
 @pytest.fixture

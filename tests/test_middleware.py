@@ -15,7 +15,9 @@ from werkzeug.exceptions import NotFound
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _response
-from ml_wsgi_metrics.metrics import RouteSeries
+
+# Every test runs with the C record and with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("record_implementation")
 
 REQUESTS = "http_requests_total"
 DURATION_COUNT = "http_request_duration_seconds_count"
@@ -548,6 +550,7 @@ def test_concurrent_requests_are_counted_exactly(
 def test_bad_settings_raise_value_error_naming_the_setting(
     setting: str, options: dict[str, Any], hello: Any
 ) -> None:
+    options = dict(options)  # parameters are shared by the runs with each record
     app = options.pop("app", hello)
     with pytest.raises(ValueError, match=rf"^{setting}\b"):
         MetricsMiddleware(
@@ -561,17 +564,15 @@ def test_bad_settings_raise_value_error_naming_the_setting(
 def test_instrumentation_error_leaves_the_response_unchanged(
     mode: Any,
     monkeypatch: pytest.MonkeyPatch,
+    break_series: Callable[..., None],
     caplog: pytest.LogCaptureFixture,
     registry: CollectorRegistry,
     call: Callable[..., Any],
     hello: Any,
     sample: Any,
 ) -> None:
-    def broken(self: RouteSeries, *args: Any) -> None:
-        raise RuntimeError("instrumentation bug")
-
     bare = call(hello, "/status/201")
-    monkeypatch.setattr(RouteSeries, "finished", broken)
+    break_series(started=False, finished=True)
     monkeypatch.setattr(_response, "_logged_stages", set())
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
 
@@ -589,18 +590,14 @@ def test_instrumentation_error_leaves_the_response_unchanged(
 
 
 def test_instrumentation_error_does_not_mask_the_app_exception(
-    monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry, call: Callable[..., Any]
+    break_series: Callable[..., None], registry: CollectorRegistry, call: Callable[..., Any]
 ) -> None:
     error = Boom("the app's own")
 
     def crashing(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         raise error
 
-    def broken(self: RouteSeries, *args: Any) -> None:
-        raise RuntimeError("instrumentation bug")
-
-    monkeypatch.setattr(RouteSeries, "finished", broken)
-    monkeypatch.setattr(RouteSeries, "started", broken)
+    break_series(started=True, finished=True)
     app = MetricsMiddleware(crashing, registry=registry, route_resolver=lambda e: "/r")
     with pytest.raises(Boom) as raised:
         call(app, "/r")
@@ -608,16 +605,13 @@ def test_instrumentation_error_does_not_mask_the_app_exception(
 
 
 def test_failure_to_start_a_series_fails_open(
-    monkeypatch: pytest.MonkeyPatch,
+    break_series: Callable[..., None],
     registry: CollectorRegistry,
     call: Callable[..., Any],
     hello: Any,
     sample: Any,
 ) -> None:
-    def broken(self: RouteSeries) -> None:
-        raise RuntimeError("instrumentation bug")
-
-    monkeypatch.setattr(RouteSeries, "started", broken)
+    break_series(started=True, finished=False)
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
     assert call(app, "/r").body == b"hello"
     assert sample(registry, INSTRUMENTATION_ERRORS, stage="route") == 1

@@ -21,6 +21,9 @@ from prometheus_client import CollectorRegistry
 
 from ml_wsgi_metrics import MetricsMiddleware
 
+# Every test runs with the C record and with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("record_implementation")
+
 ROUTE = "/r"
 
 
@@ -309,22 +312,29 @@ def test_close_raising_is_recorded_once_and_propagates(
 
 
 @pytest.mark.parametrize(
-    ("response", "iterate"),
+    ("make_response", "iterate"),
     [
-        pytest.param(Closing([b"a", b"b"]), True, id="fully-iterated"),
-        pytest.param(Closing([b"a", b"b"]), False, id="never-iterated"),
-        pytest.param(Closing([b"a", b"b"], raise_after=1), True, id="raising-while-iterating"),
-        pytest.param(Closing([b"a", b"b"], raise_after=0), True, id="raising-at-first-chunk"),
-        pytest.param(Closing(close_error=Boom("close")), True, id="close-raising"),
-        pytest.param(Closing(close_error=KeyboardInterrupt()), False, id="close-interrupted"),
+        pytest.param(lambda: Closing([b"a", b"b"]), True, id="fully-iterated"),
+        pytest.param(lambda: Closing([b"a", b"b"]), False, id="never-iterated"),
+        pytest.param(
+            lambda: Closing([b"a", b"b"], raise_after=1), True, id="raising-while-iterating"
+        ),
+        pytest.param(
+            lambda: Closing([b"a", b"b"], raise_after=0), True, id="raising-at-first-chunk"
+        ),
+        pytest.param(lambda: Closing(close_error=Boom("close")), True, id="close-raising"),
+        pytest.param(
+            lambda: Closing(close_error=KeyboardInterrupt()), False, id="close-interrupted"
+        ),
     ],
 )
 def test_inner_close_is_always_called_once(
-    response: Closing,
+    make_response: Callable[[], Closing],
     iterate: bool,
     registry: CollectorRegistry,
     environ: Callable[..., dict[str, Any]],
 ) -> None:
+    response = make_response()  # a fresh one per run: the test runs once per record
     iterable = measured(returning(response), registry)(environ(), Server().start_response)
     with contextlib.suppress(Boom):
         if iterate:
@@ -337,16 +347,11 @@ def test_inner_close_is_always_called_once(
 
 
 def test_instrumentation_failure_in_close_still_closes_the_inner_iterable(
-    monkeypatch: pytest.MonkeyPatch,
+    break_series: Callable[..., None],
     registry: CollectorRegistry,
     environ: Callable[..., dict[str, Any]],
 ) -> None:
-    from ml_wsgi_metrics.metrics import RouteSeries
-
-    def broken(self: RouteSeries, *args: Any) -> None:
-        raise RuntimeError("instrumentation bug")
-
-    monkeypatch.setattr(RouteSeries, "finished", broken)
+    break_series(started=True, finished=True)
     response = Closing()
     iterable = measured(returning(response), registry)(environ(), Server().start_response)
     assert list(iterable) == [b"body"]

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.routing import Rule
 
-from . import set_route
+from . import REQUEST_KEY
 
 __all__ = ["handles", "install"]
 
@@ -22,9 +22,12 @@ _STORED = "_ml_wsgi_metrics_url_rule"
 
 
 def _store_rule(request: Any, rule: Rule | None) -> None:
-    setattr(request, _STORED, rule)
-    if rule is not None:
-        set_route(request.environ, rule.rule)
+    request._ml_wsgi_metrics_url_rule = rule  # _STORED
+    if rule is not None:  # set_route(), inlined: this runs on every request
+        environ = request.environ
+        timed = environ.get(REQUEST_KEY)
+        if timed is not None:
+            timed.set_route(environ.get("SCRIPT_NAME", "") + rule.rule)
 
 
 _reported_rule = property(attrgetter(_STORED), _store_rule, doc="The matched URL rule.")

@@ -1,0 +1,706 @@
+/* The per-request record of MetricsMiddleware, in C.
+ *
+ * Behaves exactly like ml_wsgi_metrics._response.PythonTimedResponse (the pure-Python
+ * implementation, used when this module is not built); the tests run both. A request costs a
+ * Python frame per step there; here start_response, the response iteration, close() and the
+ * metric writes run without one. Writes hold the GIL throughout and no other code writes the
+ * request metrics' cells, so they need no further lock.
+ *
+ * A cell is a (store, key) tuple: store[key] += amount adds to a metric value. A store that
+ * is a memoryview of doubles (a slot file) is written in place; any other goes through
+ * __getitem__/__setitem__.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+/* Set by configure(): the Python side this record works with. */
+static PyObject *storage_state;          /* multiprocess._State: .generation */
+static PyObject *bound_model;            /* the ContextVar of the model a request used */
+static PyObject *unmatched;              /* routes.UNMATCHED */
+static PyObject *instrumentation_failed; /* f(record, stage, error) */
+static PyObject *pass_file_function;     /* f(record, file) -> iterable */
+
+static PyObject *s_generation, *s_cell_generation, *s_refresh, *s_counts, *s_add_status,
+    *s_duration, *s_request_size, *s_response_size, *s_in_progress, *s_routes, *s_route_series,
+    *s_group_status_codes, *s_count_exception, *s_count_model_request, *s_close, *s_name,
+    *s_route, *s_record, *s_status_500, *s_no_start_response, *s_xx, *s_slash, *s_empty;
+
+typedef struct {
+    PyObject_HEAD
+    double start;
+    PyObject *metrics;
+    PyObject *method;
+    PyObject *script_name;
+    PyObject *request_length; /* CONTENT_LENGTH as given, parsed when recording */
+    PyObject *start_response;
+    PyObject *series;    /* NULL until the route is named */
+    PyObject *status;    /* NULL: no start_response yet, or an exception (a 500) */
+    PyObject *headers;
+    PyObject *exception; /* the exception's class name, or NULL */
+    PyObject *iterable;  /* NULL once closed */
+    PyObject *iterator;  /* NULL until iterated */
+    long long response_size;
+} Record;
+
+static double
+now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* what time.perf_counter() reads on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* -- cells ------------------------------------------------------------------------------- */
+
+static int
+add_to_cell(PyObject *cell, double amount)
+{
+    if (!PyTuple_Check(cell) || PyTuple_GET_SIZE(cell) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a cell is a (store, key) tuple");
+        return -1;
+    }
+    PyObject *store = PyTuple_GET_ITEM(cell, 0), *key = PyTuple_GET_ITEM(cell, 1);
+    if (PyMemoryView_Check(store) && PyLong_CheckExact(key)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(store, &view, PyBUF_RECORDS) < 0) {
+            return -1; /* released: the file was closed */
+        }
+        Py_ssize_t index = PyLong_AsSsize_t(key);
+        int fits = view.itemsize == sizeof(double) && view.format != NULL &&
+                   strcmp(view.format, "d") == 0 && index >= 0 &&
+                   (index + 1) * (Py_ssize_t)sizeof(double) <= view.len;
+        if (fits) {
+            ((double *)view.buf)[index] += amount;
+        }
+        PyBuffer_Release(&view);
+        if (fits) {
+            return 0;
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    PyObject *value = PyObject_GetItem(store, key);
+    if (value == NULL) {
+        return -1;
+    }
+    double stored = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    if (stored == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *result = PyFloat_FromDouble(stored + amount);
+    if (result == NULL) {
+        return -1;
+    }
+    int status = PyObject_SetItem(store, key, result);
+    Py_DECREF(result);
+    return status;
+}
+
+/* The series' cells, taken again if the storage moved since (a fork, a new slot). */
+static int
+fresh_cells(PyObject *series)
+{
+    PyObject *current = PyObject_GetAttr(storage_state, s_generation);
+    if (current == NULL) {
+        return -1;
+    }
+    PyObject *taken = PyObject_GetAttr(series, s_cell_generation);
+    if (taken == NULL) {
+        Py_DECREF(current);
+        return -1;
+    }
+    int same = PyObject_RichCompareBool(current, taken, Py_EQ);
+    Py_DECREF(current);
+    Py_DECREF(taken);
+    if (same < 0) {
+        return -1;
+    }
+    if (!same) {
+        PyObject *done = PyObject_CallMethodNoArgs(series, s_refresh);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    return 0;
+}
+
+static int
+add_to_series_cell(PyObject *series, PyObject *name, double amount)
+{
+    PyObject *cell = PyObject_GetAttr(series, name);
+    if (cell == NULL) {
+        return -1;
+    }
+    int status = add_to_cell(cell, amount);
+    Py_DECREF(cell);
+    return status;
+}
+
+/* Observe `amount` in a histogram given as (bounds, bucket cells, sum cell). */
+static int
+observe(PyObject *series, PyObject *name, double amount)
+{
+    PyObject *histogram = PyObject_GetAttr(series, name);
+    if (histogram == NULL) {
+        return -1;
+    }
+    int status = -1;
+    if (!PyTuple_Check(histogram) || PyTuple_GET_SIZE(histogram) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a histogram is (bounds, buckets, sum)");
+        goto done;
+    }
+    PyObject *bounds = PyTuple_GET_ITEM(histogram, 0);
+    PyObject *buckets = PyTuple_GET_ITEM(histogram, 1);
+    if (!PyTuple_Check(bounds) || !PyList_Check(buckets)) {
+        PyErr_SetString(PyExc_TypeError, "histogram bounds are a tuple, buckets a list");
+        goto done;
+    }
+    Py_ssize_t low = 0, high = PyTuple_GET_SIZE(bounds); /* bisect_left */
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        double bound = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, middle));
+        if (bound == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (bound < amount) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    if (low >= PyList_GET_SIZE(buckets)) {
+        PyErr_SetString(PyExc_IndexError, "no bucket for the observed value");
+        goto done;
+    }
+    if (add_to_cell(PyTuple_GET_ITEM(histogram, 2), amount) < 0 ||
+        add_to_cell(PyList_GET_ITEM(buckets, low), 1.0) < 0) {
+        goto done;
+    }
+    status = 0;
+done:
+    Py_DECREF(histogram);
+    return status;
+}
+
+/* RouteSeries.finished(), without its lock (see the top of this file). */
+static int
+series_finished(PyObject *series, PyObject *status, double duration, long long request_size,
+                long long response_size, int was_started)
+{
+    if (fresh_cells(series) < 0) {
+        return -1;
+    }
+    PyObject *counts = PyObject_GetAttr(series, s_counts);
+    if (counts == NULL) {
+        return -1;
+    }
+    PyObject *cell = PyDict_Check(counts) ? PyDict_GetItemWithError(counts, status) : NULL;
+    Py_XINCREF(cell);
+    Py_DECREF(counts);
+    if (cell == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        /* A status first seen: its counter is created in Python, under the storage lock. */
+        PyObject *added = PyObject_CallMethodOneArg(series, s_add_status, status);
+        if (added == NULL) {
+            return -1;
+        }
+        cell = added;
+    }
+    int failed = add_to_cell(cell, 1.0) < 0;
+    Py_DECREF(cell);
+    if (failed || observe(series, s_duration, duration) < 0 ||
+        (request_size > 0 && observe(series, s_request_size, (double)request_size) < 0) ||
+        observe(series, s_response_size, (double)response_size) < 0 ||
+        (was_started && add_to_series_cell(series, s_in_progress, -1.0) < 0)) {
+        return -1;
+    }
+    return 0;
+}
+
+/* -- the record ------------------------------------------------------------------------- */
+
+/* Report an instrumentation error (the pending one) through the Python side; clears it. */
+static void
+report(Record *self, PyObject *stage)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *done = PyObject_CallFunctionObjArgs(
+        instrumentation_failed, (PyObject *)self, stage, value ? value : Py_None, NULL);
+    if (done == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    Py_XDECREF(done);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+/* The pending exception is the app's: note its class name, as a 500. Keeps it pending. */
+static void
+note_exception(Record *self)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (type != NULL) {
+        PyObject *name = PyObject_GetAttr(type, s_name);
+        if (name == NULL) {
+            PyErr_Clear();
+        }
+        Py_XSETREF(self->exception, name);
+    }
+    Py_CLEAR(self->status);
+    PyErr_Restore(type, value, traceback);
+}
+
+static long long
+parse_request_size(PyObject *length)
+{
+    if (length == NULL || !PyUnicode_Check(length) || PyUnicode_GET_LENGTH(length) == 0) {
+        return 0;
+    }
+    PyObject *number = PyLong_FromUnicodeObject(length, 10);
+    if (number == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    long long size = PyLong_AsLongLong(number);
+    Py_DECREF(number);
+    if (size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return size > 0 ? size : 0;
+}
+
+static PyObject *
+status_label(Record *self)
+{
+    if (self->status == NULL || !PyUnicode_Check(self->status)) {
+        return Py_NewRef(s_status_500);
+    }
+    PyObject *grouped = PyObject_GetAttr(self->metrics, s_group_status_codes);
+    if (grouped == NULL) {
+        return NULL;
+    }
+    int group = PyObject_IsTrue(grouped);
+    Py_DECREF(grouped);
+    if (group < 0) {
+        return NULL;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(self->status);
+    if (group) {
+        PyObject *first = PyUnicode_Substring(self->status, 0, length < 1 ? length : 1);
+        if (first == NULL) {
+            return NULL;
+        }
+        PyObject *label = PyUnicode_Concat(first, s_xx);
+        Py_DECREF(first);
+        return label;
+    }
+    return PyUnicode_Substring(self->status, 0, length < 3 ? length : 3);
+}
+
+/* Record the finished request once. Keeps a pending exception pending; never raises. */
+static void
+record(Record *self)
+{
+    double duration = now() - self->start;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+
+    PyObject *series = Py_XNewRef(self->series), *status = NULL;
+    int was_started = series != NULL;
+    if (series == NULL) {
+        series = PyObject_CallMethodObjArgs(self->metrics, s_route_series, self->method,
+                                            unmatched, NULL);
+        if (series == NULL) {
+            goto failed;
+        }
+    }
+    status = status_label(self);
+    if (status == NULL) {
+        goto failed;
+    }
+    if (self->status == NULL) {
+        PyObject *name = self->exception ? self->exception : s_no_start_response;
+        PyObject *done =
+            PyObject_CallMethodObjArgs(self->metrics, s_count_exception, series, name, NULL);
+        if (done == NULL) {
+            goto failed;
+        }
+        Py_DECREF(done);
+    }
+    if (series_finished(series, status, duration, parse_request_size(self->request_length),
+                        self->response_size, was_started) < 0) {
+        goto failed;
+    }
+    PyObject *model = NULL;
+    if (PyContextVar_Get(bound_model, Py_None, &model) < 0) {
+        goto failed;
+    }
+    if (model != Py_None) {
+        PyObject *done = PyObject_CallMethodObjArgs(self->metrics, s_count_model_request, series,
+                                                    status, model, NULL);
+        Py_DECREF(model);
+        if (done == NULL) {
+            goto failed;
+        }
+        Py_DECREF(done);
+    }
+    else {
+        Py_DECREF(model);
+    }
+    goto done;
+failed:
+    report(self, s_record);
+done:
+    Py_XDECREF(series);
+    Py_XDECREF(status);
+    PyErr_Restore(type, value, traceback);
+}
+
+static int
+Record_init(Record *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *metrics, *method, *script_name, *request_length, *start_response;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "TimedResponse takes positional arguments only");
+        return -1;
+    }
+    if (!PyArg_UnpackTuple(args, "TimedResponse", 5, 5, &metrics, &method, &script_name,
+                           &request_length, &start_response)) {
+        return -1;
+    }
+    if (!PyUnicode_Check(method)) {
+        PyErr_SetString(PyExc_TypeError, "TimedResponse: method is a string");
+        return -1;
+    }
+    if (!PyUnicode_Check(script_name)) { /* a broken server's SCRIPT_NAME: no mount point */
+        script_name = s_empty;
+    }
+    self->start = now();
+    Py_XSETREF(self->metrics, Py_NewRef(metrics));
+    Py_XSETREF(self->method, Py_NewRef(method));
+    Py_XSETREF(self->script_name, Py_NewRef(script_name));
+    Py_XSETREF(self->request_length, Py_NewRef(request_length));
+    Py_XSETREF(self->start_response, Py_NewRef(start_response));
+    Py_CLEAR(self->series);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->headers);
+    Py_CLEAR(self->exception);
+    Py_CLEAR(self->iterator);
+    Py_XSETREF(self->iterable, PyTuple_New(0));
+    self->response_size = 0;
+    return self->iterable == NULL ? -1 : 0;
+}
+
+static PyObject *
+Record_start_response(Record *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "start_response(status, headers, exc_info=None)");
+        return NULL;
+    }
+    Py_XSETREF(self->status, Py_NewRef(args[0]));
+    Py_XSETREF(self->headers, Py_NewRef(args[1]));
+    PyObject *call_args[3] = {args[0], args[1], nargs == 3 ? args[2] : Py_None};
+    return PyObject_Vectorcall(self->start_response, call_args, 3, NULL);
+}
+
+static PyObject *
+Record_set_route(Record *self, PyObject *route)
+{
+    if (self->series != NULL) {
+        Py_RETURN_NONE;
+    }
+    if (!PyUnicode_Check(route)) {
+        PyErr_SetString(PyExc_TypeError, "a route is a string");
+        report(self, s_route);
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(route);
+    Py_ssize_t base = PyUnicode_GET_LENGTH(self->script_name);
+    if (base > 0 && PyUnicode_Tailmatch(route, self->script_name, 0, base, -1) == 1) {
+        PyObject *rest = PyUnicode_GET_LENGTH(route) > base
+                             ? PyUnicode_Substring(route, base, PyUnicode_GET_LENGTH(route))
+                             : Py_NewRef(s_slash);
+        Py_SETREF(route, rest);
+        if (route == NULL) {
+            report(self, s_route);
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *series = NULL, *routes = PyObject_GetAttr(self->metrics, s_routes);
+    if (routes != NULL) {
+        PyObject *key = PyTuple_Pack(2, self->method, route);
+        if (key != NULL && PyDict_Check(routes)) {
+            series = Py_XNewRef(PyDict_GetItemWithError(routes, key));
+        }
+        Py_XDECREF(key);
+        Py_DECREF(routes);
+    }
+    if (series == NULL && !PyErr_Occurred()) {
+        series = PyObject_CallMethodObjArgs(self->metrics, s_route_series, self->method, route,
+                                            NULL);
+    }
+    Py_DECREF(route);
+    if (series == NULL || fresh_cells(series) < 0 ||
+        add_to_series_cell(series, s_in_progress, 1.0) < 0) {
+        Py_XDECREF(series);
+        report(self, s_route);
+        Py_RETURN_NONE;
+    }
+    self->series = series;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Record_close(Record *self, PyObject *unused)
+{
+    PyObject *iterable = self->iterable;
+    if (iterable == NULL) {
+        Py_RETURN_NONE;
+    }
+    self->iterable = NULL;
+    Py_CLEAR(self->iterator);
+    int failed = 0;
+    PyObject *close = PyObject_GetAttr(iterable, s_close);
+    if (close == NULL) {
+        failed = !PyErr_ExceptionMatches(PyExc_AttributeError);
+        if (!failed) {
+            PyErr_Clear();
+        }
+    }
+    else {
+        PyObject *done = PyObject_CallNoArgs(close);
+        failed = done == NULL;
+        Py_XDECREF(done);
+        Py_DECREF(close);
+    }
+    Py_DECREF(iterable);
+    if (failed) {
+        note_exception(self);
+    }
+    record(self);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Record_failed(Record *self, PyObject *error)
+{
+    Py_XSETREF(self->exception, PyObject_GetAttr((PyObject *)Py_TYPE(error), s_name));
+    if (self->exception == NULL) {
+        PyErr_Clear();
+    }
+    Py_CLEAR(self->status);
+    return Record_close(self, NULL);
+}
+
+static PyObject *
+Record_pass_file(Record *self, PyObject *file)
+{
+    return PyObject_CallFunctionObjArgs(pass_file_function, (PyObject *)self, file, NULL);
+}
+
+static PyObject *
+Record_next(Record *self)
+{
+    if (self->iterator == NULL) {
+        if (self->iterable == NULL) {
+            return NULL; /* closed */
+        }
+        self->iterator = PyObject_GetIter(self->iterable);
+        if (self->iterator == NULL) {
+            note_exception(self);
+            return NULL;
+        }
+    }
+    PyObject *chunk = PyIter_Next(self->iterator);
+    if (chunk == NULL) {
+        if (PyErr_Occurred()) {
+            note_exception(self);
+        }
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_Check(chunk) ? PyBytes_GET_SIZE(chunk) : PyObject_Size(chunk);
+    if (size < 0) {
+        note_exception(self);
+        Py_DECREF(chunk);
+        return NULL;
+    }
+    self->response_size += size;
+    return chunk;
+}
+
+static int
+Record_traverse(Record *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->metrics);
+    Py_VISIT(self->request_length);
+    Py_VISIT(self->start_response);
+    Py_VISIT(self->series);
+    Py_VISIT(self->status);
+    Py_VISIT(self->headers);
+    Py_VISIT(self->iterable);
+    Py_VISIT(self->iterator);
+    return 0;
+}
+
+static int
+Record_clear(Record *self)
+{
+    Py_CLEAR(self->metrics);
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->script_name);
+    Py_CLEAR(self->request_length);
+    Py_CLEAR(self->start_response);
+    Py_CLEAR(self->series);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->headers);
+    Py_CLEAR(self->exception);
+    Py_CLEAR(self->iterable);
+    Py_CLEAR(self->iterator);
+    return 0;
+}
+
+static void
+Record_dealloc(Record *self)
+{
+    PyObject_GC_UnTrack(self);
+    Record_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Record_methods[] = {
+    {"start_response", (PyCFunction)(void (*)(void))Record_start_response, METH_FASTCALL,
+     "The start_response given to the app: notes the status, passes everything on."},
+    {"set_route", (PyCFunction)Record_set_route, METH_O,
+     "Name the matched route (via ml_wsgi_metrics.routes.set_route); first wins."},
+    {"failed", (PyCFunction)Record_failed, METH_O,
+     "The app raised instead of returning: record now, as a 500."},
+    {"pass_file", (PyCFunction)Record_pass_file, METH_O,
+     "Hand a wsgi.file_wrapper back to the server's sendfile; record when it closes."},
+    {"close", (PyCFunction)Record_close, METH_NOARGS,
+     "Close the app's iterable, then record the request (once)."},
+    {NULL},
+};
+
+static PyMemberDef Record_members[] = {
+    {"_iterable", T_OBJECT, offsetof(Record, iterable), 0, NULL},
+    {"_headers", T_OBJECT, offsetof(Record, headers), READONLY, NULL},
+    {"_series", T_OBJECT, offsetof(Record, series), READONLY, NULL},
+    {"_metrics", T_OBJECT, offsetof(Record, metrics), READONLY, NULL},
+    {"_response_size", T_LONGLONG, offsetof(Record, response_size), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject RecordType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ml_wsgi_metrics._speedups.TimedResponse",
+    .tp_doc = "One measured request, and the iterable handed back to the server (in C).",
+    .tp_basicsize = sizeof(Record),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Record_init,
+    .tp_dealloc = (destructor)Record_dealloc,
+    .tp_traverse = (traverseproc)Record_traverse,
+    .tp_clear = (inquiry)Record_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Record_next,
+    .tp_methods = Record_methods,
+    .tp_members = Record_members,
+};
+
+/* -- the module ------------------------------------------------------------------------- */
+
+static PyObject *
+configure(PyObject *module, PyObject *args)
+{
+    PyObject *state, *context_var, *unmatched_label, *failed, *pass_file;
+    if (!PyArg_UnpackTuple(args, "configure", 5, 5, &state, &context_var, &unmatched_label,
+                           &failed, &pass_file)) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(context_var)) {
+        PyErr_SetString(PyExc_TypeError, "configure: the model binding is a ContextVar");
+        return NULL;
+    }
+    Py_XSETREF(storage_state, Py_NewRef(state));
+    Py_XSETREF(bound_model, Py_NewRef(context_var));
+    Py_XSETREF(unmatched, Py_NewRef(unmatched_label));
+    Py_XSETREF(instrumentation_failed, Py_NewRef(failed));
+    Py_XSETREF(pass_file_function, Py_NewRef(pass_file));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(storage_state, model_var, unmatched, instrumentation_failed, pass_file)"},
+    {NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, .m_name = "ml_wsgi_metrics._speedups",
+    .m_doc = "The per-request record of MetricsMiddleware, in C.", .m_size = -1,
+    .m_methods = module_methods,
+};
+
+#define INTERN(variable, text)                                                               \
+    if ((variable = PyUnicode_InternFromString(text)) == NULL) {                             \
+        return NULL;                                                                         \
+    }
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    INTERN(s_generation, "generation");
+    INTERN(s_cell_generation, "_generation");
+    INTERN(s_refresh, "refresh");
+    INTERN(s_counts, "_counts");
+    INTERN(s_add_status, "_add_status");
+    INTERN(s_duration, "_duration");
+    INTERN(s_request_size, "_request_size");
+    INTERN(s_response_size, "_response_size");
+    INTERN(s_in_progress, "_in_progress");
+    INTERN(s_routes, "routes");
+    INTERN(s_route_series, "route_series");
+    INTERN(s_group_status_codes, "group_status_codes");
+    INTERN(s_count_exception, "count_exception");
+    INTERN(s_count_model_request, "count_model_request");
+    INTERN(s_close, "close");
+    INTERN(s_name, "__name__");
+    INTERN(s_route, "route");
+    INTERN(s_record, "record");
+    INTERN(s_status_500, "500");
+    INTERN(s_no_start_response, "NoStartResponse");
+    INTERN(s_xx, "xx");
+    INTERN(s_slash, "/");
+    INTERN(s_empty, "");
+    if (PyType_Ready(&RecordType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "TimedResponse", (PyObject *)&RecordType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -92,13 +92,13 @@ def fast_observer(histogram: Any) -> Callable[[float], None]:
     Writes exactly what ``Histogram.observe`` writes (one bucket and the sum, found by
     bisection), except that NaN is ignored instead of poisoning the sum.
     """
-    cells = _HistogramCells(histogram)
-    if not cells.fast:
-        return cells.observe
+    adders = _HistogramAdders(histogram)
+    if not adders.fast:
+        return adders.observe
 
     def observe(amount: float) -> None:
         with storage_lock():
-            cells._observe(amount)
+            adders._observe(amount)
 
     return observe
 
@@ -118,8 +118,12 @@ def child_adder(child: Any) -> Callable[[float], None]:
     return _adder(value) if hasattr(value, "inc") else child.inc
 
 
-class _HistogramCells:
-    """The stored values of one labelled histogram child, for updates under one lock."""
+class _HistogramAdders:
+    """Adders to the stored values of one labelled histogram child, for updates under one lock.
+
+    Adders, unlike cells, stay valid when the storage moves (a fork, a slot): the signals API
+    keeps them for the life of a registered model.
+    """
 
     __slots__ = ("_bounds", "_buckets", "_sum", "fast", "observe")
 

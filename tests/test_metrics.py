@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from ml_wsgi_metrics import MetricsMiddleware
+from ml_wsgi_metrics import MetricsMiddleware, multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
 from ml_wsgi_metrics.metrics import (
     RequestMetrics,
     ServerMetrics,
-    _HistogramCells,
+    _histogram_cells,
+    _HistogramAdders,
     fast_observer,
     shared,
+    value_cell,
 )
 from ml_wsgi_metrics.multiprocess import storage_lock
 from ml_wsgi_metrics.process import write_pid_file
@@ -26,12 +28,12 @@ PROMTOOL = "/usr/bin/promtool"
 BUCKETS = (0.1, 0.5, 1.0, 2.5, 10.0)
 
 
-def cells_observer(child: Any) -> Callable[[float], None]:
-    cells = _HistogramCells(child)
+def adders_observer(child: Any) -> Callable[[float], None]:
+    adders = _HistogramAdders(child)
 
     def observe(amount: float) -> None:
-        with storage_lock():  # as RouteSeries.finished holds it
-            cells.observe(amount)
+        with storage_lock():  # as the signals API holds it
+            adders.observe(amount)
 
     return observe
 
@@ -63,7 +65,7 @@ def exposition_of(registry: CollectorRegistry, name: str) -> list[str]:
 @pytest.mark.parametrize(
     "fast",
     [
-        pytest.param(cells_observer, id="_HistogramCells"),
+        pytest.param(adders_observer, id="_HistogramAdders"),
         pytest.param(fast_observer, id="fast_observer"),
     ],
 )
@@ -96,10 +98,67 @@ def test_fast_paths_fall_back_to_observe_when_internals_change() -> None:
             self.seen.append(amount)
 
     opaque = Opaque()
-    cells = _HistogramCells(opaque)
-    cells.observe(1.5)
+    adders = _HistogramAdders(opaque)
+    adders.observe(1.5)
     fast_observer(opaque)(2.5)
     assert opaque.seen == [1.5, 2.5]
+
+
+# -- cells ----------------------------------------------------------------------------------
+
+
+def test_a_value_cell_adds_to_the_stored_value(mode: Path | None) -> None:
+    registry = CollectorRegistry()
+    child = Counter("c", "c", ["a"], registry=registry).labels("x")
+    with storage_lock():
+        store, key = value_cell(child._value)
+        store[key] += 2
+        store[key] += 0.5
+    assert scrape_registry(registry).get_sample_value("c_total", {"a": "x"}) == 2.5
+    assert type(store).__name__ == ("memoryview" if mode else "dict")
+
+
+def test_unknown_values_and_histograms_are_reached_through_their_api() -> None:
+    class Opaque:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float]] = []
+
+        def inc(self, amount: float) -> None:
+            self.calls.append(("inc", amount))
+
+        def observe(self, amount: float) -> None:
+            self.calls.append(("observe", amount))
+
+    opaque = Opaque()
+    store, key = value_cell(opaque)
+    store[key] += 3
+    bounds, buckets, (total, total_key) = _histogram_cells(opaque)
+    assert (bounds, len(buckets)) == ((), 1)  # one bucket keeping nothing: observe() places
+    store, key = buckets[0]
+    store[key] += 1
+    total[total_key] += 0.25
+    assert opaque.calls == [("inc", 3), ("observe", 0.25)]
+
+
+def test_route_series_take_their_cells_again_when_the_storage_moves(
+    multiprocess_dir: Path,
+) -> None:
+    registry = CollectorRegistry()
+    series = RequestMetrics(registry).route_series("GET", "/r")
+    series.finished("200", 0.01, 0, 10, False)
+    multiprocess.use_identifier("w7")  # as a gunicorn worker given its slot
+    series.started()
+    series.finished("200", 0.02, 5, 20, True)
+
+    def value(name: str, **labels: str) -> float | None:
+        labels = {"method": "GET", "route": "/r", **labels}
+        return scrape_registry(registry).get_sample_value(name, labels)
+
+    assert value("http_requests_total", status="200") == 2
+    assert value("http_response_size_bytes_sum") == 30
+    assert value("http_request_size_bytes_count") == 1
+    assert value("http_requests_in_progress") == 0
+    assert any(path.name.endswith("_w7.db") for path in multiprocess_dir.iterdir())
 
 
 # -- shared ---------------------------------------------------------------------------------

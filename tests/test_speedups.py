@@ -129,3 +129,23 @@ def test_storage_closed_under_the_record_fails_open(
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "route failed" in messages
     assert "record failed" in messages
+
+
+def test_records_follow_the_storage_when_it_moves(
+    record_implementation: type,
+    multiprocess_dir: Path,
+    call: Callable[..., Any],
+    hello: Any,
+    sample: Callable[..., float],
+) -> None:
+    """A worker given its slot after the series were made writes them into the slot's files."""
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
+    assert call(app, "/r").body == b"hello"
+    multiprocess.use_identifier("w3")
+    assert call(app, "/r").body == b"hello"
+    labels = {"method": "GET", "route": "/r"}
+    assert sample(registry, "http_requests_total", status="200", **labels) == 2
+    assert sample(registry, "http_requests_in_progress", **labels) == 0
+    assert sample(registry, "ml_wsgi_metrics_instrumentation_errors_total", stage="route") == 0
+    assert sorted(p.name for p in multiprocess_dir.glob("*_w3.db"))

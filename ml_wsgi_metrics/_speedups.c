@@ -408,15 +408,24 @@ Record_init(Record *self, PyObject *args, PyObject *kwargs)
 }
 
 static PyObject *
-Record_start_response(Record *self, PyObject *const *args, Py_ssize_t nargs)
+Record_start_response(Record *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    if (nargs < 2 || nargs > 3) {
+    Py_ssize_t nkwargs = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *exc_info = nargs == 3 ? args[2] : Py_None;
+    int keyword_ok = nkwargs == 0 ||
+                     (nkwargs == 1 && nargs == 2 &&
+                      PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                       "exc_info") == 0);
+    if (nargs < 2 || nargs > 3 || !keyword_ok) {
         PyErr_SetString(PyExc_TypeError, "start_response(status, headers, exc_info=None)");
         return NULL;
     }
+    if (nkwargs == 1) {
+        exc_info = args[2]; /* keyword values follow the positional ones */
+    }
     Py_XSETREF(self->status, Py_NewRef(args[0]));
     Py_XSETREF(self->headers, Py_NewRef(args[1]));
-    PyObject *call_args[3] = {args[0], args[1], nargs == 3 ? args[2] : Py_None};
+    PyObject *call_args[3] = {args[0], args[1], exc_info};
     return PyObject_Vectorcall(self->start_response, call_args, 3, NULL);
 }
 
@@ -588,7 +597,8 @@ Record_dealloc(Record *self)
 }
 
 static PyMethodDef Record_methods[] = {
-    {"start_response", (PyCFunction)(void (*)(void))Record_start_response, METH_FASTCALL,
+    {"start_response", (PyCFunction)(void (*)(void))Record_start_response,
+     METH_FASTCALL | METH_KEYWORDS,
      "The start_response given to the app: notes the status, passes everything on."},
     {"set_route", (PyCFunction)Record_set_route, METH_O,
      "Name the matched route (via ml_wsgi_metrics.routes.set_route); first wins."},

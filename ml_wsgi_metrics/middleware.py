@@ -139,7 +139,7 @@ class MetricsMiddleware:
         except BaseException as error:
             timed.failed(error)
             raise
-        file_wrapper = environ.get("wsgi.file_wrapper")
+        file_wrapper = environ.get("wsgi.file_wrapper")  # its exact class: the server's sendfile
         if file_wrapper is not None and type(iterable) is file_wrapper:
             return timed.pass_file(iterable)
         timed._iterable = iterable

@@ -162,8 +162,11 @@ def test_generator_calling_start_response_late_gets_its_status(
     assert recorded(registry) == {"201": 1}
 
 
+@pytest.mark.parametrize(
+    "by_keyword", [pytest.param(False, id="positional"), pytest.param(True, id="keyword")]
+)
 def test_exc_info_is_passed_through_start_response(
-    registry: CollectorRegistry, environ: Callable[..., dict[str, Any]]
+    by_keyword: bool, registry: CollectorRegistry, environ: Callable[..., dict[str, Any]]
 ) -> None:
     given: list[Any] = []
 
@@ -174,7 +177,10 @@ def test_exc_info_is_passed_through_start_response(
         except Boom:
             info = sys.exc_info()
             given.append(info)
-            start_response("500 Internal Server Error", [("X-Error", "1")], info)
+            if by_keyword:
+                start_response("500 Internal Server Error", [("X-Error", "1")], exc_info=info)
+            else:
+                start_response("500 Internal Server Error", [("X-Error", "1")], info)
         return [b"sorry"]
 
     server = Server()

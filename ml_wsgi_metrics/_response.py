@@ -15,15 +15,22 @@ from typing import Any
 
 from . import _context
 from ._context import current as bound_model
+from ._context import reset as reset_bound_model
 from .metrics import RequestMetrics, RouteSeries
 from .multiprocess import _State as storage_state
-from .routes import UNMATCHED
+from .routes import REQUEST_KEY, UNMATCHED
 
-__all__ = ["PythonTimedResponse", "TimedResponse", "speedups"]
+__all__ = ["METHODS", "OTHER_METHOD", "PythonTimedResponse", "TimedResponse", "speedups"]
 
 log = logging.getLogger("ml_wsgi_metrics")
 
 _logged_stages: set[str] = set()
+
+#: The ``method`` label's closed set; anything else is counted as ``_OTHER``.
+METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+)
+OTHER_METHOD = "_OTHER"
 
 StartResponse = Callable[..., Callable[[bytes], object]]
 
@@ -102,23 +109,23 @@ class PythonTimedResponse:
     )
 
     def __init__(
-        self,
-        metrics: RequestMetrics,
-        method: str,
-        script_name: str,
-        request_length: str | None,
-        start_response: StartResponse,
+        self, metrics: RequestMetrics, environ: dict[str, Any], start_response: StartResponse
     ) -> None:
+        """Start timing the request, and keep this record in its environ."""
         self._start = perf_counter()
         self._metrics = metrics
-        self._method = method
-        self._script_name = script_name
-        self._request_length = request_length  # CONTENT_LENGTH, parsed when recording
+        method = environ.get("REQUEST_METHOD", "")
+        self._method = method if method in METHODS else OTHER_METHOD
+        script_name = environ.get("SCRIPT_NAME", "")
+        self._script_name = script_name if isinstance(script_name, str) else ""
+        self._request_length = environ.get("CONTENT_LENGTH")  # parsed when recording
         self._start_response = start_response
         self._series: RouteSeries | None = None
         self._status: str | None = None  # None after an exception: recorded as a 500
         self._iterable: Iterable[bytes] | None = ()  # None once closed
         self._response_size = 0
+        environ[REQUEST_KEY] = self
+        reset_bound_model()  # no model used yet (one bound by this thread's last request)
 
     # -- during the request ------------------------------------------------------------------
 
@@ -154,6 +161,14 @@ class PythonTimedResponse:
     def _raised(self, error: BaseException) -> None:
         self._exception = type(error).__name__
         self._status = None
+
+    def respond(self, iterable: Iterable[bytes], environ: dict[str, Any]) -> Iterable[bytes]:
+        """The iterable to give the server for the app's: this record, or a file wrapper."""
+        file_wrapper = environ.get("wsgi.file_wrapper")  # its exact class: the server's sendfile
+        if file_wrapper is not None and type(iterable) is file_wrapper:
+            return pass_file(self, iterable)
+        self._iterable = iterable
+        return self
 
     def pass_file(self, file: Any) -> Any:
         """Hand a ``wsgi.file_wrapper`` back to the server's sendfile; record when it closes."""
@@ -228,5 +243,14 @@ except ImportError:
     speedups = None  # type: ignore[assignment]
     TimedResponse: type = PythonTimedResponse
 else:
-    speedups.configure(storage_state, _context._model, UNMATCHED, instrumentation_failed, pass_file)
+    speedups.configure(
+        storage_state,
+        _context._model,
+        UNMATCHED,
+        instrumentation_failed,
+        pass_file,
+        METHODS,
+        OTHER_METHOD,
+        REQUEST_KEY,
+    )
     TimedResponse = speedups.TimedResponse

@@ -21,11 +21,15 @@ static PyObject *bound_model;            /* the ContextVar of the model a reques
 static PyObject *unmatched;              /* routes.UNMATCHED */
 static PyObject *instrumentation_failed; /* f(record, stage, error) */
 static PyObject *pass_file_function;     /* f(record, file) -> iterable */
+static PyObject *known_methods;          /* frozenset: the method label's closed set */
+static PyObject *other_method;           /* the label of any other method */
+static PyObject *request_key;            /* the environ key the record is kept under */
 
 static PyObject *s_generation, *s_cell_generation, *s_refresh, *s_counts, *s_add_status,
     *s_duration, *s_request_size, *s_response_size, *s_in_progress, *s_routes, *s_route_series,
     *s_group_status_codes, *s_count_exception, *s_count_model_request, *s_close, *s_name,
-    *s_route, *s_record, *s_status_500, *s_no_start_response, *s_xx, *s_slash, *s_empty;
+    *s_route, *s_record, *s_status_500, *s_no_start_response, *s_xx, *s_slash, *s_empty,
+    *s_request_method, *s_script_name, *s_content_length, *s_file_wrapper;
 
 typedef struct {
     PyObject_HEAD
@@ -372,30 +376,57 @@ done:
     PyErr_Restore(type, value, traceback);
 }
 
+/* environ.get(key) as a new reference, or NULL with an error set; `fallback` when absent. */
+static PyObject *
+environ_get(PyObject *environ, PyObject *key, PyObject *fallback)
+{
+    PyObject *value = PyDict_Check(environ) ? Py_XNewRef(PyDict_GetItemWithError(environ, key))
+                                            : PyObject_GetItem(environ, key);
+    if (value == NULL && (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_KeyError))) {
+        PyErr_Clear();
+        value = Py_XNewRef(fallback);
+    }
+    return value;
+}
+
 static int
 Record_init(Record *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *metrics, *method, *script_name, *request_length, *start_response;
+    PyObject *metrics, *environ, *start_response;
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
         PyErr_SetString(PyExc_TypeError, "TimedResponse takes positional arguments only");
         return -1;
     }
-    if (!PyArg_UnpackTuple(args, "TimedResponse", 5, 5, &metrics, &method, &script_name,
-                           &request_length, &start_response)) {
+    if (!PyArg_UnpackTuple(args, "TimedResponse", 3, 3, &metrics, &environ, &start_response)) {
         return -1;
     }
-    if (!PyUnicode_Check(method)) {
-        PyErr_SetString(PyExc_TypeError, "TimedResponse: method is a string");
+    self->start = now();
+    PyObject *method = environ_get(environ, s_request_method, s_empty);
+    if (method == NULL) {
+        return -1;
+    }
+    int known = PyUnicode_Check(method) ? PySet_Contains(known_methods, method) : 0;
+    if (known < 0) {
+        Py_DECREF(method);
+        return -1;
+    }
+    if (!known) {
+        Py_SETREF(method, Py_NewRef(other_method));
+    }
+    Py_XSETREF(self->method, method);
+    PyObject *script_name = environ_get(environ, s_script_name, s_empty);
+    if (script_name == NULL) {
         return -1;
     }
     if (!PyUnicode_Check(script_name)) { /* a broken server's SCRIPT_NAME: no mount point */
-        script_name = s_empty;
+        Py_SETREF(script_name, Py_NewRef(s_empty));
     }
-    self->start = now();
+    Py_XSETREF(self->script_name, script_name);
+    Py_XSETREF(self->request_length, environ_get(environ, s_content_length, Py_None));
+    if (self->request_length == NULL) {
+        return -1;
+    }
     Py_XSETREF(self->metrics, Py_NewRef(metrics));
-    Py_XSETREF(self->method, Py_NewRef(method));
-    Py_XSETREF(self->script_name, Py_NewRef(script_name));
-    Py_XSETREF(self->request_length, Py_NewRef(request_length));
     Py_XSETREF(self->start_response, Py_NewRef(start_response));
     Py_CLEAR(self->series);
     Py_CLEAR(self->status);
@@ -404,7 +435,34 @@ Record_init(Record *self, PyObject *args, PyObject *kwargs)
     Py_CLEAR(self->iterator);
     Py_XSETREF(self->iterable, PyTuple_New(0));
     self->response_size = 0;
-    return self->iterable == NULL ? -1 : 0;
+    if (self->iterable == NULL || PyObject_SetItem(environ, request_key, (PyObject *)self) < 0) {
+        return -1;
+    }
+    PyObject *token = PyContextVar_Set(bound_model, Py_None); /* no model used yet */
+    Py_XDECREF(token);
+    return token == NULL ? -1 : 0;
+}
+
+static PyObject *Record_pass_file(Record *self, PyObject *file);
+
+static PyObject *
+Record_respond(Record *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "respond(iterable, environ)");
+        return NULL;
+    }
+    PyObject *file_wrapper = environ_get(args[1], s_file_wrapper, Py_None);
+    if (file_wrapper == NULL) {
+        return NULL;
+    }
+    int is_file = file_wrapper != Py_None && (PyObject *)Py_TYPE(args[0]) == file_wrapper;
+    Py_DECREF(file_wrapper);
+    if (is_file) {
+        return Record_pass_file(self, args[0]);
+    }
+    Py_XSETREF(self->iterable, Py_NewRef(args[0]));
+    return Py_NewRef(self);
 }
 
 static PyObject *
@@ -604,6 +662,8 @@ static PyMethodDef Record_methods[] = {
      "Name the matched route (via ml_wsgi_metrics.routes.set_route); first wins."},
     {"failed", (PyCFunction)Record_failed, METH_O,
      "The app raised instead of returning: record now, as a 500."},
+    {"respond", (PyCFunction)(void (*)(void))Record_respond, METH_FASTCALL,
+     "The iterable to give the server for the app's: this record, or a file wrapper."},
     {"pass_file", (PyCFunction)Record_pass_file, METH_O,
      "Hand a wsgi.file_wrapper back to the server's sendfile; record when it closes."},
     {"close", (PyCFunction)Record_close, METH_NOARGS,
@@ -641,15 +701,19 @@ static PyTypeObject RecordType = {
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *state, *context_var, *unmatched_label, *failed, *pass_file;
-    if (!PyArg_UnpackTuple(args, "configure", 5, 5, &state, &context_var, &unmatched_label,
-                           &failed, &pass_file)) {
+    PyObject *state, *context_var, *unmatched_label, *failed, *pass_file, *methods, *other,
+        *key;
+    if (!PyArg_UnpackTuple(args, "configure", 8, 8, &state, &context_var, &unmatched_label,
+                           &failed, &pass_file, &methods, &other, &key)) {
         return NULL;
     }
-    if (!PyContextVar_CheckExact(context_var)) {
-        PyErr_SetString(PyExc_TypeError, "configure: the model binding is a ContextVar");
+    if (!PyContextVar_CheckExact(context_var) || !PyFrozenSet_Check(methods)) {
+        PyErr_SetString(PyExc_TypeError, "configure: a ContextVar, and methods in a frozenset");
         return NULL;
     }
+    Py_XSETREF(known_methods, Py_NewRef(methods));
+    Py_XSETREF(other_method, Py_NewRef(other));
+    Py_XSETREF(request_key, Py_NewRef(key));
     Py_XSETREF(storage_state, Py_NewRef(state));
     Py_XSETREF(bound_model, Py_NewRef(context_var));
     Py_XSETREF(unmatched, Py_NewRef(unmatched_label));
@@ -660,7 +724,8 @@ configure(PyObject *module, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(storage_state, model_var, unmatched, instrumentation_failed, pass_file)"},
+     "configure(storage_state, model_var, unmatched, instrumentation_failed, pass_file, "
+     "methods, other_method, request_key)"},
     {NULL},
 };
 
@@ -701,6 +766,10 @@ PyInit__speedups(void)
     INTERN(s_xx, "xx");
     INTERN(s_slash, "/");
     INTERN(s_empty, "");
+    INTERN(s_request_method, "REQUEST_METHOD");
+    INTERN(s_script_name, "SCRIPT_NAME");
+    INTERN(s_content_length, "CONTENT_LENGTH");
+    INTERN(s_file_wrapper, "wsgi.file_wrapper");
     if (PyType_Ready(&RecordType) < 0) {
         return NULL;
     }

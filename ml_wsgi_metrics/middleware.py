@@ -10,8 +10,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import routes
-from ._context import reset as reset_bound_model
-from ._response import StartResponse, TimedResponse, instrumentation_failed
+from ._response import METHODS, StartResponse, TimedResponse, instrumentation_failed
 from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
 from .routes import REQUEST_KEY, RouteResolver
@@ -21,12 +20,6 @@ __all__ = ["METHODS", "MetricsMiddleware"]
 log = logging.getLogger("ml_wsgi_metrics")
 
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-#: The ``method`` label's closed set; anything else is counted as ``_OTHER``.
-METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
-)
-OTHER_METHOD = "_OTHER"
 
 
 class MetricsMiddleware:
@@ -121,29 +114,14 @@ class MetricsMiddleware:
         path = environ.get("PATH_INFO", "")
         if path in self._unmeasured_paths or REQUEST_KEY in environ:
             return self._pass_through(path, environ, start_response)
-        method = environ.get("REQUEST_METHOD", "")
-        if method not in METHODS:
-            method = OTHER_METHOD
-        timed = self.response_class(
-            self.metrics,
-            method,
-            environ.get("SCRIPT_NAME", ""),
-            environ.get("CONTENT_LENGTH"),
-            start_response,
-        )
-        environ[REQUEST_KEY] = timed
-        reset_bound_model()  # a model bound by the previous request of this thread is not ours
+        timed = self.response_class(self.metrics, environ, start_response)  # into the environ
         app = self.app if self._adapter_names_routes else self._name_route(path, environ, timed)
         try:
             iterable = app(environ, timed.start_response)
         except BaseException as error:
             timed.failed(error)
             raise
-        file_wrapper = environ.get("wsgi.file_wrapper")  # its exact class: the server's sendfile
-        if file_wrapper is not None and type(iterable) is file_wrapper:
-            return timed.pass_file(iterable)
-        timed._iterable = iterable
-        return timed
+        return timed.respond(iterable, environ)
 
     def _pass_through(
         self, path: str, environ: dict[str, Any], start_response: StartResponse

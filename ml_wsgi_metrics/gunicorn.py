@@ -170,7 +170,11 @@ def post_worker_init(worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Master, after reaping a worker: drop its live gauges, count the exit."""
+    """Master, after reaping a worker: drop its live gauges, count a restart or a timeout.
+
+    An exit is a restart when the master will replace the worker: not while it shuts down
+    (its listeners are closed first) nor when it is told to run fewer workers.
+    """
     if not hasattr(worker, _SLOT):
         return
     identifier = _identifier(worker)
@@ -178,7 +182,8 @@ def child_exit(server: Any, worker: Any) -> None:
     remove_pid_file(_directory, identifier)
     metrics = _Settings.server_metrics
     if metrics is not None:
-        metrics.restarts.inc()
+        if server.LISTENERS and len(server.WORKERS) < server.num_workers:
+            metrics.restarts.inc()
         if getattr(worker, "aborted", False):
             metrics.timeouts.inc()
         metrics.workers_alive.set(len(server.WORKERS))

@@ -46,8 +46,10 @@ class FakeWorker:
 class FakeServer:
     """What the hooks use of gunicorn's arbiter: its table of live (unreaped) workers."""
 
-    def __init__(self, hooks: ModuleType) -> None:
+    def __init__(self, hooks: ModuleType, num_workers: int = 4) -> None:
         self.WORKERS: dict[int, FakeWorker] = {}
+        self.LISTENERS: list[object] = [object()]
+        self.num_workers = num_workers
         self._hooks = hooks
         self._next_pid = 1000
 
@@ -281,6 +283,23 @@ def test_child_exit_drops_live_gauges_and_pid_file_and_counts_the_exit(
         assert gone not in names
     for kept in ("w2.pid", "gauge_livesum_w2.db", "counter_w0.db", "counter_w1.db"):
         assert kept in names  # counters outlive their workers: they never go down
+
+
+def test_exits_at_shutdown_or_when_told_to_run_fewer_are_not_restarts(
+    hooks: ModuleType, server: FakeServer
+) -> None:
+    workers = [server.spawn() for _ in range(4)]
+    server.num_workers = 3  # TTOU: one fewer
+    server.reap(workers[0])
+    assert scraped("gunicorn_worker_restarts_total") == 0
+    server.reap(workers[1])  # 2 left of 3: replaced
+    assert scraped("gunicorn_worker_restarts_total") == 1
+    server.LISTENERS = []  # as Arbiter.stop, before it signals the workers
+    server.reap(workers[2])
+    server.reap(workers[3], aborted=True)
+    assert scraped("gunicorn_worker_restarts_total") == 1
+    assert scraped("gunicorn_worker_timeouts_total") == 1
+    assert scraped("gunicorn_workers") == 0
 
 
 def test_child_exit_of_a_worker_without_a_slot_does_nothing(

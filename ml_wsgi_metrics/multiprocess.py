@@ -260,11 +260,12 @@ def _close_files() -> None:
 
 
 def _reopen_all() -> None:
-    """Close this process's files and reopen every value under the current identifier."""
+    """Close this process's files; each value reopens under the current identifier when next
+    used (read or written), so values this process never uses leave no file behind."""
     with _lock:
         _close_files()
         for value in _State.values:
-            value._open()
+            value._view = None
 
 
 def _after_fork_in_child() -> None:
@@ -277,9 +278,7 @@ def _after_fork_in_child() -> None:
     """
     _lock._at_fork_reinit()  # type: ignore[attr-defined]
     _State.identifier = None
-    _close_files()
-    for value in _State.values:
-        value._view = None
+    _reopen_all()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -256,10 +256,21 @@ def test_clear_directory_removes_every_db_file_and_values_restart_from_zero(
 
     multiprocess.clear_directory()
 
-    assert db_files(multiprocess_dir) == {"counter_w0.db"}
-    assert merged(registry, "jobs_total") == 0
+    assert db_files(multiprocess_dir) == set()  # values reopen when next used
+    assert not merged(registry, "jobs_total")
     counter.inc()
     assert merged(registry, "jobs_total") == 1
+    assert db_files(multiprocess_dir) == {"counter_w0.db"}
+
+
+def test_values_a_process_never_uses_leave_no_files(multiprocess_dir: Path) -> None:
+    """A worker does not write the master's metrics: no file of theirs under its slot."""
+    registry = CollectorRegistry()
+    Gauge("masters_only", "Set by the master.", multiprocess_mode="mostrecent", registry=registry)
+    Counter("shared", "Counted by the worker.", registry=registry).inc()
+    multiprocess.use_identifier("w2")  # as a worker given its slot after the fork
+    Counter("worker_only", "Counted by the worker.", registry=registry).inc()
+    assert {p for p in db_files(multiprocess_dir) if p.endswith("_w2.db")} == {"counter_w2.db"}
 
 
 # -- activation -----------------------------------------------------------------------------

@@ -259,13 +259,21 @@ def _close_files() -> None:
     _State.generation += 1
 
 
-def _reopen_all() -> None:
-    """Close this process's files; each value reopens under the current identifier when next
-    used (read or written), so values this process never uses leave no file behind."""
+def _reopen_all(*, lazily: bool = False) -> None:
+    """Close this process's files and reopen every value under the current identifier.
+
+    ``lazily``: each value reopens when next used (read or written), so a process that took
+    its values over from another (a forked worker) leaves no file for those it never uses.
+    Otherwise every value is in the files at once, zeros included (a series made at zero
+    must be scraped at zero).
+    """
     with _lock:
         _close_files()
         for value in _State.values:
-            value._view = None
+            if lazily:
+                value._view = None
+            else:
+                value._open()
 
 
 def _after_fork_in_child() -> None:
@@ -278,7 +286,7 @@ def _after_fork_in_child() -> None:
     """
     _lock._at_fork_reinit()  # type: ignore[attr-defined]
     _State.identifier = None
-    _reopen_all()
+    _reopen_all(lazily=True)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -336,12 +344,14 @@ def deactivate() -> None:
 def use_identifier(identifier: str | None) -> None:
     """Write this process's values under ``identifier`` (a slot), continuing its stored values.
 
-    The caller guarantees that no other live process uses the same identifier.
+    The caller guarantees that no other live process uses the same identifier. Values are
+    reopened when next used: those this process never uses stay where they are (a forked
+    worker's copies of the master's metrics stay in the master's files).
     """
     if identifier is not None and ("_" in identifier or os.sep in identifier or not identifier):
         raise ValueError(f"identifier: {identifier!r} must be non-empty, without '_' or '/'")
     _State.identifier = identifier
-    _reopen_all()
+    _reopen_all(lazily=True)
 
 
 def mark_dead(identifier: str) -> None:

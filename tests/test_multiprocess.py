@@ -256,11 +256,23 @@ def test_clear_directory_removes_every_db_file_and_values_restart_from_zero(
 
     multiprocess.clear_directory()
 
-    assert db_files(multiprocess_dir) == set()  # values reopen when next used
-    assert not merged(registry, "jobs_total")
+    assert db_files(multiprocess_dir) == {"counter_w0.db"}  # at zero: still scraped
+    assert merged(registry, "jobs_total") == 0
     counter.inc()
     assert merged(registry, "jobs_total") == 1
-    assert db_files(multiprocess_dir) == {"counter_w0.db"}
+
+
+def test_series_made_at_zero_before_the_start_are_still_scraped_from_a_worker(
+    multiprocess_dir: Path,
+) -> None:
+    """preload_app: the model's series exist at zero before ``on_starting`` empties the
+    directory; a worker that has not counted them yet still exports them."""
+    registry = CollectorRegistry()
+    Counter("made", "Made at zero.", ["k"], registry=registry).labels("a")
+    multiprocess.clear_directory()  # the master, at start
+    multiprocess.use_identifier("w0")  # a worker
+    samples = scrape_registry(registry).get_sample_value("made_total", {"k": "a"})
+    assert samples == 0.0
 
 
 def test_values_a_process_never_uses_leave_no_files(multiprocess_dir: Path) -> None:

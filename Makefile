@@ -23,6 +23,11 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 	$(SUDO) apt-get update -qq
 	$(APT_INSTALL) chromium
 
+# For the benchmarks: wrk loads gunicorn, valgrind counts instructions.
+/usr/bin/wrk /usr/bin/valgrind:
+	$(SUDO) apt-get update -qq
+	$(APT_INSTALL) $(notdir $@)
+
 setup: $(BIN)/.installed /usr/bin/promtool
 
 test-setup: setup /usr/bin/chromium
@@ -37,5 +42,5 @@ test: test-setup lint
 demo: setup
 	$(BIN)/python -m service.demo
 
-bench: setup
+bench: setup /usr/bin/wrk /usr/bin/valgrind
 	for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

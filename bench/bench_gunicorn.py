@@ -103,7 +103,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="per round")
-    parser.add_argument("--rounds", type=int, default=8, help="per variant (ABBA order)")
+    parser.add_argument("--rounds", type=int, default=16, help="per variant (ABBA order)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")

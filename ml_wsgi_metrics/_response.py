@@ -126,7 +126,8 @@ class PythonTimedResponse:
         self._iterable: Iterable[bytes] | None = ()  # None once closed
         self._response_size = 0
         environ[REQUEST_KEY] = self
-        reset_bound_model()  # no model used yet (one bound by this thread's last request)
+        if bound_model() is not None:  # bound by this thread's last request: not ours
+            reset_bound_model()
 
     # -- during the request ------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ class PythonTimedResponse:
             series.started()
             self._series = series
         except Exception as error:
-            self.instrumentation_failed("route", error)
+            instrumentation_failed(self, "route", error)
 
     def failed(self, error: BaseException) -> None:
         """The app raised instead of returning: record now, as a 500."""
@@ -170,10 +171,6 @@ class PythonTimedResponse:
             return pass_file(self, iterable)
         self._iterable = iterable
         return self
-
-    def pass_file(self, file: Any) -> Any:
-        """Hand a ``wsgi.file_wrapper`` back to the server's sendfile; record when it closes."""
-        return pass_file(self, file)
 
     # -- the response iterable ---------------------------------------------------------------
 
@@ -230,10 +227,7 @@ class PythonTimedResponse:
             if model is not None:
                 self._metrics.count_model_request(series, status, model)
         except Exception as error:
-            self.instrumentation_failed("record", error)
-
-    def instrumentation_failed(self, stage: str, error: BaseException) -> None:
-        instrumentation_failed(self, stage, error)
+            instrumentation_failed(self, "record", error)
 
 
 try:

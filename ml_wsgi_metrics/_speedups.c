@@ -197,7 +197,7 @@ static int
 series_finished(PyObject *series, PyObject *status, double duration, long long request_size,
                 long long response_size, int was_started)
 {
-    if (fresh_cells(series) < 0) {
+    if (!was_started && fresh_cells(series) < 0) { /* a started request's cells are fresh */
         return -1;
     }
     PyObject *counts = PyObject_GetAttr(series, s_counts);
@@ -438,12 +438,19 @@ Record_init(Record *self, PyObject *args, PyObject *kwargs)
     if (self->iterable == NULL || PyObject_SetItem(environ, request_key, (PyObject *)self) < 0) {
         return -1;
     }
-    PyObject *token = PyContextVar_Set(bound_model, Py_None); /* no model used yet */
-    Py_XDECREF(token);
-    return token == NULL ? -1 : 0;
+    PyObject *model; /* a model bound by this thread's last request is not this one's */
+    if (PyContextVar_Get(bound_model, Py_None, &model) < 0) {
+        return -1;
+    }
+    int bound = model != Py_None;
+    Py_DECREF(model);
+    if (bound) {
+        PyObject *token = PyContextVar_Set(bound_model, Py_None);
+        Py_XDECREF(token);
+        return token == NULL ? -1 : 0;
+    }
+    return 0;
 }
-
-static PyObject *Record_pass_file(Record *self, PyObject *file);
 
 static PyObject *
 Record_respond(Record *self, PyObject *const *args, Py_ssize_t nargs)
@@ -458,8 +465,8 @@ Record_respond(Record *self, PyObject *const *args, Py_ssize_t nargs)
     }
     int is_file = file_wrapper != Py_None && (PyObject *)Py_TYPE(args[0]) == file_wrapper;
     Py_DECREF(file_wrapper);
-    if (is_file) {
-        return Record_pass_file(self, args[0]);
+    if (is_file) { /* the server's sendfile: recorded when it closes the file */
+        return PyObject_CallFunctionObjArgs(pass_file_function, (PyObject *)self, args[0], NULL);
     }
     Py_XSETREF(self->iterable, Py_NewRef(args[0]));
     return Py_NewRef(self);
@@ -580,12 +587,6 @@ Record_failed(Record *self, PyObject *error)
 }
 
 static PyObject *
-Record_pass_file(Record *self, PyObject *file)
-{
-    return PyObject_CallFunctionObjArgs(pass_file_function, (PyObject *)self, file, NULL);
-}
-
-static PyObject *
 Record_next(Record *self)
 {
     if (self->iterator == NULL) {
@@ -664,8 +665,6 @@ static PyMethodDef Record_methods[] = {
      "The app raised instead of returning: record now, as a 500."},
     {"respond", (PyCFunction)(void (*)(void))Record_respond, METH_FASTCALL,
      "The iterable to give the server for the app's: this record, or a file wrapper."},
-    {"pass_file", (PyCFunction)Record_pass_file, METH_O,
-     "Hand a wsgi.file_wrapper back to the server's sendfile; record when it closes."},
     {"close", (PyCFunction)Record_close, METH_NOARGS,
      "Close the app's iterable, then record the request (once)."},
     {NULL},

@@ -161,7 +161,7 @@ def shared(cls: Callable[..., _M], registry: CollectorRegistry | None, **setting
         return found[1]
 
 
-class _Adder:
+class _IncStore:
     """A store whose ``store[key] += amount`` calls ``inc(amount)``: for unknown value classes."""
 
     __slots__ = ("_inc",)
@@ -176,7 +176,7 @@ class _Adder:
         self._inc(amount)
 
 
-_NOWHERE = _Adder(lambda amount: None)
+_NOWHERE = _IncStore(lambda amount: None)
 
 
 def value_cell(value: Any) -> Cell:
@@ -191,7 +191,7 @@ def value_cell(value: Any) -> Cell:
     attributes = getattr(value, "__dict__", None)
     if attributes is not None and type(attributes.get("_value")) is float:
         return attributes, "_value"
-    return _Adder(value.inc), 0
+    return _IncStore(value.inc), 0
 
 
 def _histogram_cells(child: Any) -> tuple[tuple[float, ...], list[Cell], Cell]:
@@ -200,7 +200,7 @@ def _histogram_cells(child: Any) -> tuple[tuple[float, ...], list[Cell], Cell]:
         bounds = tuple(child._upper_bounds)
         return bounds, [value_cell(bucket) for bucket in child._buckets], value_cell(child._sum)
     except AttributeError:  # prometheus_client internals changed: observe through its API
-        return (), [(_NOWHERE, 0)], (_Adder(child.observe), 0)
+        return (), [(_NOWHERE, 0)], (_IncStore(child.observe), 0)
 
 
 class RouteSeries:
@@ -270,7 +270,8 @@ class RouteSeries:
         if status not in self._statuses:
             self._add_status(status)
         with self._lock:
-            if self._generation != _storage._State.generation:
+            # started() took fresh cells: the storage moves only between requests (fork, slot).
+            if not was_started and self._generation != _storage._State.generation:
                 self._take_cells()
             store, key = self._counts[status]
             store[key] += 1

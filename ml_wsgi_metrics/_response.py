@@ -219,9 +219,8 @@ class PythonTimedResponse:
                 status = status[0] + "xx"
             else:
                 status = status[:3]
-            request_size = self._request_length
-            if request_size:
-                request_size = _request_size(request_size)
+            length = self._request_length
+            request_size = _request_size(length) if length else 0
             series.finished(status, duration, request_size, self._response_size, was_started)
             model = bound_model()
             if model is not None:

@@ -72,8 +72,8 @@ _NUMBER_TEXT: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 #: Keys of a ``/predict`` row looked at: twice the columns a row may have (the features and
 #: customerID); beyond, the row is refused before any key is checked or suggested.
 MAX_ROW_KEYS: Final = 2 * (len(REQUIRED_COLUMNS) + 1)
-#: Rows a ``/pipeline`` training may generate: 20,000 cost about 0.6-1 s of CPU (generating,
-#: fitting, evaluating, profiling; one BLAS thread, or several), the default 7,043 about 0.3 s
+#: Rows a ``/pipeline`` training may generate: 20,000 cost about 0.6 s of CPU with one BLAS
+#: thread (generating, fitting, evaluating, profiling), the default 7,043 0.25 s, 100,000 4.3 s
 #: (``bench/bench_service.py``).
 MAX_RETRAIN_ROWS: Final = 20_000
 _RETRAIN_KEYS: Final[dict[str, tuple[int, int]]] = {

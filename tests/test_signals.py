@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ml_wsgi_metrics import _context, signals
+from ml_wsgi_metrics import _context, multiprocess, signals
 from ml_wsgi_metrics.profile import (
     UNSEEN,
     CategoricalProfile,
@@ -683,3 +683,23 @@ def test_replay_settings_are_checked(registry: CollectorRegistry, tmp_path: Path
         signals.configure(registry=registry, replay_store=shared / "ids.sqlite3")
     signals.configure(registry=registry, replay_store=tmp_path / "ids.sqlite3")
     assert (tmp_path / "ids.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_feedback_counts_when_the_replay_store_cannot_be_used(
+    profile: ReferenceProfile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail open: a store that is not safe to use is logged and counted, feedback still
+    counts (without the replay check)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    with isolated_signals() as registry:
+        signals.register_model(profile)
+        [token] = signals.record_prediction({"delta": 1.0}, classes="Yes").ids
+        errors = multiprocess.instrumentation_errors()
+        assert signals.record_feedback(token, "Yes").correct is True
+        assert signals.record_feedback(token, "Yes").correct is True
+        assert multiprocess.instrumentation_errors() == errors + 2
+        assert value(registry, "model_confusion_total", predicted="Yes", actual="Yes") == 2
+        assert list(shared.iterdir()) == []

@@ -10,7 +10,10 @@ Layout of the models directory (one directory per model name)::
 
 Versions are reserved with an atomic ``mkdir`` and ``LATEST`` only moves forward (under a file
 lock), so concurrent trainings get distinct versions and a server that re-reads ``LATEST``
-sees complete versions only. Relative paths in the config file resolve against its directory.
+sees complete versions only. ``LATEST`` is read as a version number only (a ValueError
+otherwise), so it can never point a loader outside ``<name>/``; but loading a version runs its
+pickle: the models directory must be writable by the service's user only. Relative paths in the
+config file resolve against its directory.
 
 Command line: ``python -m service.pipeline [--config F] [--data CSV] [--models-dir D]``.
 """
@@ -22,6 +25,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -65,6 +69,8 @@ MODEL_FILE = "model.joblib"
 METRICS_FILE = "metrics.json"
 PROFILE_FILE = "profile.json"
 LATEST_FILE = "LATEST"
+#: A version: a positive integer without leading zeros, at most 9 digits.
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 #: The model predicts the raw data's labels: ``predict`` returns these strings.
 POSITIVE_CLASS, NEGATIVE_CLASS = "Yes", "No"
 
@@ -205,11 +211,24 @@ def _dump(model: Pipeline) -> bytes:
 
 
 def _read_latest(root: Path) -> str | None:
+    """The version ``LATEST`` names (``None``: none published); ValueError unless a number."""
     try:
-        version = (root / LATEST_FILE).read_text().strip()
+        text = (root / LATEST_FILE).read_text(encoding="ascii", errors="replace").strip()
     except FileNotFoundError:
         return None
-    return version or None
+    if not text:
+        return None
+    if not _VERSION.fullmatch(text):
+        raise ValueError(f"{root / LATEST_FILE}: not a version number: {text[:40]!r}")
+    return text
+
+
+def _published(root: Path) -> int:
+    """The published version number, 0 when none (or ``LATEST`` is not a number: replaced)."""
+    try:
+        return int(_read_latest(root) or 0)
+    except ValueError:
+        return 0
 
 
 def _reserve_version(root: Path) -> tuple[str, Path]:
@@ -217,10 +236,7 @@ def _reserve_version(root: Path) -> tuple[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     while True:
         taken = [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
-        latest = _read_latest(root)
-        if latest is not None and latest.isdigit():
-            taken.append(int(latest))
-        version = str(max(taken, default=0) + 1)
+        version = str(max([*taken, _published(root)]) + 1)
         try:
             (root / version).mkdir()
         except FileExistsError:
@@ -232,8 +248,7 @@ def _publish(root: Path, version: str) -> bool:
     """Point ``LATEST`` at ``version`` unless a newer version is already published."""
     with open(root / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        current = _read_latest(root)
-        if current is not None and current.isdigit() and int(current) >= int(version):
+        if _published(root) >= int(version):
             return False
         _write_atomic(root / LATEST_FILE, f"{version}\n".encode())
         return True
@@ -330,12 +345,14 @@ def train(
 
 
 def latest_version(models_dir: str | os.PathLike[str], name: str) -> str | None:
-    """The published version of ``name`` (one small file read: cheap enough to poll)."""
+    """The published version of ``name`` (one small file read: cheap enough to poll);
+    ValueError when ``LATEST`` holds anything but a version number."""
     return _read_latest(Path(models_dir) / name)
 
 
 def load_latest(models_dir: str | os.PathLike[str], name: str) -> LoadedModel:
-    """Load the version ``LATEST`` points at; FileNotFoundError when none is published."""
+    """Load the version ``LATEST`` points at; FileNotFoundError when none is published,
+    ValueError when ``LATEST`` is not a version number (nothing is loaded then)."""
     root = Path(models_dir) / name
     version = _read_latest(root)
     if version is None:

@@ -244,22 +244,30 @@ def test_in_progress_of_a_dead_worker_disappears(
     assert merged(registry, "http_requests_in_progress", **labels) == 0
 
 
-def test_clear_directory_removes_every_db_file_and_values_restart_from_zero(
+def test_clear_directory_removes_the_slot_files_left_and_keeps_this_processes_values(
     multiprocess_dir: Path,
 ) -> None:
+    """The gunicorn master at start with ``preload_app``: what it counted and set before
+    (a model's reference shares) survives, once; a previous run's files do not."""
     registry = CollectorRegistry()
     multiprocess.use_identifier("w0")
     counter = Counter("jobs", "Jobs.", registry=registry)
     counter.inc(4)
+    share = Gauge("share", "Share.", ["bin"], registry=registry, multiprocess_mode="max")
+    share.labels("a").set(0.5498)
     (multiprocess_dir / "counter_w9.db").write_bytes(b"left by a previous run")
     (multiprocess_dir / "gauge_livesum_w9.db").write_bytes(b"left by a previous run")
+    (multiprocess_dir / "notes.db").write_bytes(b"another program's")
 
     multiprocess.clear_directory()
 
-    assert db_files(multiprocess_dir) == {"counter_w0.db"}  # at zero: still scraped
-    assert merged(registry, "jobs_total") == 0
+    assert db_files(multiprocess_dir) == {"counter_w0.db", "gauge_max_w0.db", "notes.db"}
+    assert merged(registry, "jobs_total") == 4
+    assert merged(registry, "share", bin="a") == 0.5498
     counter.inc()
-    assert merged(registry, "jobs_total") == 1
+    multiprocess.clear_directory()  # twice: still counted once
+    assert merged(registry, "jobs_total") == 5
+    assert (multiprocess_dir / "notes.db").read_bytes() == b"another program's"
 
 
 def test_series_made_at_zero_before_the_start_are_still_scraped_from_a_worker(

@@ -79,8 +79,9 @@ def export_kept() -> None:
         _export(_Channel.exporter)
 
 
-def export_storage_errors_with(export: Export) -> None:
-    """Export storage errors (and those kept so far) through ``export(stage, amount)``."""
+def export_storage_errors_with(export: Export | None) -> None:
+    """Export storage errors (and those kept so far) through ``export(stage, amount)``;
+    ``None``: keep them until an exporter is given."""
     _Channel.exporter = export
     _export(export)
 

@@ -14,6 +14,7 @@ unwritable or full is logged and counted, and the value is kept in memory instea
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -40,6 +41,7 @@ from . import _errors
 
 __all__ = [
     "ENV_VAR",
+    "CorruptFile",
     "SlotFilesCollector",
     "activate",
     "active_directory",
@@ -131,14 +133,21 @@ def check_directory(path: str | os.PathLike[str]) -> str:
     return path
 
 
+class CorruptFile(ValueError):
+    """A slot file whose content is not prometheus_client's layout."""
+
+
 def _check_entries(data: Any, used: int) -> None:
-    """Raise unless ``data[:used]`` holds well-formed entries (prometheus_client's layout)."""
+    """Raise :class:`CorruptFile` unless ``data[:used]`` holds well-formed entries."""
     if used % 8 or not 8 <= used <= len(data):
-        raise ValueError(f"corrupt header: {used} bytes used of {len(data)}")
-    for key, _, _, _ in _read_all_values(data, used):
-        _metric, _name, labels, _help = json.loads(key)
-        if not isinstance(labels, dict):
-            raise ValueError(f"corrupt key {key!r}")
+        raise CorruptFile(f"corrupt header: {used} bytes used of {len(data)}")
+    try:
+        for key, _, _, _ in _read_all_values(data, used):
+            _metric, _name, labels, _help = json.loads(key)
+            if not isinstance(labels, dict):
+                raise ValueError(f"labels {labels!r}")
+    except Exception as error:
+        raise CorruptFile(f"corrupt entry: {error!r}") from error
 
 
 def readable_file(path: str) -> bool:
@@ -180,7 +189,7 @@ class _SlotFile(MmapedDict):
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{filename} is not a regular file")
+                raise OSError(errno.EINVAL, "not a regular file", filename)
             try:
                 os.posix_fallocate(fd, 0, max(info.st_size, 1 << 16))
             except OSError:
@@ -271,11 +280,18 @@ def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
     if handle is None:
         path = os.path.join(_State.directory or ".", f"{prefix}_{process_identifier()}.db")
         try:
-            handle = _SlotFile(path)
-        except Exception as error:  # full, unwritable, gone, corrupt: fail open, retry later
-            report_error(f"opening {path}", error, stage="storage_open")
+            try:
+                handle = _SlotFile(path)
+            except CorruptFile as error:  # unreadable, so never scraped: start a new one
+                report_error(f"opening {path}", error, stage="storage_open")
+                os.replace(path, path + ".corrupt")
+                log.warning("ml_wsgi_metrics: moved %s aside to %s.corrupt", path, path)
+                handle = _SlotFile(path)
+        except Exception as error:  # full, unwritable, gone: fail open, retry later
+            _State.files[prefix] = _UNAVAILABLE  # first: counting the error writes a value
             _unavailable(prefix)
-            handle = _UNAVAILABLE
+            report_error(f"opening {path}", error, stage="storage_open")
+            return _UNAVAILABLE
         _State.files[prefix] = handle
     return handle
 
@@ -340,9 +356,9 @@ class SlotValue:
                 view, index = _open_file(self._prefix).cell(self._key)
             except _FileUnavailable:
                 pass
-            except Exception as error:  # the file could not grow, or is corrupt
-                report_error(f"opening {self._prefix}", error, stage="storage_open")
+            except Exception as error:  # the file could not grow
                 _unavailable(self._prefix)
+                report_error(f"opening {self._prefix}", error, stage="storage_open")
             else:
                 memory = self._memory
                 if memory is not None:
@@ -387,9 +403,9 @@ class SlotValue:
             self._view[self._index] += amount  # type: ignore[index]
         except (TypeError, ValueError):  # not opened in this process yet, or closed under us
             if self._view is not None:
-                report_error(f"writing {self._prefix}", ValueError("the file was closed"))
                 self._view = None
                 _unavailable(self._prefix)
+                report_error(f"writing {self._prefix}", ValueError("the file was closed"))
             view, index = self._raw_cell()
             view[index] += amount
 
@@ -582,6 +598,7 @@ def deactivate() -> None:
             value._memory = None
         _State.values.clear()
         _State.identifier = None
+        _errors.export_storage_errors_with(None)  # its counter's values are gone too
         if _State.previous_value_class is not None:
             prometheus_client.values.ValueClass = _State.previous_value_class
         if _State.owned_directory and _State.directory:

@@ -8,8 +8,15 @@ Two live processes never share an identifier: the master hands out a slot only o
 holder has been reaped. Anything else (the master, a script) writes under its pid.
 
 The files keep prometheus_client's format, so :class:`prometheus_client.multiprocess.
-MultiProcessCollector` merges them unchanged. Writes fail open: a directory that is missing,
-unwritable or full is logged and counted, and the value is kept in memory instead.
+MultiProcessCollector` merges them unchanged. The directory must be private to this user
+(:func:`check_directory`); no file is opened through a symbolic link, and only the names this
+package writes (:data:`SLOT_FILE`) are read or removed.
+
+Writes fail open: a value whose file cannot be opened (a directory missing, unwritable or full, a
+link planted there) is kept in memory, the error is logged and exported
+(:mod:`ml_wsgi_metrics._errors`), and the file is tried again at most once a second; when it
+opens, what was counted meanwhile is carried into it. A file that does not read whole is moved
+aside and started anew.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,10 +28,9 @@ __all__ = [
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-#: ``w0.pid``: which pid holds slot ``w0``.
+#: ``w0.pid``: which pid holds slot ``w0``; ``w0.pid.tmp`` while it is being written.
 PID_FILE = re.compile(rf"({IDENTIFIER.pattern})\.pid")
-#: A pid file being written (``tempfile.mkstemp``'s names), or left half-written by a crash.
-_PARTIAL_PID_FILE = re.compile(rf"\.{IDENTIFIER.pattern}\.pid\.[a-z0-9_]+\.tmp")
+_PARTIAL_PID_FILE = re.compile(rf"{IDENTIFIER.pattern}\.pid\.tmp")
 
 
 def _pid_path(directory: str, identifier: str) -> str:
@@ -42,13 +40,16 @@ def _pid_path(directory: str, identifier: str) -> str:
 
 
 def write_pid_file(directory: str, identifier: str, pid: int | None = None) -> None:
-    """Record which pid holds ``identifier``: written to a new private file, then renamed over
-    the old one (neither step follows a symbolic link)."""
+    """Record which pid holds ``identifier``: written to a new private file (created, never
+    opened through a link), then renamed over the old one (which replaces a link, too)."""
     path = _pid_path(directory, identifier)
-    handle, temporary = tempfile.mkstemp(prefix=f".{identifier}.pid.", suffix=".tmp", dir=directory)
+    temporary = path + ".tmp"
+    with contextlib.suppress(FileNotFoundError):  # a crashed predecessor's; a link goes itself
+        os.remove(temporary)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with open(handle, "w") as file:
-            file.write(str(os.getpid() if pid is None else pid))
+        with open(os.open(temporary, flags, 0o600), "w") as handle:
+            handle.write(str(os.getpid() if pid is None else pid))
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -270,7 +270,7 @@ def test_on_starting_removes_only_the_files_this_package_writes(hooks: ModuleTyp
         "gauge_mostrecent_w1.db",
         "summary_w2.db",
         "w7.pid",
-        ".w7.pid.k3j_a9x2.tmp",  # a pid file being written when a run crashed
+        "w7.pid.tmp",  # a pid file being written when a run crashed
     ]
     foreign = [
         "nginx.pid",

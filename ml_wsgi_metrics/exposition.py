@@ -16,7 +16,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import multiprocess
 from .process import WorkerProcessCollector
@@ -27,13 +26,16 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def scrape_registry(registry: CollectorRegistry, namespace: str = "") -> CollectorRegistry:
-    """The registry to expose now: ``registry``, or all workers' files in multiprocess mode."""
-    directory = multiprocess.active_directory()
+    """The registry to expose now: ``registry``, or all processes' files in multiprocess mode
+    (this package's slot files, or prometheus_client's own files when only
+    ``PROMETHEUS_MULTIPROC_DIR`` is set)."""
+    directory = multiprocess.merged_directory()
     if directory is None:
         return registry
     merged = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(merged, path=directory)
-    merged.register(WorkerProcessCollector(directory, namespace))
+    merged.register(multiprocess.SlotFilesCollector(directory))
+    if multiprocess.active_directory() is not None:  # the pid files of this package's hooks
+        merged.register(WorkerProcessCollector(directory, namespace))
     return merged
 
 

@@ -4,7 +4,7 @@
 
 Importing this module (gunicorn loads its config before the app, with ``preload_app`` on or
 off) switches to multiprocess mode in ``$PROMETHEUS_MULTIPROC_DIR`` or a private temporary
-directory. The hooks empty that directory at start, give each worker a stable slot so files
+directory. The hooks clear that directory at start, give each worker a stable slot so files
 never pile up across restarts, drop dead workers' live gauges, record master metrics and wrap
 the app each worker serves in :class:`~ml_wsgi_metrics.MetricsMiddleware`. Options go through
 :func:`configure`. A config with hooks of its own calls these from them.
@@ -109,7 +109,8 @@ def _namespace() -> str:
 
 
 def on_starting(server: Any) -> None:
-    """Master, at start: empty the directory, create the master's metrics."""
+    """Master, at start: remove the previous run's files (what the app set before, with
+    ``preload_app``, is kept), create the master's metrics."""
     multiprocess.clear_directory()
     remove_pid_files(_directory)
     _Settings.server_metrics = shared(

@@ -260,6 +260,60 @@ def test_on_starting_empties_the_directory(hooks: ModuleType) -> None:
     assert scraped("gunicorn_worker_resident_memory_bytes", worker="w7") is None
 
 
+def test_on_starting_removes_only_the_files_this_package_writes(hooks: ModuleType) -> None:
+    """The directory may be shared by mistake: other programs' files survive the start."""
+    directory = Path(hooks._directory)
+    ours = [
+        "counter_w7.db",
+        "histogram_w0.db",
+        "gauge_livesum_12345.db",
+        "gauge_mostrecent_w1.db",
+        "summary_w2.db",
+        "w7.pid",
+        "w7.pid.tmp",  # a pid file being written when a run crashed
+    ]
+    foreign = [
+        "nginx.pid",
+        "app.db",
+        "counter.db",
+        "counter_w7.db.bak",
+        "gauge_sideways_w1.db",
+        "counter_w_7.db",
+        "notes.txt",
+        "w7.pid.bak",
+    ]
+    for name in ours + foreign:
+        (directory / name).write_bytes(b"left there")
+
+    hooks.on_starting(FakeServer(hooks))
+
+    remaining = {path.name for path in directory.iterdir()}
+    assert remaining & set(ours) == set()
+    assert set(foreign) <= remaining
+    assert all((directory / name).read_bytes() == b"left there" for name in foreign)
+
+
+def test_on_starting_keeps_what_was_set_before_it(hooks: ModuleType) -> None:
+    """``preload_app``: the app (and its model's reference shares) is loaded before."""
+    from prometheus_client import Gauge
+
+    registry = CollectorRegistry()
+    share = Gauge("share", "Share.", ["bin"], registry=registry, multiprocess_mode="max")
+    share.labels("Month-to-month").set(0.5498)
+    hooks.on_starting(FakeServer(hooks))
+    assert scraped("share", bin="Month-to-month") == 0.5498
+
+
+def test_only_this_packages_pid_files_are_read_as_workers(hooks: ModuleType) -> None:
+    directory = Path(hooks._directory)
+    (directory / "nginx.pid").write_text(str(os.getpid()))
+    (directory / "w3.pid").symlink_to(directory / "nginx.pid")  # never followed
+    write_pid_file(str(directory), "w1")
+    assert scraped("gunicorn_worker_resident_memory_bytes", worker="w1") is not None
+    assert scraped("gunicorn_worker_resident_memory_bytes", worker="nginx") is None
+    assert scraped("gunicorn_worker_resident_memory_bytes", worker="w3") is None
+
+
 def test_child_exit_drops_live_gauges_and_pid_file_and_counts_the_exit(
     hooks: ModuleType, server: FakeServer
 ) -> None:

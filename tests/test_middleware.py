@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import NotFound
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _response
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _errors
 
 # Every test runs with the C record and with the pure-Python one.
 pytestmark = pytest.mark.usefixtures("record_implementation")
@@ -573,7 +573,7 @@ def test_instrumentation_error_leaves_the_response_unchanged(
 ) -> None:
     bare = call(hello, "/status/201")
     break_series(started=False, finished=True)
-    monkeypatch.setattr(_response, "_logged_stages", set())
+    monkeypatch.setattr(_errors._Channel, "logged", set())
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
 
     with caplog.at_level(logging.DEBUG, logger="ml_wsgi_metrics"):

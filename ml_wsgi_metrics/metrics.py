@@ -370,6 +370,8 @@ class RequestMetrics:
             **common,
         )
         self.routes: dict[tuple[str, str], RouteSeries] = {}  # by (method, route)
+        #: The mount prefixes a route label may keep (the wrapped apps' mounts, a closed set).
+        self.mount_prefixes: set[str] = set()
         self._model_requests: dict[tuple[Any, ...], Callable[[float], None]] = {}
 
     def route_labels(self, method: str, route: str) -> tuple[str, ...]:

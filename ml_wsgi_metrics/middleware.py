@@ -98,6 +98,7 @@ class MetricsMiddleware:
         )
         self.route_resolver = route_resolver
         self.adapter = None if route_resolver else routes.install_adapter(app)
+        self.metrics.mount_prefixes.update(routes.mount_prefixes(app))
         # Only requests the app's framework names can skip the check in _name_route.
         self._adapter_names_routes = route_resolver is None and (
             metrics_path is None or metrics_path in self._unmeasured_paths
@@ -145,5 +146,5 @@ class MetricsMiddleware:
                 instrumentation_failed(timed, "route_resolver", error)
             else:
                 if route is not None:
-                    timed.set_route(environ.get("SCRIPT_NAME", "") + route)
+                    timed.set_route(route)
         return self.app

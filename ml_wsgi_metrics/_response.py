@@ -19,7 +19,7 @@ from ._context import reset as reset_bound_model
 from ._errors import report
 from .metrics import RequestMetrics, RouteSeries
 from .multiprocess import _State as storage_state
-from .routes import REQUEST_KEY, UNMATCHED
+from .routes import REQUEST_KEY, UNMATCHED, mount_prefix
 
 __all__ = ["METHODS", "OTHER_METHOD", "PythonTimedResponse", "TimedResponse", "speedups"]
 
@@ -128,14 +128,18 @@ class PythonTimedResponse:
         self._headers = headers
         return self._start_response(status, headers, exc_info)
 
-    def set_route(self, route: str) -> None:
-        """Name the matched route (via :func:`ml_wsgi_metrics.routes.set_route`); first wins."""
+    def set_route(self, route: str, script_name: str | None = None) -> None:
+        """Name the matched route (via :func:`ml_wsgi_metrics.routes.set_route`); first wins.
+
+        ``script_name``: the ``SCRIPT_NAME`` the framework matched under, of which only a
+        known mount prefix is kept (:func:`~ml_wsgi_metrics.routes.mount_prefix`).
+        """
         if self._series is not None:
             return
-        base = self._script_name
-        if base and route.startswith(base):
-            route = route[len(base) :] or "/"
         try:
+            if script_name is not None and script_name != self._script_name:  # a mount, or not
+                mounts = self._metrics.mount_prefixes
+                route = mount_prefix(mounts, self._script_name, script_name) + route
             series = self._metrics.routes.get((self._method, route))
             if series is None:
                 series = self._metrics.route_series(self._method, route)
@@ -232,6 +236,7 @@ else:
         UNMATCHED,
         instrumentation_failed,
         pass_file,
+        mount_prefix,
         METHODS,
         OTHER_METHOD,
         REQUEST_KEY,

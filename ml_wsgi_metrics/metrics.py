@@ -376,6 +376,8 @@ class RequestMetrics:
             **common,
         )
         self.routes: dict[tuple[str, str], RouteSeries] = {}  # by (method, route)
+        #: The mount prefixes a route label may keep (the wrapped apps' mounts, a closed set).
+        self.mount_prefixes: set[str] = set()
         self._model_requests: dict[tuple[Any, ...], Callable[[float], None]] = {}
         self._exports_storage_errors = False
         fallback = _storage.merged_directory()

@@ -1,8 +1,10 @@
 """The deployments users run, each serving the real churn service with real servers.
 
 gunicorn sync workers with ``preload_app`` off and on, gunicorn ``gthread`` and ``gevent``
-workers (the repository's ``gunicorn.conf.py``), and uWSGI (``uwsgi.ini``), all restarting their
-workers during the traffic (``max_requests``). For each: exact totals per route and status from
+workers (the repository's ``gunicorn.conf.py``), uWSGI (``uwsgi.ini``), and a pre-fork server
+without this package's hooks (gunicorn with a config of its own, the app wrapped in its module,
+multiprocess mode from ``PROMETHEUS_MULTIPROC_DIR`` alone), all restarting their workers during
+the traffic (``max_requests``). For each: exact totals per route and status from
 every worker, ``model_feature_reference_share`` equal to the profile's shares, and no drift alert
 on undrifted traffic from a real Prometheus running the rules generated from the profile.
 
@@ -38,6 +40,7 @@ from e2e_support import (
     write_rules,
 )
 from support import (
+    REPO,
     UWSGI,
     GunicornServer,
     PrometheusServer,
@@ -71,7 +74,7 @@ SCRAPES = 6
 @dataclass(frozen=True)
 class Deployment:
     id: str
-    server: str  # "gunicorn" or "uwsgi"
+    server: str  # "gunicorn", "uwsgi" or "plain" (gunicorn without this package's hooks)
     env: dict[str, str] = field(default_factory=dict)
     preload: bool = False
 
@@ -90,6 +93,7 @@ DEPLOYMENTS = [
         "uwsgi",
         {"UWSGI_MIN_WORKER_LIFETIME": "0", "UWSGI_FORKBOMB_DELAY": "0"},
     ),
+    Deployment("prefork-without-hooks", "plain"),
 ]
 
 
@@ -124,8 +128,18 @@ def _server(
         "CHURN_MODELS_DIR": str(models),
         "ML_WSGI_METRICS_SECRET_KEY": SECRET_KEY,
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-        "UWSGI_MAX_REQUESTS": MAX_REQUESTS,
     }
+    if deployment.server == "plain":
+        multiproc.mkdir(mode=0o700, parents=True)
+        return GunicornServer(
+            "tests.apps.wrapped_service:app",
+            config=REPO / "tests" / "apps" / "plain_gunicorn.conf.py",
+            env={**env, "GUNICORN_MAX_REQUESTS": MAX_REQUESTS, **deployment.env},
+            workers=WORKERS,
+            port=port,
+            startup_timeout=60.0,
+        )
+    env["UWSGI_MAX_REQUESTS"] = MAX_REQUESTS
     return UwsgiServer(
         "service.app:app",
         env={**env, **deployment.env},

@@ -19,6 +19,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import multiprocess
+from ._retired import without_retired
 from .process import WorkerProcessCollector
 
 __all__ = ["MetricsExposition", "scrape_registry"]
@@ -32,7 +33,7 @@ def scrape_registry(registry: CollectorRegistry, namespace: str = "") -> Collect
     if directory is None:
         return registry
     merged = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(merged, path=directory)
+    merged.register(without_retired(MultiProcessCollector(None, path=directory), directory))
     merged.register(WorkerProcessCollector(directory, namespace))
     return merged
 

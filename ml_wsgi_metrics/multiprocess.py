@@ -14,23 +14,28 @@ unwritable or full is logged and counted, and the value is kept in memory instea
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import prometheus_client.values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import mark_process_dead
 
+from . import _retired
+
 __all__ = [
     "ENV_VAR",
     "activate",
     "active_directory",
     "clear_directory",
+    "compact",
     "deactivate",
     "instrumentation_errors",
     "mark_dead",
@@ -153,17 +158,100 @@ def process_identifier() -> str:
     return _State.identifier or str(os.getpid())
 
 
+#: Model-version series live in files of their own (``counter_w0.models.db``...), so retiring a
+#: version rewrites files that hold no request series (their cells never move during a request).
+MODEL_FILES = ".models"
+
+
 def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
     handle = _State.files.get(prefix)
     if handle is None:
-        path = os.path.join(_State.directory or ".", f"{prefix}_{process_identifier()}.db")
+        kind, models, _ = prefix.partition(MODEL_FILES)
+        name = f"{kind}_{process_identifier()}{models}.db"
+        path = os.path.join(_State.directory or ".", name)
         try:
             handle = _SlotFile(path)
+            if models:
+                handle = _without_retired(handle)
         except (OSError, ValueError) as error:
             report_error(f"opening {path}", error)
             handle = _UNAVAILABLE
         _State.files[prefix] = handle
     return handle
+
+
+def _is_model_series(labelnames: Any, multiprocess_mode: str) -> bool:
+    """A series of one model version (``model`` and ``version`` labels); live gauges stay with
+    their process's other live gauges, which are dropped when it dies."""
+    names = tuple(labelnames or ())
+    return "model" in names and "version" in names and not multiprocess_mode.startswith("live")
+
+
+def _rewritten(handle: _SlotFile, drop: Callable[[str], bool]) -> _SlotFile:
+    """``handle``'s file without the keys ``drop`` selects: written aside, then renamed over it
+    (a scrape reads the old file or the new one, never half of one). Closes ``handle``."""
+    path = handle._fname
+    temporary = f"{path}.compacting"  # not *.db: no collector reads it
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fresh = _SlotFile(temporary)
+    try:
+        for key, value, timestamp in handle.read_all_values():
+            if not drop(key):
+                fresh.write_value(key, value, timestamp)
+        os.replace(temporary, path)
+    except BaseException:
+        fresh.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    handle.close()
+    fresh._fname = path
+    return fresh
+
+
+def _without_retired(handle: _SlotFile) -> _SlotFile:
+    """A model file just opened (a dead predecessor's, say) without retired versions' keys."""
+    try:
+        retirements = _retired.read(_State.directory or ".")
+    except (OSError, ValueError) as error:
+        report_error(f"reading {_retired.RECORD}", error)
+        return handle
+    drop = retirements.key_filter()
+    if retirements and any(map(drop, handle._positions)):
+        try:
+            return _rewritten(handle, drop)
+        except (OSError, ValueError) as error:  # the file stays as it is; scrapes filter it
+            report_error(f"compacting {handle._fname}", error)
+    return handle
+
+
+def compact(drop: Callable[[str], bool]) -> None:
+    """Forget this process's values whose key ``drop`` selects, and rewrite its files without them.
+
+    Keys are prometheus_client's ``mmap_key`` JSON strings. Forgotten values count on in memory
+    only (a stale reference writes nowhere); the others reopen in the rewritten files at their
+    next use, continuing their values. Only model files are rewritten: ``drop`` must select
+    model-version series only (see :data:`MODEL_FILES`).
+    """
+    with _lock:
+        kept = []
+        for value in _State.values:
+            if drop(value._key):
+                value._view, value._index = _private_cell()
+            else:
+                kept.append(value)
+        _State.values = kept
+        for prefix, handle in list(_State.files.items()):
+            if not isinstance(handle, _SlotFile) or not any(map(drop, handle._positions)):
+                continue
+            for value in kept:
+                if value._prefix == prefix:
+                    value._view = None  # reopens in the new file at its next use
+            try:
+                _State.files[prefix] = _rewritten(handle, drop)
+            except (OSError, ValueError) as error:  # the old file stays, keys and all
+                report_error(f"compacting {handle._fname}", error)
 
 
 class SlotValue:
@@ -188,6 +276,8 @@ class SlotValue:
         **kwargs: Any,
     ) -> None:
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
+        if _is_model_series(labelnames, multiprocess_mode):
+            self._prefix += MODEL_FILES
         self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
         self._view: memoryview | None = None
         self._index = 0
@@ -365,4 +455,5 @@ def clear_directory() -> None:
     if _State.directory:
         for path in glob.glob(os.path.join(_State.directory, "*.db")):
             os.remove(path)
+        _retired.remove(_State.directory)
     _reopen_all()

@@ -122,7 +122,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         alert_for=f"{ALERT_FOR}s",
         ops_for="1m",
     )
-    service = ServiceServer(models, multiproc_dir=root / "multiproc", workers=4)
+    service = ServiceServer(
+        models,
+        multiproc_dir=root / "multiproc",
+        workers=4,
+        env={"ML_WSGI_METRICS_LIVE_VERSIONS": str(len(VERSIONS))},  # all three live at once
+    )
     prometheus = PrometheusServer([service.address], rule_files=[rules])
     with running(prometheus, service):
         yield Stack(service, prometheus, models, profiles)
@@ -384,5 +389,5 @@ def test_tampered_feedback_is_rejected_and_counted(scenario: Scenario) -> None:
     for _, reason in cases:
         expected[reason] = expected.get(reason, 0.0) + 1
     wait_until(lambda: rejected() == expected, 15, interval=0.2, message=f"{rejected()}")
-    assert set(expected) == {"malformed", "tampered", "expired", "unknown_model"}
+    assert set(expected) == {"malformed", "tampered", "expired", "unknown_model", "retired"}
     assert stack.prometheus.value("sum(model_confusion_total)") == confusion

@@ -181,10 +181,12 @@ def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
 
 
 def _is_model_series(labelnames: Any, multiprocess_mode: str) -> bool:
-    """A series of one model version (``model`` and ``version`` labels); live gauges stay with
-    their process's other live gauges, which are dropped when it dies."""
+    """A series of one model version (``model`` and ``version`` labels). Gauges whose mode
+    keeps a ``pid`` label or dies with the process (``all``, ``live*``) stay in the usual files."""
     names = tuple(labelnames or ())
-    return "model" in names and "version" in names and not multiprocess_mode.startswith("live")
+    if multiprocess_mode == "all" or multiprocess_mode.startswith("live"):
+        return False
+    return "model" in names and "version" in names
 
 
 def _rewritten(handle: _SlotFile, drop: Callable[[str], bool]) -> _SlotFile:
@@ -231,8 +233,8 @@ def compact(drop: Callable[[str], bool]) -> None:
 
     Keys are prometheus_client's ``mmap_key`` JSON strings. Forgotten values count on in memory
     only (a stale reference writes nowhere); the others reopen in the rewritten files at their
-    next use, continuing their values. Only model files are rewritten: ``drop`` must select
-    model-version series only (see :data:`MODEL_FILES`).
+    next use, continuing their values. Only model files (:data:`MODEL_FILES`) are rewritten:
+    the request series' cells never move during a request.
     """
     with _lock:
         kept = []
@@ -243,7 +245,9 @@ def compact(drop: Callable[[str], bool]) -> None:
                 kept.append(value)
         _State.values = kept
         for prefix, handle in list(_State.files.items()):
-            if not isinstance(handle, _SlotFile) or not any(map(drop, handle._positions)):
+            if MODEL_FILES not in prefix or not isinstance(handle, _SlotFile):
+                continue
+            if not any(map(drop, handle._positions)):
                 continue
             for value in kept:
                 if value._prefix == prefix:

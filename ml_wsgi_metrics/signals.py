@@ -92,6 +92,7 @@ _INF = math.inf
 _NAN = math.nan
 _DEFAULT_LIVE_VERSIONS = 2
 _SYNC_INTERVAL = 1.0  # seconds between two reads of the retired-versions record by the verbs
+_monotonic = time.monotonic
 
 Inc = Callable[[float], None]
 _JSON = json.JSONEncoder(separators=(",", ":"))
@@ -478,13 +479,13 @@ class _Config:
     def sync(self, *, now: bool = False) -> None:
         """Retire here what other processes retired (the directory's record), reading the
         record at most once a second unless ``now``."""
-        directory = active_directory()
-        if directory is None:
-            return
-        moment = time.monotonic()
+        moment = _monotonic()
         if not now and moment - self._synced < _SYNC_INTERVAL:
             return
         self._synced = moment
+        directory = active_directory()
+        if directory is None:
+            return
         try:
             record = _retired.read(directory)
         except (OSError, ValueError) as error:

@@ -12,6 +12,10 @@ In the manner of structlog's contextvars: a few verbs, no prometheus_client in t
     ...
     signals.record_feedback(prediction_id, actual="Yes")   # later, in any worker or host
 
+Feedback counts once per id and host: the ids already counted are kept for the ids' lifetime
+in a store shared by the host's processes (:mod:`._replay`), in the multiprocess directory
+when there is one.
+
 Everything is a counter or histogram per reference bin, so PSI, means, standard deviations and
 accuracy merge exactly across workers and hosts (see :mod:`ml_wsgi_metrics.rules`). Recording is
 vectorised per feature (one ``searchsorted`` and one ``bincount``) and only non-zero bins are
@@ -25,6 +29,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import threading
 import time
 from bisect import bisect_left
@@ -35,11 +40,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from itsdangerous import BadPayload, BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadPayload, BadSignature, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _context, _retired
+from ._replay import FILE_NAME, ReplayStore
 from ._retired import Retirements, version_key
 from .metrics import (
     ModelMetrics,
@@ -49,7 +55,7 @@ from .metrics import (
     remove_child,
     shared,
 )
-from .multiprocess import active_directory, compact, report_error, storage_lock
+from .multiprocess import ENV_VAR, active_directory, compact, report_error, storage_lock
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
 
 __all__ = [
@@ -82,7 +88,7 @@ NO_CLASS = "__none__"
 #: Environment variable supplying the default ``live_versions``.
 LIVE_VERSIONS_ENV = "ML_WSGI_METRICS_LIVE_VERSIONS"
 #: The ``reason`` label values of ``model_feedback_rejected_total``.
-REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model", "retired")
+REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model", "replayed", "retired")
 
 _SALT = "ml_wsgi_metrics.prediction"
 _MAX_TOKEN_LENGTH = 4096
@@ -437,6 +443,10 @@ class _Config:
         secret_key: Any,
         max_feedback_age: float,
         metric_settings: dict[str, Any],
+        *,
+        max_clock_skew: float = 5.0,
+        replay_store: str | os.PathLike[str] | None = None,
+        replay_capacity: int = 1_000_000,
         live_versions: int = _DEFAULT_LIVE_VERSIONS,
     ) -> None:
         self.registry = registry
@@ -444,7 +454,11 @@ class _Config:
         self.const_labels = const_labels
         self.secret_key = secret_key
         self.max_feedback_age = max_feedback_age
+        self.max_clock_skew = max_clock_skew
         self.metric_settings = metric_settings
+        self._replay_path = replay_store
+        self._replay_capacity = replay_capacity
+        self._replay: ReplayStore | None = None
         self.live_versions = live_versions
         self.models: dict[tuple[str, str], _Model] = {}
         self.lock = threading.Lock()
@@ -453,6 +467,7 @@ class _Config:
         self._synced = -math.inf
         self._metrics: ModelMetrics | None = None
         self._serializer: URLSafeTimedSerializer | None = None
+        self._signer: Any = None
         self._sign: Callable[[bytes], bytes] | None = None
         self._rejected: dict[str, Inc] = {}
 
@@ -553,8 +568,44 @@ class _Config:
                     f"feedback may arrive)"
                 )
             self._serializer = URLSafeTimedSerializer(key, salt=_SALT)
-            self._sign = self._serializer.make_signer().sign
+            self._signer = self._serializer.make_signer()
+            self._sign = self._signer.sign
         return self._serializer
+
+    def now(self) -> int:
+        """The current time of the signer's clock (whole seconds, as ids are stamped)."""
+        _ = self.serializer
+        return int(self._signer.get_timestamp())
+
+    @property
+    def replay(self) -> ReplayStore:
+        """The ids counted so far: the configured file, else the multiprocess directory's,
+        else this process's memory (kept when :func:`configure` is called again)."""
+        if self._replay is None:
+            path = self._replay_path
+            if path is None:
+                directory = active_directory() or os.environ.get(ENV_VAR)
+                path = os.path.join(directory, FILE_NAME) if directory else None
+            settings = (self.max_feedback_age + self.max_clock_skew, self._replay_capacity)
+            with _config_lock:
+                store = _memory_stores.get(settings) if path is None else None
+                if store is None:
+                    store = ReplayStore(path, lifetime=settings[0], capacity=settings[1])
+                    if path is None:
+                        _memory_stores[settings] = store
+            with self.lock:
+                if self._replay is None:
+                    self._replay = store
+        return self._replay
+
+    def first_time(self, signed_at: int, content: bytes) -> bool:
+        """Whether an id is counted for the first time on this host. When the store cannot
+        be used the id counts (fail open), and the error is logged and counted."""
+        try:
+            return self.replay.add(signed_at, content)
+        except (sqlite3.Error, OSError, ValueError) as error:
+            report_error("the feedback replay store", error)
+            return True
 
     def dumps(self, payload: list[Any]) -> str:
         """``serializer.dumps(payload)`` without its zlib attempt (3x faster; same format)."""
@@ -566,6 +617,8 @@ class _Config:
 
 _config: _Config | None = None
 _config_lock = threading.Lock()
+# The in-memory replay stores of this process, by (lifetime, capacity).
+_memory_stores: dict[tuple[float, int], ReplayStore] = {}
 
 
 def configure(
@@ -575,6 +628,9 @@ def configure(
     const_labels: Mapping[str, str] | None = None,
     secret_key: str | bytes | Sequence[str | bytes] | None = None,
     max_feedback_age: float = 30 * 86400,
+    max_clock_skew: float = 5.0,
+    replay_store: str | os.PathLike[str] | None = None,
+    replay_capacity: int = 1_000_000,
     live_versions: int | None = None,
     **metric_settings: Any,
 ) -> None:
@@ -587,6 +643,13 @@ def configure(
     :param secret_key: signs prediction ids (default ``$ML_WSGI_METRICS_SECRET_KEY``); a list
         rotates keys (newest last). Needed only for ``Prediction.ids`` and feedback.
     :param max_feedback_age: seconds after which a prediction id expires.
+    :param max_clock_skew: seconds an id may seem signed in the future (the predicting host's
+        clock is ahead of this one's); hosts need synchronised clocks beyond that.
+    :param replay_store: the SQLite file that keeps the ids counted, shared by the processes
+        that use it (default: ``feedback-ids.sqlite3`` in the multiprocess directory, else this
+        process's memory); created 0600 in a directory only this user can write.
+    :param replay_capacity: the most ids it keeps; when full, expired ids go first, then the
+        oldest (which would then count again).
     :param live_versions: how many versions of each model stay live (default
         ``$ML_WSGI_METRICS_LIVE_VERSIONS``, else 2): registering a newer one retires the oldest
         (see :func:`retire_model`).
@@ -595,6 +658,16 @@ def configure(
     global _config
     if not (isinstance(max_feedback_age, int | float) and max_feedback_age > 0):
         raise ValueError(f"max_feedback_age: must be a positive number, got {max_feedback_age!r}")
+    if not (
+        isinstance(max_clock_skew, int | float)
+        and not isinstance(max_clock_skew, bool)
+        and 0 <= max_clock_skew < math.inf
+    ):
+        raise ValueError(
+            f"max_clock_skew: must be a number of seconds >= 0, got {max_clock_skew!r}"
+        )
+    if type(replay_capacity) is not int or replay_capacity < 1:
+        raise ValueError(f"replay_capacity: must be a positive integer, got {replay_capacity!r}")
     unknown = set(metric_settings) - {"latency_buckets", "label_delay_buckets"}
     if unknown:
         raise ValueError(f"configure: unknown setting(s) {sorted(unknown)}")
@@ -607,9 +680,14 @@ def configure(
         secret_key,
         float(max_feedback_age),
         metric_settings,
-        _live_versions(live_versions),
+        max_clock_skew=float(max_clock_skew),
+        replay_store=replay_store,
+        replay_capacity=replay_capacity,
+        live_versions=_live_versions(live_versions),
     )
     _ = config.metrics  # validate settings now, with a clear error
+    if replay_store is not None:
+        config.replay.open()  # a file that is not safe to use: ValueError now
     with _config_lock:
         _config = config
 
@@ -635,6 +713,7 @@ def _reset() -> None:
     global _config
     with _config_lock:
         _config = None
+        _memory_stores.clear()
     _context.reset()
 
 
@@ -647,7 +726,9 @@ def _current_config() -> _Config:
             if _config is None:
                 namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
                 live = _live_versions(None)
-                _config = _Config(REGISTRY, namespace, {}, None, 30 * 86400.0, {}, live)
+                _config = _Config(
+                    REGISTRY, namespace, {}, None, 30 * 86400.0, {}, live_versions=live
+                )
             config = _config
     return config
 
@@ -1017,7 +1098,8 @@ class Feedback:
     delay: float
 
 
-def _decode(config: _Config, prediction_id: Any) -> list[Any]:
+def _decode(config: _Config, prediction_id: Any) -> tuple[list[Any], int]:
+    """The payload of a valid id and the second it was signed."""
     if (
         not isinstance(prediction_id, str)
         or len(prediction_id) > _MAX_TOKEN_LENGTH
@@ -1025,13 +1107,21 @@ def _decode(config: _Config, prediction_id: Any) -> list[Any]:
     ):
         raise InvalidPredictionId("malformed", "prediction id: not a prediction id")
     try:
-        payload = config.serializer.loads(prediction_id, max_age=config.max_feedback_age)
-    except SignatureExpired:
-        raise InvalidPredictionId("expired", "prediction id: expired") from None
+        payload, signed = config.serializer.loads(prediction_id, return_timestamp=True)
     except BadPayload:
         raise InvalidPredictionId("malformed", "prediction id: unreadable payload") from None
     except BadSignature:
         raise InvalidPredictionId("tampered", "prediction id: bad signature") from None
+    signed_at = int(signed.timestamp())
+    age = config.now() - signed_at
+    if age > config.max_feedback_age:
+        raise InvalidPredictionId("expired", "prediction id: expired")
+    if age < -config.max_clock_skew:
+        raise InvalidPredictionId(
+            "expired",
+            f"prediction id: signed {-age} s in the future by this host's clock, more than "
+            f"max_clock_skew ({config.max_clock_skew:g} s): synchronise the hosts' clocks",
+        )
     if (
         not isinstance(payload, list)
         or len(payload) != 6
@@ -1041,7 +1131,7 @@ def _decode(config: _Config, prediction_id: Any) -> list[Any]:
         or not isinstance(payload[4], int | float)
     ):
         raise InvalidPredictionId("malformed", "prediction id: unexpected payload")
-    return payload
+    return payload, signed_at
 
 
 def record_feedback(prediction_id: str, actual: Any) -> Feedback:
@@ -1050,14 +1140,16 @@ def record_feedback(prediction_id: str, actual: Any) -> Feedback:
     Increments ``model_confusion_total{predicted, actual}`` (when the prediction had a class)
     and observes the label delay. Raises :class:`InvalidPredictionId` (after counting it in
     ``model_feedback_rejected_total{reason}``) for malformed, tampered or expired ids, for
-    retired versions and for models not registered here. The same id sent twice counts twice.
+    models not registered here, for retired versions, for a predicted class the model does not
+    have, and for an id already counted on this host (``replayed``).
     """
     if _is_missing(actual):
         raise ValueError("actual: the ground truth is missing")
     config = _current_config()
     config.sync()
     try:
-        model, version, predicted, _, stamp, _ = _decode(config, prediction_id)
+        payload, signed_at = _decode(config, prediction_id)
+        model, version, predicted, _, stamp, _ = payload
         compiled = config.models.get((model, version))
         if compiled is None:
             retired = config.retired.is_retired(model, version)
@@ -1065,6 +1157,18 @@ def record_feedback(prediction_id: str, actual: Any) -> Feedback:
                 "retired" if retired else "unknown_model",
                 f"prediction id: model {model!r} version {version!r} is "
                 + ("retired" if retired else "not registered here"),
+            )
+        if predicted is not None and (
+            predicted == NO_CLASS or predicted not in compiled.class_codes
+        ):
+            raise InvalidPredictionId(
+                "malformed",
+                f"prediction id: class {predicted[:60]!r} is not a class of model {model!r} "
+                f"version {version!r}",
+            )
+        if not config.first_time(signed_at, _compact_json(payload)):
+            raise InvalidPredictionId(
+                "replayed", "prediction id: feedback for it was already counted on this host"
             )
     except InvalidPredictionId as error:
         config.reject(error.reason)

@@ -12,6 +12,10 @@ Routes (JSON in and out; every error is JSON with an ``"error"`` message, see
 - ``POST /pipeline``  train a new model version; every worker serves it within a second
 - ``GET  /healthz``   the model name and version served
 
+``/feedback`` takes the back office's token, ``/pipeline`` the administrator's
+(``Authorization: Bearer <token>``); a route whose token is not set is disabled (403). See
+:data:`TOKEN_SETTINGS`.
+
 The app never imports prometheus_client: it tells :mod:`ml_wsgi_metrics.signals` what the
 model did, and the middleware (installed by ``gunicorn.conf.py``, not here, so requests are
 counted once) exports it. The model is loaded on the first request, after training one if
@@ -20,7 +24,9 @@ none is published, so importing this module does no I/O.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hmac
 import json
 import logging
 import math
@@ -29,7 +35,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +70,7 @@ from service.validation import (
     rows_to_frame,
 )
 
-__all__ = ["DEFAULTS", "ModelStore", "create_app"]
+__all__ = ["DEFAULTS", "TOKEN_SETTINGS", "ModelStore", "create_app"]
 
 log = logging.getLogger("service")
 
@@ -73,7 +79,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body (413 beyond)
     "MAX_BATCH_ROWS": 1000,  # rows of a /predict batch, items of a /feedback batch (413)
     "MODEL_RELOAD_INTERVAL": 1.0,  # seconds between two reads of the LATEST file
+    "FEEDBACK_TOKEN": None,  # the back office's token for POST /feedback (None: disabled)
+    "ADMIN_TOKEN": None,  # the administrator's token for POST /pipeline (None: disabled)
 }
+#: The tokens' settings and the environment variables that supply them by default: the value,
+#: or ``<variable>_FILE`` naming a file that holds it (surrounding whitespace stripped).
+TOKEN_SETTINGS = {"FEEDBACK_TOKEN": "CHURN_FEEDBACK_TOKEN", "ADMIN_TOKEN": "CHURN_ADMIN_TOKEN"}
+MIN_TOKEN_LENGTH = 16
 KEY_FILE = ".prediction-id-key"
 _EXTENSION = "churn"
 
@@ -110,6 +122,24 @@ def _shared_key(models_dir: Path) -> str:
     return path.read_text().strip()
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` for the ``with`` block, shared by every process on the
+    host; yields whether it was taken (always when ``wait``). The file is created 0600 and never
+    opened through a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 class ModelStore:
     """The model an app serves: trained on first use if none is published, then reloaded
     (and registered with the model signals) whenever ``LATEST`` moves.
@@ -140,7 +170,8 @@ class ModelStore:
         self._profiles: dict[str, ReferenceProfile] = {}
         self._checked = -math.inf
         self._lock = threading.Lock()
-        self._training = threading.Lock()
+        #: Held while a version is trained by ``retrain``, by any process on the host.
+        self.training_lock = self.models_dir / f".{self.name}.training.lock"
         self._evaluation: tuple[pd.DataFrame, np.ndarray] | None = None
 
     def current(self) -> LoadedModel:
@@ -177,9 +208,7 @@ class ModelStore:
         """Train the first version; of several workers starting together, one trains."""
         if latest_version(self.models_dir, self.name) is not None:
             return
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.models_dir / f".{self.name}.first-training.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _file_lock(self.models_dir / f".{self.name}.first-training.lock", wait=True):
             if latest_version(self.models_dir, self.name) is None:
                 log.info("no %s model in %s: training one", self.name, self.models_dir)
                 train(self.config_path, models_dir=self.models_dir)
@@ -189,10 +218,10 @@ class ModelStore:
         longer live)."""
         self._checked = time.monotonic()
         assert self._model is not None
-        latest = latest_version(self.models_dir, self.name)
-        if latest is None or (latest == self._model.version and not force):
-            return
         try:
+            latest = latest_version(self.models_dir, self.name)
+            if latest is None or (latest == self._model.version and not force):
+                return
             self._load()
         except Exception:  # a bad version on disk must not stop a serving worker
             log.exception("could not load a new version; still serving %s", self._model.version)
@@ -273,16 +302,20 @@ class ModelStore:
         return model, scores, prediction
 
     def retrain(self, overrides: Mapping[str, Any]) -> TrainResult:
-        """Train and publish a new version with ``overrides`` of the config (seed, n_rows)."""
+        """Train and publish a new version with ``overrides`` of the config (seed, n_rows).
+
+        One training at a time on the host, whatever the worker or instance (a file lock in
+        the models directory): another call meanwhile is a 409.
+        """
         self.current()
-        if not self._training.acquire(blocking=False):
-            raise InputError(
-                "a training is already running in this worker; retry when it ends",
-                code="training_in_progress",
-                status=409,
-            )
         keep = signals.live_versions()  # older directories go: no worker registers them
-        try:
+        with _file_lock(self.training_lock, wait=False) as taken:
+            if not taken:
+                raise InputError(
+                    "a training is already running (in this or another worker); retry when it ends",
+                    code="training_in_progress",
+                    status=409,
+                )
             if not overrides:
                 result = train(self.config_path, models_dir=self.models_dir, keep_versions=keep)
             else:
@@ -294,8 +327,6 @@ class ModelStore:
                     json.dump(raw, config)
                     config.flush()
                     result = train(config.name, models_dir=self.models_dir, keep_versions=keep)
-        finally:
-            self._training.release()
         with self._lock:
             self._refresh()  # this worker serves it now; the others within a second
         return result
@@ -375,13 +406,60 @@ def _max_items() -> int:
 
 
 def _body() -> bytes:
-    """The request body. A streamed (chunked) body is cut at ``MAX_CONTENT_LENGTH`` by
-    werkzeug without an error, so reaching the limit is a 413 here, as a declared length is."""
-    data = request.get_data(cache=False)
+    """The request body, at most ``MAX_CONTENT_LENGTH`` bytes (413 beyond).
+
+    werkzeug refuses a declared length over the limit; a streamed (chunked) body, which has
+    none, is read here up to one byte past the limit, so a body of exactly the limit is
+    accepted, as it is with a ``Content-Length``.
+    """
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is None and limit is not None and len(data) >= limit:
+    environ = request.environ
+    if (
+        limit is None
+        or request.content_length is not None
+        or not environ.get("wsgi.input_terminated")
+    ):
+        return request.get_data(cache=False)
+    stream, chunks, size = environ["wsgi.input"], [], 0
+    while size <= limit:
+        chunk = stream.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
         raise RequestEntityTooLarge()
-    return data
+    return b"".join(chunks)
+
+
+def _authorize(setting: str) -> None:
+    """Refuse the request (401, or 403 when the token is not set) unless it presents the
+    token of ``setting`` as ``Authorization: Bearer <token>`` (compared in constant time)."""
+    expected: str | None = current_app.config[setting]
+    variable = TOKEN_SETTINGS[setting]
+    if expected is None:
+        raise InputError(
+            f"{request.method} {request.path} is disabled: set {variable} (or {variable}_FILE, "
+            "a file holding it) to enable it",
+            code="disabled",
+            status=403,
+        )
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise InputError(
+            f"{request.path} needs a token: send 'Authorization: Bearer <token>'",
+            code="missing_token",
+            status=401,
+            headers=challenge,
+        )
+    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+        raise InputError(
+            f"the token is not the one {request.path} takes",
+            code="invalid_token",
+            status=401,
+            headers=challenge,
+        )
 
 
 @api.get("/")
@@ -392,8 +470,10 @@ def index() -> Response:
         routes={
             "POST /predict": "score one row, {'rows': [...]} or a list of rows",
             "GET /predict": "HTML results on the held-out set",
-            "POST /feedback": "{'id': <prediction id>, 'actual': 'Yes' | 'No'} or a batch",
-            "POST /pipeline": "train a new model version ({'seed': ..., 'n_rows': ...})",
+            "POST /feedback": "{'id': <prediction id>, 'actual': 'Yes' | 'No'} or a batch "
+            "(Authorization: Bearer <the back office's token>)",
+            "POST /pipeline": "train a new model version ({'seed': ..., 'n_rows': ...}) "
+            "(Authorization: Bearer <the administrator's token>)",
             "GET /healthz": "the model served",
         },
     )
@@ -447,9 +527,15 @@ def results_page() -> str:
     )
 
 
+#: The status of a rejected feedback item (400 otherwise).
+_REJECTED_STATUS = {"expired": 410, "retired": 410, "replayed": 409}
+
+
 @api.post("/feedback")
 def feedback() -> Response | tuple[Response, int]:
-    """Count the ground truth of earlier predictions, by their ids (any worker, any host)."""
+    """Count the ground truth of earlier predictions, by their ids (any worker, any host);
+    an id counts once per host."""
+    _authorize("FEEDBACK_TOKEN")
     payload = parse_json(_body(), request.mimetype)
     items, is_batch = parse_feedback(payload, max_items=_max_items())
     store = _store()
@@ -463,7 +549,7 @@ def feedback() -> Response | tuple[Response, int]:
             rejected = InputError(
                 f"prediction id rejected ({error.reason}): {error}",
                 code="invalid_prediction_id",
-                status=410 if error.reason in ("expired", "retired") else 400,
+                status=_REJECTED_STATUS.get(error.reason, 400),
                 reason=error.reason,
             )
             if not is_batch:
@@ -488,6 +574,7 @@ def feedback() -> Response | tuple[Response, int]:
 @api.post("/pipeline")
 def pipeline() -> tuple[Response, int]:
     """Train and publish a new model version; every worker picks it up without a restart."""
+    _authorize("ADMIN_TOKEN")
     overrides = parse_retrain(parse_json(_body(), request.mimetype, required=False))
     store = _store()
     previous = _serving(store).version
@@ -513,8 +600,8 @@ def healthz() -> Response:
 # -- errors -------------------------------------------------------------------------------
 
 
-def _input_error(error: InputError) -> tuple[Response, int]:
-    return jsonify(error.to_dict()), error.status
+def _input_error(error: InputError) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(error.to_dict()), error.status, error.headers
 
 
 def _http_error(error: HTTPException) -> Response:
@@ -541,6 +628,37 @@ def _internal_error(error: Exception) -> tuple[Response, int]:
 # -- the factory ----------------------------------------------------------------------------
 
 
+def _token_from_environment(variable: str) -> str | None:
+    """``$variable``, or the content of the file ``$<variable>_FILE`` (stripped), or None."""
+    value, path = os.environ.get(variable), os.environ.get(f"{variable}_FILE")
+    if path is None:
+        return value
+    if value is not None:
+        raise ValueError(f"{variable}_FILE: {variable} is set too; set one of them")
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{variable}_FILE: cannot read {path}: {error}") from None
+
+
+def _checked_token(setting: str, token: Any) -> str | None:
+    """A token stripped of surrounding whitespace, long enough to resist guessing."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise ValueError(f"{setting}: expected a string, got {type(token).__name__}")
+    token = token.strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{setting}: at least {MIN_TOKEN_LENGTH} characters, got {len(token)} (make one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'); unset it to disable "
+            "its route"
+        )
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise ValueError(f"{setting}: printable ASCII characters without spaces only")
+    return token
+
+
 def create_app(
     models_dir: str | os.PathLike[str] | None = None,
     *,
@@ -562,11 +680,18 @@ def create_app(
     On the first request the app calls :func:`ml_wsgi_metrics.signals.configure` with
     ``registry`` and the key, unless neither is needed (no registry given and the key in the
     environment): then the model signals keep whatever configuration the process set up.
-    :param settings: Flask config overrides, e.g. ``MAX_BATCH_ROWS=100`` (see :data:`DEFAULTS`).
+    :param settings: Flask config overrides, e.g. ``MAX_BATCH_ROWS=100`` (see :data:`DEFAULTS`);
+        ``FEEDBACK_TOKEN`` and ``ADMIN_TOKEN`` default to the environment (see
+        :data:`TOKEN_SETTINGS`). A bad token is a ValueError naming its setting.
     """
     app = Flask(__name__)
     app.config.update(DEFAULTS)
+    for setting, variable in TOKEN_SETTINGS.items():
+        if setting not in settings:
+            app.config[setting] = _token_from_environment(variable)
     app.config.update(settings)
+    for setting in TOKEN_SETTINGS:
+        app.config[setting] = _checked_token(setting, app.config[setting])
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[_EXTENSION] = ModelStore(
         models_dir if models_dir is not None else os.environ.get("CHURN_MODELS_DIR"),

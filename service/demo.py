@@ -6,6 +6,8 @@ temporary copy of ``prometheus/``, starts gunicorn (4 workers) and a real Promet
 :mod:`service.loadgen`), and prints what Prometheus computed: requests and p95 latency per
 route, predictions by model and version, PSI per feature before and during the drift, accuracy
 and the alerts that fire. Everything it started is stopped at the end, on Ctrl-C or SIGTERM.
+The labels go to ``POST /feedback`` with the back office's token: ``$CHURN_FEEDBACK_TOKEN``,
+or one generated for the run, given to gunicorn and the load generator.
 
     python -m service.demo                 # about 2 minutes
     python -m service.demo --keep-running  # then leave the servers up until Ctrl-C
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import secrets
 import shutil
 import signal
 import sys
@@ -130,6 +134,8 @@ class Demo:
         self.out = out
         self.progress = Progress(out)
         self.w = self.plan.window
+        token = os.environ.get(loadgen.FEEDBACK_TOKEN_ENV)
+        self.feedback_token = token or secrets.token_urlsafe(32)  # the back office's, for /feedback
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class Demo:
             rate=plan.rate,
             seed=seed,
             data=self.data,
+            feedback_token=self.feedback_token,
         )
         self.progress(
             f"{name} done in {summary.seconds:.1f} s: {summary.rows} rows scored, "
@@ -339,6 +346,10 @@ class Demo:
         out(f"  alerts          {prometheus.url}/classic/alerts")
         out(f"  results page    {service.url}/predict  (HTML: scores and accuracy)")
         out(f"  metrics         {service.url}/metrics")
+        out(
+            f"  retrain         POST {service.url}/pipeline with 'Authorization: Bearer "
+            "$CHURN_ADMIN_TOKEN' (disabled unless CHURN_ADMIN_TOKEN was set for the demo)"
+        )
         out(f"  dashboard       {DASHBOARD}  (Grafana; provisioning in grafana/provisioning/)")
 
     # -- the run --------------------------------------------------------------------------
@@ -365,7 +376,10 @@ class Demo:
                 Gunicorn(
                     port=port,
                     workers=self.args.workers,
-                    env={"CHURN_MODELS_DIR": str(models_dir.absolute())},
+                    env={
+                        "CHURN_MODELS_DIR": str(models_dir.absolute()),
+                        loadgen.FEEDBACK_TOKEN_ENV: self.feedback_token,
+                    },
                     log_path=directory / "gunicorn.log",
                 )
             )

@@ -11,7 +11,8 @@ undrifted part), some bad requests (4xx) and unknown paths. From request ``drift
 rows drift (MonthlyCharges inflated by 10-20 %, a share of one- and two-year contracts turned
 month-to-month). Ground truth, the data's
 ``Churn``, is posted to ``POST /feedback`` ``feedback_delay`` seconds after each prediction,
-flipped with probability ``flip`` where rows drift (everywhere without ``drift_from``).
+flipped with probability ``flip`` where rows drift (everywhere without ``drift_from``), with the
+back office's token (``$CHURN_FEEDBACK_TOKEN``, as the service reads it).
 
 Bounded in count and time, 127.0.0.1 only, never retries (a retry could count a request
 twice). :func:`run` returns a :class:`Summary`: requests by ``(method, route, status)`` with
@@ -27,6 +28,7 @@ import heapq
 import http.client
 import itertools
 import json
+import os
 import sys
 import threading
 import time
@@ -61,6 +63,8 @@ BAD_KINDS: dict[str, tuple[str, str, str]] = {
 }
 UNKNOWN_PATHS = ("/admin", "/wp-login.php", "/predict/v2", "/.env", "/api/v1/predict")
 FEEDBACK_BATCH = 100
+#: Where :func:`run` reads the token it presents to ``POST /feedback`` by default.
+FEEDBACK_TOKEN_ENV = "CHURN_FEEDBACK_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -243,13 +247,17 @@ def _send(
     body: bytes | None,
     content_type: str | None,
     timeout: float,
+    token: str | None = None,
 ) -> tuple[int, bytes]:
-    """One request on a fresh connection (gunicorn's sync workers close it anyway)."""
+    """One request on a fresh connection (gunicorn's sync workers close it anyway), with
+    ``token`` as ``Authorization: Bearer``."""
     connection = http.client.HTTPConnection(base.hostname, base.port, timeout=timeout)
     try:
         headers = {"Connection": "close"}
         if content_type:
             headers["Content-Type"] = content_type
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.read()
@@ -300,6 +308,7 @@ def run(
     timeout: float = 30.0,
     data: tuple[list[dict[str, Any]], list[str]] | None = None,
     stop: threading.Event | None = None,
+    feedback_token: str | None = None,
 ) -> Summary:
     """Send ``requests`` requests (plus feedback posts) and return what was sent and answered.
 
@@ -314,6 +323,7 @@ def run(
     :param max_seconds: stop sending, and drop labels not yet due, after this long.
     :param data: ``(rows, labels)`` to sample (default: :func:`load_rows`).
     :param stop: set it to stop early (the run returns what it did so far).
+    :param feedback_token: presented to ``POST /feedback`` (default ``$CHURN_FEEDBACK_TOKEN``).
     """
     base = urllib.parse.urlsplit(url)
     if base.scheme != "http" or base.hostname not in LOCAL_HOSTS or base.port is None:
@@ -323,6 +333,7 @@ def run(
     if not 0.0 <= flip <= 1.0 or not 0.0 <= feedback_rate <= 1.0:
         raise ValueError("flip and feedback_rate are probabilities")
     rows, labels = data if data is not None else load_rows()
+    token = feedback_token if feedback_token is not None else os.environ.get(FEEDBACK_TOKEN_ENV)
     rng = np.random.default_rng(seed)
     plan = _plan(requests, rows, rng, drift_from, drift, page_every)
     gets_label = rng.random(sum(len(r.rows) for r in plan)) < feedback_rate
@@ -357,7 +368,13 @@ def run(
             request = plan[i]
             try:
                 status, body = _send(
-                    base, request.method, request.path, request.body, request.content_type, timeout
+                    base,
+                    request.method,
+                    request.path,
+                    request.body,
+                    request.content_type,
+                    timeout,
+                    token if request.path == "/feedback" else None,
                 )
             except OSError:
                 record(request, "error")
@@ -402,7 +419,7 @@ def run(
                 continue
             body = _dumps({"feedback": [{"id": i, "actual": a} for i, a in items]})
             try:
-                status, answer = _send(base, "POST", "/feedback", body, JSON, timeout)
+                status, answer = _send(base, "POST", "/feedback", body, JSON, timeout, token)
             except OSError:
                 record(feedback, "error")
                 continue
@@ -455,6 +472,12 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
+    if not os.environ.get(FEEDBACK_TOKEN_ENV):
+        print(
+            f"note: {FEEDBACK_TOKEN_ENV} is not set: the service refuses the feedback (set it to "
+            "the service's token)",
+            file=sys.stderr,
+        )
     try:
         summary = run(
             args.url,

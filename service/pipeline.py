@@ -10,9 +10,12 @@ Layout of the models directory (one directory per model name)::
 
 Versions are reserved with an atomic ``mkdir`` and ``LATEST`` only moves forward (under a file
 lock), so concurrent trainings get distinct versions and a server that re-reads ``LATEST``
-sees complete versions only. Old versions are pruned after a training (:func:`prune_versions`):
-the one ``LATEST`` names and the newest complete ones stay, never one being written. Relative
-paths in the config file resolve against its directory.
+sees complete versions only. ``LATEST`` is read as a version number only (a ValueError
+otherwise), so it can never point a loader outside ``<name>/``; but loading a version runs its
+pickle: the models directory must be writable by the service's user only. Old versions are
+pruned after a training (:func:`prune_versions`): the one ``LATEST`` names and the newest
+complete ones stay, never one being written. Relative paths in the config file resolve against
+its directory.
 
 Command line: ``python -m service.pipeline [--config F] [--data CSV] [--models-dir D] [--keep N]``.
 """
@@ -25,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -73,6 +77,8 @@ MODEL_FILE = "model.joblib"
 METRICS_FILE = "metrics.json"
 PROFILE_FILE = "profile.json"
 LATEST_FILE = "LATEST"
+#: A version: a positive integer without leading zeros, at most 9 digits.
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 #: The model predicts the raw data's labels: ``predict`` returns these strings.
 POSITIVE_CLASS, NEGATIVE_CLASS = "Yes", "No"
 
@@ -213,11 +219,24 @@ def _dump(model: Pipeline) -> bytes:
 
 
 def _read_latest(root: Path) -> str | None:
+    """The version ``LATEST`` names (``None``: none published); ValueError unless a number."""
     try:
-        version = (root / LATEST_FILE).read_text().strip()
+        text = (root / LATEST_FILE).read_text(encoding="ascii", errors="replace").strip()
     except FileNotFoundError:
         return None
-    return version or None
+    if not text:
+        return None
+    if not _VERSION.fullmatch(text):
+        raise ValueError(f"{root / LATEST_FILE}: not a version number: {text[:40]!r}")
+    return text
+
+
+def _published(root: Path) -> int:
+    """The published version number, 0 when none (or ``LATEST`` is not a number: replaced)."""
+    try:
+        return int(_read_latest(root) or 0)
+    except ValueError:
+        return 0
 
 
 @contextmanager
@@ -260,10 +279,7 @@ def _reserve_version(root: Path) -> tuple[str, Path, int]:
     with _locked(root):  # a pruner sees the new directory locked, never between mkdir and lock
         while True:
             taken = [int(name) for name in _versions(root)]
-            latest = _read_latest(root)
-            if latest is not None and latest.isdigit():
-                taken.append(int(latest))
-            version = str(max(taken, default=0) + 1)
+            version = str(max([*taken, _published(root)]) + 1)
             try:
                 (root / version).mkdir()
             except FileExistsError:
@@ -276,8 +292,7 @@ def _reserve_version(root: Path) -> tuple[str, Path, int]:
 def _publish(root: Path, version: str) -> bool:
     """Point ``LATEST`` at ``version`` unless a newer version is already published."""
     with _locked(root):
-        current = _read_latest(root)
-        if current is not None and current.isdigit() and int(current) >= int(version):
+        if _published(root) >= int(version):
             return False
         _write_atomic(root / LATEST_FILE, f"{version}\n".encode())
         return True
@@ -300,7 +315,7 @@ def prune_versions(models_dir: str | os.PathLike[str], name: str, keep: int) -> 
     with _locked(root):
         versions = _versions(root)
         complete = [v for v in versions if (root / v / METRICS_FILE).exists()]
-        kept = {*complete[-keep:], _read_latest(root)}
+        kept = {*complete[-keep:], str(_published(root))}
         for version in versions:
             if version in kept:
                 continue
@@ -418,12 +433,14 @@ def train(
 
 
 def latest_version(models_dir: str | os.PathLike[str], name: str) -> str | None:
-    """The published version of ``name`` (one small file read: cheap enough to poll)."""
+    """The published version of ``name`` (one small file read: cheap enough to poll);
+    ValueError when ``LATEST`` holds anything but a version number."""
     return _read_latest(Path(models_dir) / name)
 
 
 def load_latest(models_dir: str | os.PathLike[str], name: str) -> LoadedModel:
-    """Load the version ``LATEST`` points at; FileNotFoundError when none is published."""
+    """Load the version ``LATEST`` points at; FileNotFoundError when none is published,
+    ValueError when ``LATEST`` is not a version number (nothing is loaded then)."""
     root = Path(models_dir) / name
     version = _read_latest(root)
     if version is None:

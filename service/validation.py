@@ -13,7 +13,9 @@ Rules (the Telco schema of :mod:`service.data`, in the raw form of its CSV):
   duplicate keys.
 - ``/predict`` takes one row (an object), ``{"rows": [...]}`` or a list of rows; every feature
   column is required, ``customerID`` is optional, ``Churn`` (the label) and unknown columns are
-  refused.
+  refused. A row of more than :data:`MAX_ROW_KEYS` keys is refused before any is looked at.
+- Errors stay small whatever the body: they name at most three unknown keys (the first three,
+  each shortened), with a did-you-mean suggestion for short ones.
 - Numbers are JSON numbers within generous bounds (:data:`NUMERIC_BOUNDS`); ``TotalCharges``
   may also be a numeric string, and blank (``" "``, as in the real data) or ``null`` for a
   customer not billed yet: :func:`service.data.preprocess` fills it with tenure x charges.
@@ -38,6 +40,8 @@ from service.data import CATEGORIES, COLUMNS, SCHEMA, TARGET
 __all__ = [
     "ID_COLUMN",
     "LABELS",
+    "MAX_RETRAIN_ROWS",
+    "MAX_ROW_KEYS",
     "NUMERIC_BOUNDS",
     "REQUIRED_COLUMNS",
     "InputError",
@@ -65,10 +69,19 @@ _INTEGER_COLUMNS: Final = frozenset(c for c in REQUIRED_COLUMNS if SCHEMA[c] == 
 _CATEGORICAL_COLUMNS: Final = frozenset(c for c in REQUIRED_COLUMNS if c in CATEGORIES)
 _MAX_TEXT: Final = 200  # characters of a categorical value or customerID
 _NUMBER_TEXT: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+#: Keys of a ``/predict`` row looked at: twice the columns a row may have (the features and
+#: customerID); beyond, the row is refused before any key is checked or suggested.
+MAX_ROW_KEYS: Final = 2 * (len(REQUIRED_COLUMNS) + 1)
+#: Rows a ``/pipeline`` training may generate: 20,000 cost about 0.6 s of CPU with one BLAS
+#: thread (generating, fitting, evaluating, profiling), the default 7,043 0.25 s, 100,000 4.3 s
+#: (``bench/bench_service.py``).
+MAX_RETRAIN_ROWS: Final = 20_000
 _RETRAIN_KEYS: Final[dict[str, tuple[int, int]]] = {
     "seed": (0, 2**32 - 1),
-    "n_rows": (500, 100_000),
+    "n_rows": (500, MAX_RETRAIN_ROWS),
 }
+_NAMED_KEYS: Final = 3  # unknown keys an error names (and suggests a column for)
+_MAX_SUGGESTED: Final = 40  # characters of a key worth a did-you-mean
 
 
 class InputError(Exception):
@@ -77,9 +90,18 @@ class InputError(Exception):
     ``where`` holds the location (``row``, ``column``, ``columns``) and goes into the JSON.
     """
 
-    def __init__(self, message: str, *, code: str, status: int = 400, **where: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status: int = 400,
+        headers: Mapping[str, str] | None = None,
+        **where: Any,
+    ) -> None:
         super().__init__(message)
         self.message, self.code, self.status, self.where = message, code, status, where
+        self.headers = dict(headers or {})  #: response headers (``WWW-Authenticate``)
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.message, "code": self.code, **self.where}
@@ -98,6 +120,18 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _first_keys(keys: Sequence[Any]) -> list[str]:
+    """The first few of ``keys`` (sorted or in the body's order), each shortened."""
+    return [name if len(name) <= 60 else f"{name[:57]}..." for name in keys[:_NAMED_KEYS]]
+
+
+def _named(keys: Sequence[Any], show: Any = repr) -> str:
+    """``'a', 'b', 'c' and 5 more``: the first few keys, shown by ``show``."""
+    names = ", ".join(show(name) for name in _first_keys(keys))
+    more = len(keys) - _NAMED_KEYS
+    return f"{names} and {more} more" if more > 0 else names
 
 
 def _type_name(value: Any) -> str:
@@ -159,9 +193,10 @@ def _batch(payload: Any, key: str, *, max_items: int, what: str) -> tuple[list[A
     """``(items, is_batch)`` from one object, ``{key: [...]}`` or a list."""
     if isinstance(payload, dict) and key in payload:
         if len(payload) != 1:
-            extra = sorted(k for k in payload if k != key)
+            extra = [k for k in payload if k != key]
             raise InputError(
-                f"a batch object holds only {key!r}; also got {extra}", code="unknown_key"
+                f"a batch object holds only {key!r}; also got {_named(extra)}",
+                code="unknown_key",
             )
         payload = payload[key]
         if not isinstance(payload, list):
@@ -190,15 +225,23 @@ def _batch(payload: Any, key: str, *, max_items: int, what: str) -> tuple[list[A
 
 
 def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, COLUMNS, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """``name`` with the column it may be a misspelling of (a short name only)."""
+    close = [] if len(name) > _MAX_SUGGESTED else difflib.get_close_matches(name, COLUMNS, n=1)
+    return f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
 
 
 def _check_columns(row: Mapping[str, Any], where: str, index: int | None) -> None:
+    location = {} if index is None else {"row": index}
+    if len(row) > MAX_ROW_KEYS:
+        raise InputError(
+            f"{where}too many columns ({len(row)}): a row holds the {len(REQUIRED_COLUMNS)} "
+            f"feature columns and {ID_COLUMN}; at most {MAX_ROW_KEYS} are read",
+            code="too_many_columns",
+            **location,
+        )
     given = set(row)
     missing = [c for c in REQUIRED_COLUMNS if c not in given]
     unknown = [c for c in row if c not in REQUIRED_COLUMNS and c != ID_COLUMN]
-    location = {} if index is None else {"row": index}
     if TARGET in unknown:
         raise InputError(
             f"{where}column {TARGET!r} is the label the model predicts: send it to /feedback",
@@ -207,7 +250,7 @@ def _check_columns(row: Mapping[str, Any], where: str, index: int | None) -> Non
             **location,
         )
     if missing:
-        also = f"; unknown column(s): {', '.join(map(repr, unknown))}" if unknown else ""
+        also = f"; unknown column(s): {_named(unknown)}" if unknown else ""
         raise InputError(
             f"{where}missing column(s): {', '.join(map(repr, missing))}{also}",
             code="missing_column",
@@ -215,11 +258,10 @@ def _check_columns(row: Mapping[str, Any], where: str, index: int | None) -> Non
             **location,
         )
     if unknown:
-        names = ", ".join(f"{name!r}{_suggest(name)}" for name in unknown)
         raise InputError(
-            f"{where}unknown column(s): {names}",
+            f"{where}unknown column(s): {_named(unknown, _suggest)}",
             code="unknown_column",
-            columns=unknown,
+            columns=_first_keys(unknown),
             **location,
         )
 
@@ -317,9 +359,9 @@ def _check_feedback(item: Any, index: int | None) -> tuple[str, str]:
     missing = [k for k in ("id", "actual") if k not in item]
     if missing:
         raise InputError(f"{where}missing key(s) {missing}", code="missing_key", **location)
-    unknown = sorted(k for k in item if k not in ("id", "actual"))
+    unknown = [k for k in item if k not in ("id", "actual")]
     if unknown:
-        raise InputError(f"{where}unknown key(s) {unknown}", code="unknown_key", **location)
+        raise InputError(f"{where}unknown key(s) {_named(unknown)}", code="unknown_key", **location)
     prediction_id, actual = item["id"], item["actual"]
     if not isinstance(prediction_id, str):
         raise InputError(
@@ -357,12 +399,12 @@ def parse_retrain(payload: Any) -> dict[str, int]:
         raise InputError(
             f"expected an object of settings, got {_type_name(payload)}", code="wrong_type"
         )
-    unknown = sorted(set(payload) - set(_RETRAIN_KEYS))
+    unknown = [k for k in payload if k not in _RETRAIN_KEYS]
     if unknown:
         raise InputError(
-            f"unknown setting(s) {unknown}; allowed: {sorted(_RETRAIN_KEYS)}",
+            f"unknown setting(s) {_named(unknown)}; allowed: {sorted(_RETRAIN_KEYS)}",
             code="unknown_key",
-            columns=unknown,
+            columns=_first_keys(unknown),
         )
     for key, value in payload.items():
         low, high = _RETRAIN_KEYS[key]

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from support import REPO, GunicornServer, PrometheusServer, parallel, wait_until
+from support import REPO, SERVICE_TOKENS, GunicornServer, PrometheusServer, parallel, wait_until
 
 from ml_wsgi_metrics.profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile
 from service.data import TARGET, generate, preprocess
@@ -120,6 +120,8 @@ class ServiceServer(GunicornServer):
     :param models_dir: shared by every instance of a test (same versions, same ``LATEST``).
     :param multiproc_dir: ``PROMETHEUS_MULTIPROC_DIR``; emptied by gunicorn at each start.
     :param port: bind this port (a restarted instance keeps its address) instead of a free one.
+
+    The test tokens (``support.SERVICE_TOKENS``) open ``/feedback`` and ``/pipeline``.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class ServiceServer(GunicornServer):
             env={
                 "CHURN_MODELS_DIR": str(models_dir),
                 "ML_WSGI_METRICS_SECRET_KEY": SECRET_KEY,
+                **SERVICE_TOKENS,
                 "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
                 "GUNICORN_PRELOAD": "1" if preload else "0",
                 **(env or {}),
@@ -186,6 +189,7 @@ def pinned_request(
     body: bytes | None = None,
     *,
     accept: Callable[[int], bool] | None = None,
+    headers: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Answer:
     """Send one request on a connection whose worker is known, and ``accept``-ed, beforehand.
@@ -193,6 +197,7 @@ def pinned_request(
     A sync worker holds the connection it accepted while it waits for the request, so the
     worker is found from ``/proc`` before anything is sent. A connection taken by a worker
     ``accept`` refuses carries a ``GET /healthz`` instead (not measured) and another is opened.
+    ``headers`` go with the request (e.g. a token), not with the ``GET /healthz``.
     """
     for _ in range(200):
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
@@ -201,13 +206,13 @@ def pinned_request(
         try:
             pid = serving_worker(server, sock.getsockname()[1])
             chosen = accept is None or accept(pid)
-            headers = {"Connection": "close"}
+            sent = {"Connection": "close"}
             if chosen and body is not None:
-                headers["Content-Type"] = "application/json"
+                sent["Content-Type"] = "application/json"
             if chosen:
-                connection.request(method, path, body=body, headers=headers)
+                connection.request(method, path, body=body, headers=sent | dict(headers or {}))
             else:
-                connection.request("GET", "/healthz", headers=headers)
+                connection.request("GET", "/healthz", headers=sent)
             response = connection.getresponse()
             data = response.read()
             if chosen:

@@ -28,16 +28,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service._servers import REPO, Gunicorn, Prometheus, free_port, http_request, wait_until
 
 __all__ = [
+    "ADMIN_TOKEN",
+    "FEEDBACK_TOKEN",
     "REPO",
+    "SERVICE_TOKENS",
     "TEST_APP",
+    "BackOfficeClient",
     "GunicornServer",
     "PrometheusServer",
+    "bearer",
     "clean_environment",
     "free_port",
     "http_request",
@@ -62,7 +68,32 @@ _INHERITED_SETTINGS = (
     "prometheus_multiproc_dir",
     "GUNICORN_CMD_ARGS",
 )
-_INHERITED_PREFIXES = ("GUNICORN_", "ML_WSGI_METRICS_")
+_INHERITED_PREFIXES = ("GUNICORN_", "ML_WSGI_METRICS_", "CHURN_")
+
+#: The churn service's tokens in tests: its back office's (``POST /feedback``) and its
+#: administrator's (``POST /pipeline``); ``SERVICE_TOKENS`` is the environment that sets them.
+FEEDBACK_TOKEN = "test-feedback-token-0123456789abcdef"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+SERVICE_TOKENS = {"CHURN_FEEDBACK_TOKEN": FEEDBACK_TOKEN, "CHURN_ADMIN_TOKEN": ADMIN_TOKEN}
+_TOKEN_OF_PATH = {"/feedback": FEEDBACK_TOKEN, "/pipeline": ADMIN_TOKEN}
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header presenting ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+class BackOfficeClient(FlaskClient):
+    """A Flask test client that presents the service's token of the path it calls (the back
+    office's to ``/feedback``, the administrator's to ``/pipeline``) unless the request sets
+    its own ``Authorization``."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        token = _TOKEN_OF_PATH.get(args[0]) if args and isinstance(args[0], str) else None
+        headers = dict(kwargs.get("headers") or {})
+        if token is not None and "Authorization" not in headers:
+            kwargs["headers"] = headers | bearer(token)
+        return super().open(*args, **kwargs)
 
 
 def clean_environment() -> dict[str, str]:

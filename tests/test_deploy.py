@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from support import (
+    FEEDBACK_TOKEN,
     REPO,
+    SERVICE_TOKENS,
     GunicornServer,
     clean_environment,
     http_request,
@@ -331,7 +333,8 @@ def test_the_load_generator_summary_matches_the_service_metrics(
     trained: TrainResult, tmp_path: Path
 ) -> None:
     models = shutil.copytree(trained.path.parent.parent, tmp_path / "models")
-    with GunicornServer("service.app:app", env={"CHURN_MODELS_DIR": str(models)}) as server:
+    env = {"CHURN_MODELS_DIR": str(models), **SERVICE_TOKENS}
+    with GunicornServer("service.app:app", env=env) as server:
         summary = loadgen.run(
             server.url,
             400,
@@ -341,6 +344,7 @@ def test_the_load_generator_summary_matches_the_service_metrics(
             feedback_delay=0.2,
             page_every=150,
             seed=11,
+            feedback_token=FEEDBACK_TOKEN,
         )
         metrics = _samples(server.url)
 

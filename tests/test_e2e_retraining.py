@@ -28,7 +28,7 @@ from e2e_support import (
     train_versions,
 )
 from prometheus_client.mmap_dict import MmapedDict
-from support import http_request, parse_samples, wait_until
+from support import ADMIN_TOKEN, FEEDBACK_TOKEN, bearer, http_request, parse_samples, wait_until
 
 from ml_wsgi_metrics.profile import ReferenceProfile
 
@@ -36,6 +36,7 @@ RETRAINS = 20
 LIVE = 2  # the model signals' default live_versions
 RETRAIN_BODY = json.dumps({"n_rows": 500}).encode()  # the smallest training: about 0.3 s
 JSON = {"Content-Type": "application/json"}
+TOKENS = {"/feedback": FEEDBACK_TOKEN, "/pipeline": ADMIN_TOKEN}  # the service's test tokens
 
 Key = tuple[str, str, str]  # (method, route, status)
 
@@ -50,9 +51,10 @@ class Client:
         self._lock = threading.Lock()
 
     def send(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-        status, answer = http_request(
-            self.server.url + path, method, body, JSON if body is not None else None
-        )
+        headers = dict(JSON) if body is not None else {}
+        if path in TOKENS:
+            headers |= bearer(TOKENS[path])
+        status, answer = http_request(self.server.url + path, method, body, headers or None)
         with self._lock:
             self.sent[(method, path, str(status))] += 1
         return status, json.loads(answer) if answer.startswith(b"{") else answer

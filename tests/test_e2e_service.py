@@ -59,7 +59,15 @@ from e2e_support import (
     train_versions,
     write_rules,
 )
-from support import REPO, PrometheusServer, http_request, parse_samples, wait_until
+from support import (
+    FEEDBACK_TOKEN,
+    REPO,
+    PrometheusServer,
+    bearer,
+    http_request,
+    parse_samples,
+    wait_until,
+)
 
 from ml_wsgi_metrics import UNMATCHED
 from ml_wsgi_metrics.profile import ReferenceProfile
@@ -188,7 +196,10 @@ def _use_version(fleet: Fleet, version: str) -> None:
 
 
 def _send(url: str, method: str, path: str, body: bytes | None, kind: str = "json") -> Any:
+    """One request; to ``/feedback`` with the back office's token."""
     headers = {"Content-Type": "application/json" if kind == "json" else "text/plain"}
+    if path == "/feedback":
+        headers |= bearer(FEEDBACK_TOKEN)
     status, answer = http_request(url + path, method, body, headers if body else None)
     return status, answer
 

@@ -814,3 +814,153 @@ def test_the_record_is_private_and_never_read_through_a_link(
         signals.retire_model("churn", "1")
         assert signals.registered_models() == []
     assert multiprocess.instrumentation_errors() > errors
+
+
+# -- feedback counted once, signed classes checked, clocks a few seconds apart ---------------
+
+
+def _signed(offset: int, monkeypatch: pytest.MonkeyPatch, **inputs: Any) -> list[str]:
+    """Ids of a prediction signed by a host whose clock is ``offset`` seconds ahead."""
+    monkeypatch.setattr(
+        itsdangerous.timed.TimestampSigner, "get_timestamp", lambda self: int(time.time()) + offset
+    )
+    try:
+        return signals.record_prediction(**inputs).ids
+    finally:
+        monkeypatch.undo()
+
+
+def _reencoded(token: str) -> str:
+    """The same token with another last signature character that decodes to the same bytes
+    (27 base64 characters carry 162 bits for a 160-bit signature)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet[alphabet.index(token[-1]) ^ 1]
+    return token[:-1] + last
+
+
+def test_the_replayed_reason_is_created_at_zero(registry: CollectorRegistry) -> None:
+    assert "replayed" in REJECT_REASONS
+    assert rejected(registry, "replayed") == 0
+
+
+def test_an_id_counts_once(registry: CollectorRegistry) -> None:
+    ids = signals.record_prediction({"delta": [1.0, 2.0]}, classes=["Yes", "No"]).ids
+    assert signals.record_feedback(ids[0], "Yes").correct is True
+    assert _reencoded(ids[0]) != ids[0]
+    for replay in (ids[0], ids[0], _reencoded(ids[0])):
+        with pytest.raises(InvalidPredictionId) as raised:
+            signals.record_feedback(replay, "No")
+        assert raised.value.reason == "replayed"
+        assert "already counted" in str(raised.value)
+    assert signals.record_feedback(ids[1], "No").correct is True
+    assert rejected(registry, "replayed") == 3
+    assert value(registry, "model_confusion_total", predicted="Yes", actual="Yes") == 1
+    assert value(registry, "model_confusion_total", predicted="Yes", actual="No") == 0
+    assert value(registry, "model_label_delay_seconds_count") == 2
+
+
+def test_an_id_replayed_in_another_process_is_rejected(
+    multiprocess_dir: Path, profile: ReferenceProfile, tmp_path: Path
+) -> None:
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    with isolated_signals():
+        signals.register_model(path)
+        ids = signals.record_prediction({"delta": [1.0, 2.0]}, classes=["Yes", "No"]).ids
+        signals.record_feedback(ids[0], "Yes")
+        feedback = [[ids[0], "Yes"], [ids[1], "No"], [ids[1], "No"]]
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                FEEDBACK_SCRIPT,
+                str(multiprocess_dir),
+                TEST_SECRET_KEY,
+                str(path),
+            ],
+            input=json.dumps(feedback),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(child.stdout) == ["replayed", True, "replayed"]
+        scraped = merged(multiprocess_dir)
+        assert rejected(scraped, "replayed") == 2
+        assert value(scraped, "model_confusion_total", predicted="Yes", actual="Yes") == 1
+        assert value(scraped, "model_confusion_total", predicted="No", actual="No") == 1
+        store = multiprocess_dir / "feedback-ids.sqlite3"
+        assert store.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_signed_class_that_is_not_the_models_is_rejected(registry: CollectorRegistry) -> None:
+    """Even with the key, no token can create a series with a label value of its own."""
+    signer = itsdangerous.URLSafeTimedSerializer(TEST_SECRET_KEY, salt="ml_wsgi_metrics.prediction")
+    for i in range(3):
+        token = signer.dumps(["churn", "3", f"attacker-{i}", 1, time.time(), f"{i:08x}"])
+        with pytest.raises(InvalidPredictionId) as raised:
+            signals.record_feedback(token, "Yes")
+        assert raised.value.reason == "malformed"
+        assert f"'attacker-{i}'" in str(raised.value)
+    assert rejected(registry, "malformed") == 3
+    values = {v for m in registry.collect() for s in m.samples for v in s.labels.values()}
+    assert not {v for v in values if v.startswith("attacker")}
+    # What a prediction's id can carry still counts: a class outside the profile, none.
+    ids = signals.record_prediction({"delta": [1.0, 2.0]}, classes=["Maybe", None]).ids
+    assert signals.record_feedback(ids[0], "Yes").predicted == UNSEEN
+    assert signals.record_feedback(ids[1], "Yes").predicted is None
+
+
+def test_feedback_allows_a_few_seconds_of_clock_skew(
+    registry: CollectorRegistry, profile: ReferenceProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The predicting host's clock is ahead: ids look signed in the future."""
+    ahead = _signed(3, monkeypatch, inputs={"delta": [1.0, 2.0]}, classes=["Yes", "No"])
+    assert signals.record_feedback(ahead[0], "Yes").correct is True
+    far_ahead = _signed(30, monkeypatch, inputs={"delta": 1.0}, classes="Yes")
+    with pytest.raises(InvalidPredictionId) as raised:
+        signals.record_feedback(far_ahead[0], "Yes")
+    assert raised.value.reason == "expired"
+    assert "in the future" in str(raised.value) and "clock" in str(raised.value)
+    signals.configure(registry=registry, secret_key=TEST_SECRET_KEY, max_clock_skew=0)
+    signals.register_model(profile)
+    with pytest.raises(InvalidPredictionId) as raised:
+        signals.record_feedback(ahead[1], "No")
+    assert raised.value.reason == "expired"
+    assert rejected(registry, "expired") == 2
+    for bad in (-1, math.nan, "5"):
+        with pytest.raises(ValueError, match="max_clock_skew"):
+            signals.configure(registry=registry, secret_key=TEST_SECRET_KEY, max_clock_skew=bad)
+
+
+def test_replay_settings_are_checked(registry: CollectorRegistry, tmp_path: Path) -> None:
+    for capacity in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="replay_capacity"):
+            signals.configure(registry=registry, replay_capacity=capacity)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match=r"replay_store: .* writable by other users"):
+        signals.configure(registry=registry, replay_store=shared / "ids.sqlite3")
+    signals.configure(registry=registry, replay_store=tmp_path / "ids.sqlite3")
+    assert (tmp_path / "ids.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_feedback_counts_when_the_replay_store_cannot_be_used(
+    profile: ReferenceProfile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail open: a store that is not safe to use is logged and counted, feedback still
+    counts (without the replay check)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    with isolated_signals() as registry:
+        signals.register_model(profile)
+        [token] = signals.record_prediction({"delta": 1.0}, classes="Yes").ids
+        errors = multiprocess.instrumentation_errors()
+        assert signals.record_feedback(token, "Yes").correct is True
+        assert signals.record_feedback(token, "Yes").correct is True
+        assert multiprocess.instrumentation_errors() == errors + 2
+        assert value(registry, "model_confusion_total", predicted="Yes", actual="Yes") == 2
+        assert list(shared.iterdir()) == []

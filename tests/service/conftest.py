@@ -1,6 +1,9 @@
 """Fixtures of the service tests: one training per session, copied into each test's models dir.
 
 Every app gets a fresh registry and the test secret key; the model signals are reset after it.
+Every app is given the test tokens (``CHURN_FEEDBACK_TOKEN``, ``CHURN_ADMIN_TOKEN``) and its
+test client presents them, as the service's back office and administrator would: the tests
+of refused requests (``test_security.py``) build their own client or header.
 """
 
 from __future__ import annotations
@@ -15,11 +18,20 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
+from support import SERVICE_TOKENS, BackOfficeClient
 
 from ml_wsgi_metrics.testing import TEST_SECRET_KEY, reset_signals
 from service.app import create_app
 from service.data import TARGET, generate
 from service.pipeline import train
+
+
+@pytest.fixture(autouse=True)
+def back_office(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's tokens in the environment; test clients present them."""
+    for name, token in SERVICE_TOKENS.items():
+        monkeypatch.setenv(name, token)
+    monkeypatch.setattr(Flask, "test_client_class", BackOfficeClient)
 
 
 @pytest.fixture(scope="session")

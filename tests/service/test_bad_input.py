@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from support import ADMIN_TOKEN, FEEDBACK_TOKEN, BackOfficeClient
 
 from ml_wsgi_metrics.testing import TEST_SECRET_KEY, reset_signals
 from service.app import create_app
@@ -55,7 +56,8 @@ def service(
     tmp_path_factory: pytest.TempPathFactory,
     service_registry: CollectorRegistry,
 ) -> Iterator[FlaskClient]:
-    """One app for the module, with small limits so the limit cases stay cheap."""
+    """One app for the module, with small limits so the limit cases stay cheap; its client
+    presents the service's tokens (bad input from an authenticated back office)."""
     models = Path(shutil.copytree(trained_models, tmp_path_factory.mktemp("bad") / "models"))
     app: Flask = create_app(
         models,
@@ -63,8 +65,11 @@ def service(
         secret_key=TEST_SECRET_KEY,
         MAX_BATCH_ROWS=MAX_ROWS,
         MAX_CONTENT_LENGTH=MAX_BYTES,
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        FEEDBACK_TOKEN=FEEDBACK_TOKEN,
     )
     app.testing = True
+    app.test_client_class = BackOfficeClient
     yield app.test_client()
     reset_signals()
 
@@ -448,6 +453,20 @@ def test_fuzz_random_bytes_and_content_types(
 def test_fuzz_feedback(service: FlaskClient, prediction_id: Any, actual: Any) -> None:
     response = service.post("/feedback", json={"id": prediction_id, "actual": actual})
     assert_json_error(response)
+
+
+@settings(FUZZ, max_examples=60)
+@given(
+    authorization=st.text(max_size=60) | st.text(max_size=40).map("Bearer {}".format),
+    path=st.sampled_from(["/feedback", "/pipeline"]),
+)
+def test_fuzz_authorization(service: FlaskClient, authorization: str, path: str) -> None:
+    try:
+        response = service.post(path, json={"seed": 1}, headers={"Authorization": authorization})
+    except ValueError:  # a header value werkzeug's client itself refuses (a newline)
+        return
+    assert response.status_code == 401, response.data[:300]
+    assert assert_json_error(response)["code"] in ("missing_token", "invalid_token")
 
 
 def test_still_serving_after_the_fuzz(service: FlaskClient) -> None:

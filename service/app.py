@@ -268,6 +268,13 @@ class ModelStore:
                 except ValueError:  # retired meanwhile: another worker registered newer ones
                     del self._profiles[version]
 
+    def catch_up(self) -> None:
+        """Load the version ``LATEST`` names now if it moved, not at the next reload interval:
+        feedback may be for a version another worker has just published and predicted with."""
+        with self._lock:
+            if self._model is not None:
+                self._refresh()
+
     def _served(self) -> LoadedModel:
         """The model to serve, registered. Another worker may have retired this worker's
         version (two newer ones published within a reload interval): then ``LATEST`` now."""
@@ -540,6 +547,7 @@ def feedback() -> Response | tuple[Response, int]:
     items, is_batch = parse_feedback(payload, max_items=_max_items())
     store = _store()
     _serving(store)
+    store.catch_up()
     store.ensure_registered()
     results: list[dict[str, Any]] = []
     for prediction_id, actual in items:

@@ -5,7 +5,9 @@
 One process per mode (prometheus_client picks its multiprocess storage at import) holds every
 variant, each its own Flask app: the bare app, ours with the C record (``_speedups``), ours with
 the pure-Python record, and prometheus_flask_exporter (PFE). Rounds of requests interleave the
-variants, so they share the machine's state; the table shows the median round.
+variants, so they share the machine's state; the table shows the median round. The
+``fallback`` mode is multiprocess mode without this package's storage (``PROMETHEUS_MULTIPROC_DIR``
+set, no gunicorn hooks): every variant writes prometheus_client's own files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-MODES = ("single", "multiprocess")
+MODES = ("single", "multiprocess", "fallback")
 ROUTES = ("hello", "param")
 VARIANTS = ("bare", "ours", "ours-python", "pfe")
 
@@ -48,10 +50,11 @@ def build_apps(mode: str) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
     apps = {"bare": flask_app(), "pfe": flask_app()}
-    if mode == "multiprocess":
+    if mode != "single":
         from prometheus_flask_exporter.multiprocess import MultiprocessPrometheusMetrics
 
         MultiprocessPrometheusMetrics(apps["pfe"], group_by="url_rule")
+    if mode == "multiprocess":
         from ml_wsgi_metrics import multiprocess
 
         multiprocess.activate(os.environ["PROMETHEUS_MULTIPROC_DIR"])
@@ -111,7 +114,7 @@ def timer(app: Callable[..., Any], paths: list[str]) -> Callable[[int], float]:
 
 def measure(mode: str, requests: int, rounds: int) -> dict[str, dict[str, float]]:
     """Median microseconds per request, by route and variant, in this process."""
-    if mode == "multiprocess":
+    if mode != "single":
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-")
     apps = build_apps(mode)
     paths = {"hello": ["/"], "param": [f"/items/{i}" for i in range(1000)]}

@@ -132,7 +132,7 @@ def run(variant: str, target: int, workers: int, budget: float) -> dict[str, flo
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp, "multiproc")
-        directory.mkdir()
+        directory.mkdir(mode=0o700)
         port = free_port()
         env = {
             "PROMETHEUS_MULTIPROC_DIR": str(directory),

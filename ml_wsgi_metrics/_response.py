@@ -8,7 +8,6 @@ run both.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
@@ -17,15 +16,12 @@ from typing import Any
 from . import _context
 from ._context import current as bound_model
 from ._context import reset as reset_bound_model
+from ._errors import report
 from .metrics import RequestMetrics, RouteSeries
 from .multiprocess import _State as storage_state
-from .routes import REQUEST_KEY, UNMATCHED
+from .routes import REQUEST_KEY, UNMATCHED, mount_prefix
 
 __all__ = ["METHODS", "OTHER_METHOD", "PythonTimedResponse", "TimedResponse", "speedups"]
-
-log = logging.getLogger("ml_wsgi_metrics")
-
-_logged_stages: set[str] = set()
 
 #: The ``method`` label's closed set; anything else is counted as ``_OTHER``.
 METHODS = frozenset(
@@ -47,16 +43,9 @@ def _content_length(headers: list[tuple[str, str]] | None) -> int:
 
 
 def instrumentation_failed(record: Any, stage: str, error: BaseException) -> None:
-    """Log an error inside the instrumentation (the first of each stage in full), count it."""
-    if stage not in _logged_stages:
-        _logged_stages.add(stage)
-        log.warning("ml_wsgi_metrics: %s failed: %r", stage, error, exc_info=error)
-    else:
-        log.debug("ml_wsgi_metrics: %s failed: %r", stage, error)
-    try:
-        record._metrics.count_instrumentation_error(stage)
-    except Exception:
-        log.exception("ml_wsgi_metrics: could not count an instrumentation error")
+    """Log an error inside the instrumentation (the first of each stage in full), count it
+    in the request's metrics (the one error channel: :func:`ml_wsgi_metrics._errors.report`)."""
+    report(stage, error, export=record._metrics.count_instrumentation_error)
 
 
 def pass_file(record: Any, file: Any) -> Any:
@@ -139,14 +128,18 @@ class PythonTimedResponse:
         self._headers = headers
         return self._start_response(status, headers, exc_info)
 
-    def set_route(self, route: str) -> None:
-        """Name the matched route (via :func:`ml_wsgi_metrics.routes.set_route`); first wins."""
+    def set_route(self, route: str, script_name: str | None = None) -> None:
+        """Name the matched route (via :func:`ml_wsgi_metrics.routes.set_route`); first wins.
+
+        ``script_name``: the ``SCRIPT_NAME`` the framework matched under, of which only a
+        known mount prefix is kept (:func:`~ml_wsgi_metrics.routes.mount_prefix`).
+        """
         if self._series is not None:
             return
-        base = self._script_name
-        if base and route.startswith(base):
-            route = route[len(base) :] or "/"
         try:
+            if script_name is not None and script_name != self._script_name:  # a mount, or not
+                mounts = self._metrics.mount_prefixes
+                route = mount_prefix(mounts, self._script_name, script_name) + route
             series = self._metrics.routes.get((self._method, route))
             if series is None:
                 series = self._metrics.route_series(self._method, route)
@@ -243,6 +236,7 @@ else:
         UNMATCHED,
         instrumentation_failed,
         pass_file,
+        mount_prefix,
         METHODS,
         OTHER_METHOD,
         REQUEST_KEY,

@@ -21,6 +21,7 @@ static PyObject *bound_model;            /* the ContextVar of the model a reques
 static PyObject *unmatched;              /* routes.UNMATCHED */
 static PyObject *instrumentation_failed; /* f(record, stage, error) */
 static PyObject *pass_file_function;     /* f(record, file) -> iterable */
+static PyObject *mount_prefix_function;  /* f(mounts, base, script_name) -> prefix */
 static PyObject *known_methods;          /* frozenset: the method label's closed set */
 static PyObject *other_method;           /* the label of any other method */
 static PyObject *request_key;            /* the environ key the record is kept under */
@@ -29,7 +30,7 @@ static PyObject *s_generation, *s_cell_generation, *s_refresh, *s_counts, *s_add
     *s_duration, *s_request_size, *s_response_size, *s_in_progress, *s_routes, *s_route_series,
     *s_group_status_codes, *s_count_exception, *s_count_model_request, *s_close, *s_name,
     *s_route, *s_record, *s_status_500, *s_no_start_response, *s_xx, *s_slash, *s_empty,
-    *s_request_method, *s_script_name, *s_content_length, *s_file_wrapper;
+    *s_request_method, *s_script_name, *s_content_length, *s_file_wrapper, *s_mount_prefixes;
 
 typedef struct {
     PyObject_HEAD
@@ -494,28 +495,51 @@ Record_start_response(Record *self, PyObject *const *args, Py_ssize_t nargs, PyO
     return PyObject_Vectorcall(self->start_response, call_args, 3, NULL);
 }
 
+/* The route label: route, after the known mount prefix of script_name when that is not the
+ * SCRIPT_NAME the request arrived with (routes.mount_prefix decides, as in Python). */
 static PyObject *
-Record_set_route(Record *self, PyObject *route)
+route_label(Record *self, PyObject *route, PyObject *script_name)
 {
+    int same = script_name == Py_None
+                   ? 1
+                   : PyObject_RichCompareBool(script_name, self->script_name, Py_EQ);
+    if (same != 0) {
+        return same < 0 ? NULL : Py_NewRef(route);
+    }
+    PyObject *mounts = PyObject_GetAttr(self->metrics, s_mount_prefixes);
+    if (mounts == NULL) {
+        return NULL;
+    }
+    PyObject *prefix = PyObject_CallFunctionObjArgs(mount_prefix_function, mounts,
+                                                    self->script_name, script_name, NULL);
+    Py_DECREF(mounts);
+    if (prefix == NULL) {
+        return NULL;
+    }
+    PyObject *label = PyUnicode_Concat(prefix, route);
+    Py_DECREF(prefix);
+    return label;
+}
+
+static PyObject *
+Record_set_route(Record *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "set_route(route, script_name=None)");
+        return NULL;
+    }
     if (self->series != NULL) {
         Py_RETURN_NONE;
     }
-    if (!PyUnicode_Check(route)) {
+    if (!PyUnicode_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "a route is a string");
         report(self, s_route);
         Py_RETURN_NONE;
     }
-    Py_INCREF(route);
-    Py_ssize_t base = PyUnicode_GET_LENGTH(self->script_name);
-    if (base > 0 && PyUnicode_Tailmatch(route, self->script_name, 0, base, -1) == 1) {
-        PyObject *rest = PyUnicode_GET_LENGTH(route) > base
-                             ? PyUnicode_Substring(route, base, PyUnicode_GET_LENGTH(route))
-                             : Py_NewRef(s_slash);
-        Py_SETREF(route, rest);
-        if (route == NULL) {
-            report(self, s_route);
-            Py_RETURN_NONE;
-        }
+    PyObject *route = route_label(self, args[0], nargs == 2 ? args[1] : Py_None);
+    if (route == NULL) {
+        report(self, s_route);
+        Py_RETURN_NONE;
     }
     PyObject *series = NULL, *routes = PyObject_GetAttr(self->metrics, s_routes);
     if (routes != NULL) {
@@ -659,8 +683,8 @@ static PyMethodDef Record_methods[] = {
     {"start_response", (PyCFunction)(void (*)(void))Record_start_response,
      METH_FASTCALL | METH_KEYWORDS,
      "The start_response given to the app: notes the status, passes everything on."},
-    {"set_route", (PyCFunction)Record_set_route, METH_O,
-     "Name the matched route (via ml_wsgi_metrics.routes.set_route); first wins."},
+    {"set_route", (PyCFunction)(void (*)(void))Record_set_route, METH_FASTCALL,
+     "set_route(route, script_name=None): name the matched route; first wins."},
     {"failed", (PyCFunction)Record_failed, METH_O,
      "The app raised instead of returning: record now, as a 500."},
     {"respond", (PyCFunction)(void (*)(void))Record_respond, METH_FASTCALL,
@@ -700,10 +724,10 @@ static PyTypeObject RecordType = {
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *state, *context_var, *unmatched_label, *failed, *pass_file, *methods, *other,
-        *key;
-    if (!PyArg_UnpackTuple(args, "configure", 8, 8, &state, &context_var, &unmatched_label,
-                           &failed, &pass_file, &methods, &other, &key)) {
+    PyObject *state, *context_var, *unmatched_label, *failed, *pass_file, *mount_prefix,
+        *methods, *other, *key;
+    if (!PyArg_UnpackTuple(args, "configure", 9, 9, &state, &context_var, &unmatched_label,
+                           &failed, &pass_file, &mount_prefix, &methods, &other, &key)) {
         return NULL;
     }
     if (!PyContextVar_CheckExact(context_var) || !PyFrozenSet_Check(methods)) {
@@ -718,13 +742,14 @@ configure(PyObject *module, PyObject *args)
     Py_XSETREF(unmatched, Py_NewRef(unmatched_label));
     Py_XSETREF(instrumentation_failed, Py_NewRef(failed));
     Py_XSETREF(pass_file_function, Py_NewRef(pass_file));
+    Py_XSETREF(mount_prefix_function, Py_NewRef(mount_prefix));
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(storage_state, model_var, unmatched, instrumentation_failed, pass_file, "
-     "methods, other_method, request_key)"},
+     "mount_prefix, methods, other_method, request_key)"},
     {NULL},
 };
 
@@ -769,6 +794,7 @@ PyInit__speedups(void)
     INTERN(s_script_name, "SCRIPT_NAME");
     INTERN(s_content_length, "CONTENT_LENGTH");
     INTERN(s_file_wrapper, "wsgi.file_wrapper");
+    INTERN(s_mount_prefixes, "mount_prefixes");
     if (PyType_Ready(&RecordType) < 0) {
         return NULL;
     }

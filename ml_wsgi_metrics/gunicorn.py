@@ -4,7 +4,7 @@
 
 Importing this module (gunicorn loads its config before the app, with ``preload_app`` on or
 off) switches to multiprocess mode in ``$PROMETHEUS_MULTIPROC_DIR`` or a private temporary
-directory. The hooks empty that directory at start, give each worker a stable slot so files
+directory. The hooks clear that directory at start, give each worker a stable slot so files
 never pile up across restarts, drop dead workers' live gauges, record master metrics and wrap
 the app each worker serves in :class:`~ml_wsgi_metrics.MetricsMiddleware`. Options go through
 :func:`configure`. A config with hooks of its own calls these from them.
@@ -13,17 +13,18 @@ the app each worker serves in :class:`~ml_wsgi_metrics.MetricsMiddleware`. Optio
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import itertools
 import logging
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from . import multiprocess
-from .exposition import scrape_registry
+from .exposition import MetricsExposition, MetricsProtection, MetricsServer, serve_metrics
 from .metrics import ServerMetrics, shared
-from .middleware import MetricsMiddleware
+from .middleware import MetricsMiddleware, stacked_middlewares
 from .process import remove_pid_file, remove_pid_files, write_pid_file
 
 __all__ = [
@@ -49,6 +50,7 @@ class _Settings:
     metrics_port: int | None = None
     metrics_address = "127.0.0.1"
     server_metrics: ServerMetrics | None = None
+    metrics_server: MetricsServer | None = None
 
 
 def configure(
@@ -62,8 +64,10 @@ def configure(
 
     :param wrap_app: wrap whichever app gunicorn serves in ``MetricsMiddleware``.
     :param metrics_port: also serve the merged metrics from the master on this port
-        (default: ``$ML_WSGI_METRICS_PORT``, else none).
-    :param metrics_address: the address that port binds (default ``127.0.0.1``).
+        (default: ``$ML_WSGI_METRICS_PORT``, else none), with the middleware's protection
+        (``metrics_token``, ``metrics_allowed_networks``).
+    :param metrics_address: the address that port binds (default:
+        ``$ML_WSGI_METRICS_ADDRESS``, else ``127.0.0.1``).
     :param middleware_options: keyword arguments of :class:`~ml_wsgi_metrics.MetricsMiddleware`.
     Bad options raise ``ValueError`` here, when gunicorn reads its config.
     """
@@ -109,7 +113,8 @@ def _namespace() -> str:
 
 
 def on_starting(server: Any) -> None:
-    """Master, at start: empty the directory, create the master's metrics."""
+    """Master, at start: remove the previous run's files (what the app set before, with
+    ``preload_app``, is kept), create the master's metrics."""
     multiprocess.clear_directory()
     remove_pid_files(_directory)
     _Settings.server_metrics = shared(
@@ -121,26 +126,70 @@ def on_starting(server: Any) -> None:
     log.info("ml_wsgi_metrics: multiprocess metrics in %s", _directory)
 
 
-def when_ready(server: Any) -> None:
-    """Master: serve the merged metrics on a port of its own, if configured."""
-    if _Settings.metrics_port is None:
-        return
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_MergedCollector(_namespace()))
-    start_http_server(_Settings.metrics_port, _Settings.metrics_address, registry=registry)
-    log.info(
-        "ml_wsgi_metrics: metrics on http://%s:%s/metrics",
-        _Settings.metrics_address,
-        _Settings.metrics_port,
+def _port_protection() -> MetricsProtection:
+    options = _Settings.middleware
+    return MetricsProtection.from_settings(
+        options.get("metrics_token"), options.get("metrics_allowed_networks")
     )
 
 
-class _MergedCollector:
-    def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
+def _refuse_a_laxer_port(app: Any) -> None:
+    """Raise ``ValueError`` if a ``MetricsMiddleware`` in ``app`` protects its metrics more
+    than the master's port would: the port would serve them unprotected."""
+    if _Settings.metrics_port is None:
+        return
+    port = _port_protection()
+    for _, middleware in stacked_middlewares(app):
+        setting = port.laxer_setting(middleware.exposition.protection)
+        if setting is not None:
+            raise ValueError(
+                f"{setting}: the app's MetricsMiddleware requires a {setting} that the "
+                f"master's metrics port (metrics_port) would not: give configure() the same "
+                f"{setting}, or set it once in the environment"
+            )
 
-    def collect(self) -> Any:
-        return scrape_registry(CollectorRegistry(), self._namespace).collect()
+
+def when_ready(server: Any) -> None:
+    """Master: serve the merged metrics on a port of its own, if configured.
+
+    The port applies the configured protection. With ``preload_app`` the app is checked here
+    (without it, each worker checks in :func:`post_worker_init`): one protected more than the
+    port stops the server at start-up.
+    """
+    if _Settings.metrics_port is None:
+        return
+    preloaded = getattr(getattr(server, "app", None), "callable", None)
+    if preloaded is not None:
+        try:
+            _refuse_a_laxer_port(preloaded)
+        except ValueError:
+            on_exit(server)  # gunicorn does not call it when when_ready raises
+            raise
+    options = _Settings.middleware
+    exposition = MetricsExposition(
+        CollectorRegistry(),  # a multiprocess scrape merges the files, this registry unused
+        namespace=_namespace(),
+        token=options.get("metrics_token"),
+        allowed_networks=options.get("metrics_allowed_networks"),
+    )
+    path = options.get("metrics_path") or "/metrics"
+    address, port = _Settings.metrics_address, _Settings.metrics_port
+    _Settings.metrics_server = serve_metrics(address, port, exposition, path)
+    log.info("ml_wsgi_metrics: metrics on http://%s:%s%s", address, port, path)
+    if not exposition.protection.protects and not _is_loopback(address):
+        log.warning(
+            "ml_wsgi_metrics: metrics on %s:%s are served to anyone who can reach that "
+            "address; set metrics_token or metrics_allowed_networks",
+            address,
+            port,
+        )
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -164,9 +213,15 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker: wrap the loaded app, whichever app gunicorn was told to serve."""
+    """Worker: wrap the loaded app, whichever app gunicorn was told to serve.
+
+    Raises ``ValueError`` (the worker fails to boot, gunicorn halts) when the app's own
+    ``MetricsMiddleware`` is protected with a different token, or more than the master's
+    metrics port.
+    """
     if _Settings.wrap_app:
         worker.wsgi = MetricsMiddleware(worker.wsgi, **_Settings.middleware)
+    _refuse_a_laxer_port(worker.wsgi)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -190,5 +245,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """Master, at exit: remove the directory if it was a private temporary one."""
+    """Master, at exit: stop the metrics port, remove the directory if it was a private
+    temporary one."""
+    if _Settings.metrics_server is not None:
+        _Settings.metrics_server.stop()
+        _Settings.metrics_server = None
     multiprocess.deactivate()

@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.values import MutexValue
 
+from . import _errors
 from . import multiprocess as _storage
 from .multiprocess import SlotValue, storage_lock
 
@@ -208,14 +210,17 @@ def value_cell(value: Any) -> Cell:
     """``(store, key)`` such that ``store[key] += amount`` adds to a stored metric value.
 
     A slot value (multiprocess) is a double in its mapped file; prometheus_client's in-memory
-    value is its ``_value`` attribute; anything else is reached through its ``inc``. Use it
-    under :func:`~ml_wsgi_metrics.multiprocess.storage_lock`.
+    value (single process) is its ``_value`` attribute; anything else, prometheus_client's own
+    file-backed value included (``PROMETHEUS_MULTIPROC_DIR`` without this package's storage),
+    is reached through its ``inc``, which writes the file. Use it under
+    :func:`~ml_wsgi_metrics.multiprocess.storage_lock`.
     """
     if isinstance(value, SlotValue):
         return value.cell()
-    attributes = getattr(value, "__dict__", None)
-    if attributes is not None and type(attributes.get("_value")) is float:
-        return attributes, "_value"
+    if type(value) is MutexValue:
+        attributes = getattr(value, "__dict__", None)
+        if attributes is not None and type(attributes.get("_value")) is float:
+            return attributes, "_value"
     return _IncStore(value.inc), 0
 
 
@@ -255,12 +260,13 @@ class RouteSeries:
 
     def _take_cells(self) -> None:
         """(Re)take every cell from the stored values; the lock is held."""
+        generation = _storage._State.generation  # a move while taking them: taken again next
         self._duration, self._request_size, self._response_size = (
             _histogram_cells(child) for child in self._histograms
         )
         self._in_progress = value_cell(self._in_progress_child._value)
         self._counts = {status: value_cell(c._value) for status, c in self._statuses.items()}
-        self._generation = _storage._State.generation
+        self._generation = generation
 
     def refresh(self) -> None:
         """Take the cells again (the C record calls this when the storage has moved)."""
@@ -395,7 +401,32 @@ class RequestMetrics:
             **common,
         )
         self.routes: dict[tuple[str, str], RouteSeries] = {}  # by (method, route)
+        #: The mount prefixes a route label may keep (the wrapped apps' mounts, a closed set).
+        self.mount_prefixes: set[str] = set()
         self._model_requests: dict[tuple[Any, ...], Callable[[float], None]] = {}
+        self._exports_storage_errors = False
+        fallback = _storage.merged_directory()
+        if fallback is not None and _storage.active_directory() is None:
+            _storage.check_directory(fallback)  # prometheus_client's own files: same rules
+
+    def _export_storage_errors(self) -> None:
+        """Export this process's storage errors here from now on, each stage's series made at
+        zero now (counting one later takes no metric lock: it may come from under the storage
+        lock). Called at the first request, so metrics made and never used export nothing."""
+        self._exports_storage_errors = True
+        children = {
+            stage: self.instrumentation_errors.labels(*self._const_values, stage)
+            for stage in _errors.STORAGE_STAGES
+        }
+
+        def export(stage: str, amount: float) -> None:
+            child = children.get(stage)
+            if child is None:
+                self.count_instrumentation_error(stage, amount)
+            else:
+                child.inc(amount)
+
+        _errors.export_storage_errors_with(export)
 
     def route_labels(self, method: str, route: str) -> tuple[str, ...]:
         return (*self._const_values, method, route)
@@ -403,6 +434,8 @@ class RequestMetrics:
     def route_series(self, method: str, route: str) -> RouteSeries:
         series = self.routes.get((method, route))
         if series is None:
+            if not self._exports_storage_errors and _storage.active_directory() is not None:
+                self._export_storage_errors()
             series = RouteSeries(self, self.route_labels(method, route))
             self.routes[(method, route)] = series
         return series
@@ -420,8 +453,8 @@ class RequestMetrics:
             inc = self._model_requests[key] = child.inc
         inc(1)
 
-    def count_instrumentation_error(self, stage: str) -> None:
-        self.instrumentation_errors.labels(*self._const_values, stage).inc()
+    def count_instrumentation_error(self, stage: str, amount: float = 1.0) -> None:
+        self.instrumentation_errors.labels(*self._const_values, stage).inc(amount)
 
     def forget_model(self, model: tuple[str, str]) -> None:
         """Remove the request series of a model version (retired: see the signals API)."""

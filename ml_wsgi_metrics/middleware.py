@@ -15,7 +15,7 @@ from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
 from .routes import REQUEST_KEY, RouteResolver
 
-__all__ = ["METHODS", "MetricsMiddleware"]
+__all__ = ["METHODS", "MetricsMiddleware", "stacked_middlewares"]
 
 log = logging.getLogger("ml_wsgi_metrics")
 
@@ -28,7 +28,10 @@ class MetricsMiddleware:
     ``route`` labels are route *templates* named by the app's framework adapter (Flask,
     Django, Falcon, Bottle and Pyramid are detected), by ``route_resolver`` for anything
     else, or :data:`~ml_wsgi_metrics.routes.UNMATCHED`. Wrapping an app twice counts once:
-    the outermost middleware measures, the inner ones pass requests through.
+    the outermost middleware measures, the inner ones pass requests through. Stacked
+    middlewares (found through ``ProxyFix``, ``DispatcherMiddleware``...) share the strictest
+    of their metrics protections, on every metrics path of the stack; two different tokens
+    raise ``ValueError``.
 
     :param registry: where the metrics are registered (default: prometheus_client's).
     :param namespace: a prefix for every metric name.
@@ -91,13 +94,20 @@ class MetricsMiddleware:
             allowed_networks=metrics_allowed_networks,
         )
         self.metrics_path = metrics_path
+        stacked = stacked_middlewares(app)
+        self._share_protection([inner for _, inner in stacked])
+        # Scrapes of a middleware inside are passed to it, unmeasured, and served there.
+        inner_paths = {
+            prefix + inner.metrics_path for prefix, inner in stacked if inner.metrics_path
+        }
         self._unmeasured_paths = (
-            excluded
+            excluded | inner_paths
             if count_metrics_requests or metrics_path is None
-            else (excluded | {metrics_path})
+            else (excluded | inner_paths | {metrics_path})
         )
         self.route_resolver = route_resolver
         self.adapter = None if route_resolver else routes.install_adapter(app)
+        self.metrics.mount_prefixes.update(routes.mount_prefixes(app))
         # Only requests the app's framework names can skip the check in _name_route.
         self._adapter_names_routes = route_resolver is None and (
             metrics_path is None or metrics_path in self._unmeasured_paths
@@ -109,6 +119,14 @@ class MetricsMiddleware:
                 app,
                 routes.UNMATCHED,
             )
+
+    def _share_protection(self, stacked: list[MetricsMiddleware]) -> None:
+        """Give this and every middleware inside the strictest of their protections."""
+        protection = self.exposition.protection
+        for inner in stacked:
+            protection = protection.combined(inner.exposition.protection)
+        for middleware in (self, *stacked):
+            middleware.exposition.protection = protection
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -145,5 +163,15 @@ class MetricsMiddleware:
                 instrumentation_failed(timed, "route_resolver", error)
             else:
                 if route is not None:
-                    timed.set_route(environ.get("SCRIPT_NAME", "") + route)
+                    timed.set_route(route)
         return self.app
+
+
+def stacked_middlewares(app: Any) -> list[tuple[str, MetricsMiddleware]]:
+    """``(mount prefix, middleware)`` of every ``MetricsMiddleware`` serving within ``app``
+    (``app`` included), found by :func:`~ml_wsgi_metrics.routes.walk`."""
+    return [
+        (prefix, found)
+        for prefix, found in routes.walk(app)
+        if isinstance(found, MetricsMiddleware)
+    ]

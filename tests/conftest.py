@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,27 @@ def multiprocess_dir(tmp_path: Path) -> Iterator[Path]:
     finally:
         multiprocess.deactivate()
         assert prometheus_client.values.ValueClass is value_class
+
+
+class StorageClock:
+    """The monotonic clock the storage reads (when to retry a file), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def storage_clock(monkeypatch: pytest.MonkeyPatch) -> StorageClock:
+    """``storage_clock.advance(seconds)``: time passes for the storage's retries only."""
+    clock = StorageClock()
+    monkeypatch.setattr(multiprocess, "time", clock)
+    return clock
 
 
 @pytest.fixture(params=[pytest.param(False, id="single"), pytest.param(True, id="multi")])

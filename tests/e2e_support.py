@@ -134,7 +134,7 @@ class ServiceServer(GunicornServer):
         port: int | None = None,
         env: Mapping[str, str | None] | None = None,
     ) -> None:
-        multiproc_dir.mkdir(parents=True, exist_ok=True)
+        multiproc_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         super().__init__(
             "service.app:app",
             env={

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from support import http_request, listening_addresses
 
 from ml_wsgi_metrics import MetricsMiddleware
-from ml_wsgi_metrics.exposition import MetricsExposition
+from ml_wsgi_metrics.exposition import MetricsExposition, serve_metrics
 from ml_wsgi_metrics.process import WorkerProcessCollector, remove_pid_file, write_pid_file
 
 TOKEN = "s3cret-token"
@@ -198,6 +199,45 @@ def test_empty_token_in_environment_is_refused(
         MetricsExposition(registry)
 
 
+@pytest.mark.parametrize(
+    "configured",
+    [
+        pytest.param(f"{TOKEN}\n", id="newline-from-a-file"),
+        pytest.param(f"  {TOKEN}\r\n", id="crlf-and-spaces"),
+        pytest.param(f"\t{TOKEN}", id="leading-tab"),
+    ],
+)
+def test_token_with_surrounding_whitespace_matches(
+    configured: str, monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry, call: Any
+) -> None:
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    assert call(MetricsExposition(registry, token=configured), headers=right).code == 200
+    assert call(MetricsExposition(registry, token=configured)).code == 401
+    monkeypatch.setenv("ML_WSGI_METRICS_TOKEN", configured)
+    assert call(MetricsExposition(registry), headers=right).code == 200
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("two words", id="inner-space"),
+        pytest.param("tab\tinside", id="inner-tab"),
+        pytest.param("line\nbreak", id="inner-newline"),
+        pytest.param("naïve-token", id="non-ascii"),
+        pytest.param("bell\x07char", id="control-character"),
+    ],
+)
+def test_token_that_a_header_cannot_carry_is_refused(
+    token: str, monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
+) -> None:
+    with pytest.raises(ValueError, match=r"^metrics_token") as raised:
+        MetricsExposition(registry, token=token)
+    assert token not in str(raised.value)  # a secret is never echoed
+    monkeypatch.setenv("ML_WSGI_METRICS_TOKEN", token)
+    with pytest.raises(ValueError, match=r"^metrics_token"):
+        MetricsExposition(registry)
+
+
 # -- allowed networks -----------------------------------------------------------------------
 
 
@@ -217,6 +257,12 @@ def test_empty_token_in_environment_is_refused(
         pytest.param(["10.0.0.0/8"], "", 403, id="no-address"),
         pytest.param(["10.0.0.0/8"], "not-an-ip", 403, id="garbage-address"),
         pytest.param([], "127.0.0.1", 403, id="empty-list-allows-nobody"),
+        pytest.param(["10.0.0.0/8"], "::ffff:10.0.0.5", 200, id="v4-mapped-inside"),
+        pytest.param(["10.0.0.0/8"], "::ffff:192.168.0.1", 403, id="v4-mapped-outside"),
+        pytest.param(["::ffff:10.0.0.0/104"], "10.0.0.5", 200, id="mapped-network-v4-client"),
+        pytest.param(["::ffff:10.0.0.0/104"], "::ffff:10.9.0.5", 200, id="mapped-network"),
+        pytest.param(["::ffff:10.0.0.0/104"], "11.0.0.1", 403, id="mapped-network-outside"),
+        pytest.param(["::ffff:10.0.0.5"], "10.0.0.5", 200, id="mapped-single-address"),
     ],
 )
 def test_allowed_networks(
@@ -347,3 +393,53 @@ def test_multiprocess_scrape_merges_files_not_the_registry(
     line = b'http_requests_total{method="GET",route="/r",status="200"} 2.0'
     assert line in scrape(call, first).body
     assert line in scrape(call, second).body
+
+
+# -- a port of its own ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def port_server(registry: CollectorRegistry, hello: Any, call: Callable[..., Any]) -> Any:
+    """``serve_metrics`` on a free loopback port for ``registry`` (with one request counted),
+    protected by ``TOKEN`` and a loopback allow-list; stopped after the test."""
+    call(MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r"), "/r")
+    exposition = MetricsExposition(registry, token=TOKEN, allowed_networks=["127.0.0.0/8"])
+    with serve_metrics("127.0.0.1", 0, exposition) as server:
+        yield server
+
+
+def port_get(server: Any, method: str = "GET", path: str = "/metrics", **headers: str) -> Any:
+    return http_request(f"http://127.0.0.1:{server.server_port}{path}", method, headers=headers)
+
+
+def test_serve_metrics_speaks_like_the_middleware(port_server: Any) -> None:
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    status, body = port_get(port_server)
+    assert (status, b"http_requests_total" in body) == (401, False)
+    status, plain = port_get(port_server, **right)
+    assert status == 200
+    assert b'http_requests_total{method="GET",route="/r",status="200"} 1.0' in plain
+    assert port_get(port_server, "HEAD", **right) == (200, b"")
+    assert port_get(port_server, "POST", **right)[0] == 405
+    status, zipped = port_get(port_server, **right, **{"Accept-Encoding": "gzip"})
+    assert (status, gzip.decompress(zipped)) == (200, plain)
+    openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    assert port_get(port_server, **right, **openmetrics)[1].endswith(b"# EOF\n")
+    assert port_get(port_server, path="/elsewhere", **right)[0] == 404
+
+
+def test_serve_metrics_checks_the_peer_address(registry: CollectorRegistry) -> None:
+    exposition = MetricsExposition(registry, allowed_networks=["10.0.0.0/8"])
+    with serve_metrics("127.0.0.1", 0, exposition) as server:
+        assert port_get(server)[0] == 403
+
+
+def test_serve_metrics_stops_and_frees_the_port(registry: CollectorRegistry) -> None:
+    server = serve_metrics("127.0.0.1", 0, MetricsExposition(registry))
+    port = server.server_port
+    assert listening_addresses(port) == {"127.0.0.1"}
+    server.stop()
+    server.stop()  # idempotent
+    assert listening_addresses(port) == set()
+    with pytest.raises(OSError):
+        http_request(f"http://127.0.0.1:{port}/metrics", timeout=5)

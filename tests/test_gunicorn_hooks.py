@@ -17,10 +17,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import prometheus_client.values
@@ -28,6 +27,7 @@ import pytest
 from gunicorn.config import Config
 from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
+from support import http_request
 
 from ml_wsgi_metrics import MetricsMiddleware, multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
@@ -92,6 +92,7 @@ def hooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleTyp
             ("metrics_port", None),
             ("metrics_address", "127.0.0.1"),
             ("server_metrics", None),
+            ("metrics_server", None),
         ]:
             monkeypatch.setattr(module._Settings, name, value)
         yield module
@@ -260,6 +261,60 @@ def test_on_starting_empties_the_directory(hooks: ModuleType) -> None:
     assert scraped("gunicorn_worker_resident_memory_bytes", worker="w7") is None
 
 
+def test_on_starting_removes_only_the_files_this_package_writes(hooks: ModuleType) -> None:
+    """The directory may be shared by mistake: other programs' files survive the start."""
+    directory = Path(hooks._directory)
+    ours = [
+        "counter_w7.db",
+        "histogram_w0.db",
+        "gauge_livesum_12345.db",
+        "gauge_mostrecent_w1.db",
+        "summary_w2.db",
+        "w7.pid",
+        "w7.pid.tmp",  # a pid file being written when a run crashed
+    ]
+    foreign = [
+        "nginx.pid",
+        "app.db",
+        "counter.db",
+        "counter_w7.db.bak",
+        "gauge_sideways_w1.db",
+        "counter_w_7.db",
+        "notes.txt",
+        "w7.pid.bak",
+    ]
+    for name in ours + foreign:
+        (directory / name).write_bytes(b"left there")
+
+    hooks.on_starting(FakeServer(hooks))
+
+    remaining = {path.name for path in directory.iterdir()}
+    assert remaining & set(ours) == set()
+    assert set(foreign) <= remaining
+    assert all((directory / name).read_bytes() == b"left there" for name in foreign)
+
+
+def test_on_starting_keeps_what_was_set_before_it(hooks: ModuleType) -> None:
+    """``preload_app``: the app (and its model's reference shares) is loaded before."""
+    from prometheus_client import Gauge
+
+    registry = CollectorRegistry()
+    share = Gauge("share", "Share.", ["bin"], registry=registry, multiprocess_mode="max")
+    share.labels("Month-to-month").set(0.5498)
+    hooks.on_starting(FakeServer(hooks))
+    assert scraped("share", bin="Month-to-month") == 0.5498
+
+
+def test_only_this_packages_pid_files_are_read_as_workers(hooks: ModuleType) -> None:
+    directory = Path(hooks._directory)
+    (directory / "nginx.pid").write_text(str(os.getpid()))
+    (directory / "w3.pid").symlink_to(directory / "nginx.pid")  # never followed
+    write_pid_file(str(directory), "w1")
+    assert scraped("gunicorn_worker_resident_memory_bytes", worker="w1") is not None
+    assert scraped("gunicorn_worker_resident_memory_bytes", worker="nginx") is None
+    assert scraped("gunicorn_worker_resident_memory_bytes", worker="w3") is None
+
+
 def test_child_exit_drops_live_gauges_and_pid_file_and_counts_the_exit(
     hooks: ModuleType, server: FakeServer
 ) -> None:
@@ -323,41 +378,159 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+TOKEN = "port-s3cret"
+
+
+@pytest.fixture
+def master_port(hooks: ModuleType) -> Iterator[int]:
+    """A free port for the master's metrics; whatever ``when_ready`` serves is stopped after."""
+    try:
+        yield free_port()
+    finally:
+        if hooks._Settings.metrics_server is not None:
+            hooks._Settings.metrics_server.stop()
+
+
+def get(port: int, path: str = "/metrics", **headers: str) -> tuple[int, bytes]:
+    return http_request(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=10)
+
+
 def test_when_ready_serves_merged_metrics_on_its_own_port(
-    hooks: ModuleType, server: FakeServer, monkeypatch: pytest.MonkeyPatch
+    hooks: ModuleType, server: FakeServer, master_port: int
 ) -> None:
-    started: list[Any] = []
-    real = hooks.start_http_server
-
-    def start_and_remember(*args: Any, **kwargs: Any) -> Any:
-        started.append(real(*args, **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(hooks, "start_http_server", start_and_remember)
-    port = free_port()
-    hooks.configure(metrics_port=port, metrics_address="127.0.0.1")
+    hooks.configure(metrics_port=master_port, metrics_address="127.0.0.1")
     server.reap(server.spawn())
     write_pid_file(hooks._directory, "w0")
 
     hooks.when_ready(server)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            body = reply.read().decode()
-    finally:
-        for httpd, thread in started:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(10)
+    status, body = get(master_port)
 
-    assert "gunicorn_worker_restarts_total 1.0" in body
-    assert 'gunicorn_worker_resident_memory_bytes{worker="w0"}' in body
+    assert status == 200
+    assert b"gunicorn_worker_restarts_total 1.0" in body
+    assert b'gunicorn_worker_resident_memory_bytes{worker="w0"}' in body
+    assert get(master_port, "/other")[0] == 404
 
 
-def test_when_ready_without_a_port_starts_nothing(
-    hooks: ModuleType, server: FakeServer, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("from_environment", [False, True], ids=["configure", "environment"])
+def test_master_port_requires_the_token(
+    from_environment: bool,
+    hooks: ModuleType,
+    server: FakeServer,
+    master_port: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(hooks, "start_http_server", lambda *a, **k: pytest.fail("started"))
+    if from_environment:
+        monkeypatch.setenv("ML_WSGI_METRICS_TOKEN", TOKEN + "\n")
+        hooks.configure(metrics_port=master_port)
+    else:
+        hooks.configure(metrics_port=master_port, metrics_token=TOKEN)
     hooks.when_ready(server)
+
+    assert get(master_port)[0] == 401
+    assert get(master_port, Authorization="Bearer wrong")[0] == 401
+    status, body = get(master_port, Authorization=f"Bearer {TOKEN}")
+    assert status == 200
+    assert b"gunicorn_workers " in body
+
+
+@pytest.mark.parametrize(
+    ("networks", "expected"),
+    [pytest.param(["10.0.0.0/8"], 403, id="refused"), pytest.param("127.0.0.0/8", 200, id="ok")],
+)
+def test_master_port_applies_the_allow_list(
+    networks: list[str] | str,
+    expected: int,
+    hooks: ModuleType,
+    server: FakeServer,
+    master_port: int,
+) -> None:
+    hooks.configure(metrics_port=master_port, metrics_allowed_networks=networks)
+    hooks.when_ready(server)
+    assert get(master_port)[0] == expected
+
+
+def test_when_ready_without_a_port_starts_nothing(hooks: ModuleType, server: FakeServer) -> None:
+    hooks.when_ready(server)
+    assert hooks._Settings.metrics_server is None
+
+
+@pytest.mark.parametrize("wrap_app", [True, False], ids=["wrapped", "not-wrapped"])
+@pytest.mark.parametrize(
+    ("app_options", "port_options", "setting"),
+    [
+        pytest.param({"metrics_token": TOKEN}, {}, "metrics_token", id="token"),
+        pytest.param(
+            {"metrics_allowed_networks": ["10.0.0.0/8"]},
+            {"metrics_allowed_networks": ["10.0.0.0/8", "192.168.0.0/16"]},
+            "metrics_allowed_networks",
+            id="narrower-networks",
+        ),
+    ],
+)
+def test_post_worker_init_refuses_an_app_protected_more_than_the_master_port(
+    wrap_app: bool,
+    app_options: dict[str, Any],
+    port_options: dict[str, Any],
+    setting: str,
+    hooks: ModuleType,
+    hello: Any,
+) -> None:
+    hooks.configure(metrics_port=free_port(), wrap_app=wrap_app, **port_options)
+    app = MetricsMiddleware(
+        hello, registry=CollectorRegistry(), route_resolver=lambda e: "/r", **app_options
+    )
+    with pytest.raises(ValueError, match=rf"^{setting}: .*metrics_port"):
+        hooks.post_worker_init(FakeWorker(app))
+
+
+def test_post_worker_init_accepts_the_port_s_own_protection(
+    hooks: ModuleType, hello: Any, call: Callable[..., Any]
+) -> None:
+    networks = ["127.0.0.0/8", "10.0.0.0/8"]
+    hooks.configure(
+        metrics_port=free_port(),
+        metrics_token=TOKEN,
+        metrics_allowed_networks=networks,
+        registry=CollectorRegistry(),
+    )
+    app = MetricsMiddleware(
+        hello,
+        registry=CollectorRegistry(),
+        route_resolver=lambda e: "/r",
+        metrics_token=TOKEN + "\n",
+        metrics_allowed_networks="10.0.0.0/8, 127.0.0.0/8",
+    )
+    worker = FakeWorker(app)
+    hooks.post_worker_init(worker)
+    assert call(worker.wsgi, "/metrics").code == 401
+
+
+def test_post_worker_init_without_a_port_keeps_the_app_s_protection(
+    hooks: ModuleType, hello: Any, call: Callable[..., Any]
+) -> None:
+    hooks.configure(registry=CollectorRegistry())
+    app = MetricsMiddleware(
+        hello, registry=CollectorRegistry(), route_resolver=lambda e: "/r", metrics_token=TOKEN
+    )
+    worker = FakeWorker(app)
+    hooks.post_worker_init(worker)
+    assert call(worker.wsgi, "/metrics").code == 401
+    assert call(worker.wsgi, "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).code == 200
+
+
+def test_when_ready_refuses_a_preloaded_app_protected_more_than_the_port(
+    hooks: ModuleType, server: FakeServer, master_port: int, hello: Any
+) -> None:
+    hooks.configure(metrics_port=master_port)
+    app = MetricsMiddleware(
+        hello, registry=CollectorRegistry(), route_resolver=lambda e: "/r", metrics_token=TOKEN
+    )
+    server.app = SimpleNamespace(callable=app)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"^metrics_token: .*metrics_port"):
+        hooks.when_ready(server)
+    assert hooks._Settings.metrics_server is None
+    with pytest.raises(OSError):
+        get(master_port)
 
 
 def test_on_exit_leaves_multiprocess_mode(hooks: ModuleType, server: FakeServer) -> None:

@@ -13,8 +13,9 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import NotFound
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _response
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _errors
 
 # Every test runs with the C record and with the pure-Python one.
 pytestmark = pytest.mark.usefixtures("record_implementation")
@@ -290,6 +291,56 @@ def test_server_prefix_is_stripped_for_the_route_resolver_too(
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
     call(app, "/r", script_name="/prefix")
     assert sample(registry, REQUESTS, method="GET", route="/r", status="200") == 1
+
+
+def test_forwarded_prefixes_add_no_route_series(
+    registry: CollectorRegistry, call: Callable[..., Any], label_values: Any, sample: Any
+) -> None:
+    """ProxyFix(x_prefix=1) inside sets SCRIPT_NAME from a header a client may choose."""
+    app = MetricsMiddleware(ProxyFix(flask_app(), x_prefix=1), registry=registry)
+    for i in range(1000):
+        response = call(app, "/items/1", headers={"X-Forwarded-Prefix": f"/x{i}"})
+        assert response.code == 200
+    assert label_values(registry, REQUESTS, "route") == {"/items/<int:item_id>"}
+    item = {"method": "GET", "route": "/items/<int:item_id>", "status": "200"}
+    assert sample(registry, REQUESTS, **item) == 1000
+
+
+@pytest.mark.parametrize("server_prefix", [pytest.param("", id="no-server-prefix"), "/srv"])
+def test_forwarded_prefix_keeps_the_dispatcher_mount_only(
+    server_prefix: str,
+    registry: CollectorRegistry,
+    call: Callable[..., Any],
+    label_values: Any,
+    sample: Any,
+) -> None:
+    dispatcher = DispatcherMiddleware(NotFound(), {"/a": flask_app("a"), "/b": flask_app("b")})
+    app = MetricsMiddleware(ProxyFix(dispatcher, x_prefix=1), registry=registry)
+    for i in range(50):
+        headers = {"X-Forwarded-Prefix": f"/x{i}"}
+        assert call(app, "/a/items/1", script_name=server_prefix, headers=headers).code == 200
+        assert call(app, "/b/items/1", script_name=server_prefix, headers=headers).code == 200
+        assert call(app, "/a/items/1", script_name=server_prefix).code == 200
+    assert label_values(registry, REQUESTS, "route") == {
+        "/a/items/<int:item_id>",
+        "/b/items/<int:item_id>",
+    }
+    assert sample(
+        registry, REQUESTS, method="GET", route="/a/items/<int:item_id>", status="200"
+    ) == (100)
+
+
+def test_nested_dispatcher_mounts_are_kept(
+    registry: CollectorRegistry, call: Callable[..., Any], label_values: Any
+) -> None:
+    inner = DispatcherMiddleware(flask_app("v0"), {"/v1": flask_app("v1")})
+    app = MetricsMiddleware(DispatcherMiddleware(NotFound(), {"/api": inner}), registry=registry)
+    assert call(app, "/api/v1/items/1").code == 200
+    assert call(app, "/api/items/1").code == 200
+    assert label_values(registry, REQUESTS, "route") == {
+        "/api/v1/items/<int:item_id>",
+        "/api/items/<int:item_id>",
+    }
 
 
 # -- what is not counted --------------------------------------------------------------------
@@ -573,7 +624,7 @@ def test_instrumentation_error_leaves_the_response_unchanged(
 ) -> None:
     bare = call(hello, "/status/201")
     break_series(started=False, finished=True)
-    monkeypatch.setattr(_response, "_logged_stages", set())
+    monkeypatch.setattr(_errors._Channel, "logged", set())
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
 
     with caplog.at_level(logging.DEBUG, logger="ml_wsgi_metrics"):

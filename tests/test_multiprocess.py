@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.mmap_dict import MmapedDict
+from support import missing_capability
 
 from ml_wsgi_metrics import MetricsMiddleware, multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
@@ -245,22 +250,30 @@ def test_in_progress_of_a_dead_worker_disappears(
     assert merged(registry, "http_requests_in_progress", **labels) == 0
 
 
-def test_clear_directory_removes_every_db_file_and_values_restart_from_zero(
+def test_clear_directory_removes_the_slot_files_left_and_keeps_this_processes_values(
     multiprocess_dir: Path,
 ) -> None:
+    """The gunicorn master at start with ``preload_app``: what it counted and set before
+    (a model's reference shares) survives, once; a previous run's files do not."""
     registry = CollectorRegistry()
     multiprocess.use_identifier("w0")
     counter = Counter("jobs", "Jobs.", registry=registry)
     counter.inc(4)
+    share = Gauge("share", "Share.", ["bin"], registry=registry, multiprocess_mode="max")
+    share.labels("a").set(0.5498)
     (multiprocess_dir / "counter_w9.db").write_bytes(b"left by a previous run")
     (multiprocess_dir / "gauge_livesum_w9.db").write_bytes(b"left by a previous run")
+    (multiprocess_dir / "notes.db").write_bytes(b"another program's")
 
     multiprocess.clear_directory()
 
-    assert db_files(multiprocess_dir) == {"counter_w0.db"}  # at zero: still scraped
-    assert merged(registry, "jobs_total") == 0
+    assert db_files(multiprocess_dir) == {"counter_w0.db", "gauge_max_w0.db", "notes.db"}
+    assert merged(registry, "jobs_total") == 4
+    assert merged(registry, "share", bin="a") == 0.5498
     counter.inc()
-    assert merged(registry, "jobs_total") == 1
+    multiprocess.clear_directory()  # twice: still counted once
+    assert merged(registry, "jobs_total") == 5
+    assert (multiprocess_dir / "notes.db").read_bytes() == b"another program's"
 
 
 def test_series_made_at_zero_before_the_start_are_still_scraped_from_a_worker(
@@ -366,6 +379,8 @@ def test_a_vanished_directory_fails_open(
 
 @contextlib.contextmanager
 def tiny_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
+    """A small tmpfs at ``path`` for the ``with`` block (root only: skipped elsewhere, and
+    failed under CI, which runs as root)."""
     path.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
@@ -373,11 +388,16 @@ def tiny_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        missing_capability(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def remount(mount: Path, mode: str) -> None:
+    """``mode``: ``ro`` (every write fails, root's too) or ``rw``."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], check=True)
 
 
 def fill(directory: Path) -> None:
@@ -511,3 +531,412 @@ def test_compact_rewrites_the_model_files_only_and_values_continue(
         MmapedDict.read_all_values_from_file(str(path))
     )  # fmt: skip
     assert '"version": "2"' in keys and '"version": "1"' not in keys
+
+
+# -- values set before the server starts (preload_app) -------------------------------------
+
+
+def test_values_set_in_the_master_before_the_start_reach_every_workers_scrape(
+    multiprocess_dir: Path,
+) -> None:
+    """With ``preload_app`` the model is registered in the master, then ``on_starting``
+    empties the directory: the shares it set (mode ``max``) and what it counted survive."""
+    registry = CollectorRegistry()
+    share = Gauge("share", "Share.", ["bin"], registry=registry, multiprocess_mode="max")
+    jobs = Counter("jobs", "Jobs.", registry=registry)
+    share.labels("a").set(0.5498)
+    share.labels("b").set(0.2397)
+    jobs.inc(3)
+
+    multiprocess.clear_directory()  # on_starting
+
+    def worker(slot: str) -> Callable[[], tuple[float, float]]:
+        def run() -> tuple[float, float]:
+            multiprocess.use_identifier(slot)
+            jobs.inc(2)
+            return merged(registry, "share", bin="a"), merged(registry, "share", bin="b")
+
+        return run
+
+    assert [in_child(worker("w0")), in_child(worker("w1"))] == [(0.5498, 0.2397)] * 2
+    assert merged(registry, "jobs_total") == 3 + 2 + 2
+
+
+# -- without this package's storage: prometheus_client's own files --------------------------
+
+FALLBACK_SCRIPT = """
+import json, multiprocessing, os, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import call_app, hello_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from ml_wsgi_metrics import MetricsMiddleware
+
+app = MetricsMiddleware(hello_app, route_resolver=lambda environ: environ["PATH_INFO"])
+
+def serve(requests):
+    for path in requests:
+        call_app(app, path)
+
+def scraped():
+    lines = call_app(app, "/metrics").body.decode().splitlines()
+    return sorted(line for line in lines if line.startswith("http_requests_total{"))
+
+serve(["/a"] * 5)
+children = [multiprocessing.get_context("fork").Process(target=serve, args=(paths,))
+            for paths in (["/a"] * 7 + ["/status/404"] * 3, ["/a"] * 4)]
+for child in children:
+    child.start()
+for child in children:
+    child.join()
+collected = CollectorRegistry()
+MultiProcessCollector(collected, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+later = multiprocessing.get_context("fork").Pool(1)
+print(json.dumps({
+    "collector": {
+        f'{s.labels["route"]} {s.labels["status"]}': s.value
+        for metric in collected.collect() for s in metric.samples
+        if s.name == "http_requests_total"
+    },
+    "in_progress": collected.get_sample_value(
+        "http_requests_in_progress", {"method": "GET", "route": "/a"}
+    ),
+    "served_here": scraped(),
+    "served_by_another": later.apply(scraped),
+    "files": sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])),
+    "pids": sorted([os.getpid(), *(child.pid for child in children)]),
+}))
+later.close()
+"""
+
+
+@pytest.mark.parametrize("record", ["c", "python"])
+def test_without_this_packages_storage_every_write_reaches_prometheus_clients_files(
+    record: str, tmp_path: Path
+) -> None:
+    """``PROMETHEUS_MULTIPROC_DIR`` set before import, no gunicorn hooks (uWSGI, mod_wsgi, a
+    config of one's own): prometheus_client's files get every request, one set per pid."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir(mode=0o700)
+    env = {**os.environ, multiprocess.ENV_VAR: str(directory)}
+    env.pop("ML_WSGI_METRICS_PURE_PYTHON", None)
+    if record == "python":
+        env["ML_WSGI_METRICS_PURE_PYTHON"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+
+    assert result["collector"] == {"/a 200": 16.0, "/status/404 404": 3.0}
+    assert result["in_progress"] == 0
+    expected = [
+        'http_requests_total{method="GET",route="/a",status="200"} 16.0',
+        'http_requests_total{method="GET",route="/status/404",status="404"} 3.0',
+    ]
+    assert result["served_here"] == result["served_by_another"] == expected
+    writers = {name.rsplit("_", 1)[1][: -len(".db")] for name in result["files"]}
+    assert writers == {str(pid) for pid in result["pids"]}  # the unbounded fallback
+
+
+def test_without_this_packages_storage_an_unsafe_directory_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o777)
+    code = "from ml_wsgi_metrics import MetricsMiddleware as M; M(lambda e, s: [])"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, multiprocess.ENV_VAR: str(directory)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert f"ValueError: {multiprocess.ENV_VAR}: " in done.stderr
+    assert "writable by group or others" in done.stderr
+
+
+# -- failing open: retried later, nothing counted meanwhile is lost ------------------------
+
+ERRORS = "ml_wsgi_metrics_instrumentation_errors_total"
+
+
+def requests_to(registry: CollectorRegistry, route: str, status: str = "200") -> float:
+    return merged(registry, "http_requests_total", method="GET", route=route, status=status)
+
+
+def test_counts_made_while_the_disk_is_full_reach_the_files_once_it_is_freed(
+    tmp_path: Path, call: Callable[..., Any], hello: Any, storage_clock: Any
+) -> None:
+    with tiny_tmpfs(tmp_path / "tiny", size="1m") as mount:  # room for 16 files once freed
+        multiprocess.activate(mount / "metrics")
+        try:
+            registry = CollectorRegistry()
+            app = hello_middleware(registry, hello)
+            call(app, "/before")
+            fill(mount)
+
+            def worker() -> dict[str, Any]:
+                multiprocess.use_identifier("w0")  # its files cannot be created
+                bodies = {call(app, "/a").body for _ in range(30)}
+                errors = multiprocess.instrumentation_errors()
+                bodies |= {call(app, "/a").body for _ in range(30)}
+                storage_clock.advance(multiprocess.RETRY_SECONDS)  # retried: still full
+                bodies |= {call(app, "/a").body for _ in range(10)}
+                retried = multiprocess.instrumentation_errors() - errors
+                full = (call(app, "/metrics").code, requests_to(registry, "/a"))
+                (mount / "filler").unlink()
+                storage_clock.advance(multiprocess.RETRY_SECONDS)
+                bodies |= {call(app, "/a").body for _ in range(5)}
+                return {"bodies": bodies, "retried": retried, "while_full": full}
+
+            result = in_child(worker)
+            assert result["bodies"] == {b"hello"}
+            # 40 requests, one second: one more try per file (counter, histogram, livesum)
+            assert result["retried"] == 3
+            assert result["while_full"] == (200, 0)  # served; the counts were in memory
+            assert requests_to(registry, "/a") == 75
+            assert requests_to(registry, "/before") == 1
+            assert (
+                merged(registry, "http_request_duration_seconds_count", method="GET", route="/a")
+                == 75
+            )
+            assert merged(registry, "http_requests_in_progress", method="GET", route="/a") == 0
+            assert merged(registry, ERRORS, stage="storage_open") == 6
+            assert {p.name for p in (mount / "metrics").glob("*_w0.db")} == {
+                "counter_w0.db",
+                "histogram_w0.db",
+                "gauge_livesum_w0.db",
+            }
+        finally:
+            multiprocess.deactivate()
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """``directory`` and its files out of this process's reach for the ``with`` block: for
+    root (who ignores file modes) by acting as ``nobody``, for anyone else by a mode."""
+    if os.geteuid() == 0:
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+    else:
+        directory.chmod(0o500)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+
+
+def test_an_unwritable_directory_fails_open_and_recovers(
+    multiprocess_dir: Path, call: Callable[..., Any], hello: Any, storage_clock: Any
+) -> None:
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+    call(app, "/before")
+
+    def worker() -> dict[str, Any]:
+        with unwritable(multiprocess_dir):
+            multiprocess.use_identifier("w1")
+            paths = ["/a"] * 20 + ["/status/404"] * 2
+            bodies = {call(app, path).body for path in paths}
+            scrape = call(app, "/metrics").code
+        storage_clock.advance(multiprocess.RETRY_SECONDS)
+        bodies |= {call(app, "/a").body}
+        return {"bodies": bodies, "scrape": scrape}
+
+    assert in_child(worker) == {"bodies": {b"hello"}, "scrape": 200}
+    assert requests_to(registry, "/a") == 21
+    assert requests_to(registry, "/status/404", "404") == 2
+    assert requests_to(registry, "/before") == 1
+    assert merged(registry, ERRORS, stage="storage_open") == 3  # counter, histogram, livesum
+
+
+CORRUPTIONS = {
+    "garbage": b"\xff" * 4096,
+    "truncated-header": b"\x10\x00",
+    "entry-not-json": None,  # a well-formed file whose key is not JSON
+}
+
+
+def corrupt(path: Path, how: str) -> None:
+    content = CORRUPTIONS[how]
+    if content is None:
+        from prometheus_client.mmap_dict import MmapedDict
+
+        written = MmapedDict(str(path))
+        written.write_value("not json", 1.0, 0.0)
+        written.close()
+    else:
+        path.write_bytes(content)
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_a_corrupt_slot_file_is_moved_aside_and_counting_goes_on(
+    how: str, multiprocess_dir: Path, call: Callable[..., Any], hello: Any
+) -> None:
+    from ml_wsgi_metrics import signals
+    from ml_wsgi_metrics.profile import build_profile
+    from ml_wsgi_metrics.testing import isolated_signals
+
+    # request counters and histograms, and the model's reference shares (its own file)
+    for name in ("counter_w0.db", "histogram_w0.db", "gauge_max_w0.models.db"):
+        corrupt(multiprocess_dir / name, how)
+    profile = build_profile(
+        pandas.DataFrame({"x": [1.0, 2.0, 3.0, 4.0]}),
+        model="m",
+        version="1",
+        scores=[0.1, 0.2, 0.7, 0.9],
+    )
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+
+    def worker() -> set[bytes]:
+        multiprocess.use_identifier("w0")
+        with isolated_signals(registry):
+            signals.register_model(profile)  # raised struct.error before
+            return {call(app, "/a").body for _ in range(6)}
+
+    assert in_child(worker) == {b"hello"}
+    assert requests_to(registry, "/a") == 6
+    assert (
+        merged(
+            registry,
+            "model_feature_reference_share",
+            model="m",
+            version="1",
+            feature="x",
+            bin=profile.features[0].bins[0],
+        )
+        == profile.features[0].shares[0]
+    )
+    assert merged(registry, ERRORS, stage="storage_open") == 3
+    aside = sorted(p.name for p in multiprocess_dir.glob("*.corrupt"))
+    assert aside == [
+        "counter_w0.db.corrupt",
+        "gauge_max_w0.models.db.corrupt",
+        "histogram_w0.db.corrupt",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("how", "errors"),
+    [
+        pytest.param("garbage", 0, id="garbage"),  # prometheus_client reads it as empty
+        pytest.param("truncated-header", 2, id="truncated-header"),
+        pytest.param("entry-not-json", 2, id="entry-not-json"),
+    ],
+)
+def test_a_corrupt_file_of_another_process_is_left_out_of_the_scrape(
+    how: str, errors: int, multiprocess_dir: Path, call: Callable[..., Any], hello: Any
+) -> None:
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+    call(app, "/a")
+    corrupt(multiprocess_dir / "counter_w7.db", how)  # a dead worker's, say
+
+    response = call(app, "/metrics")
+
+    assert response.code == 200
+    assert 'http_requests_total{method="GET",route="/a",status="200"} 1.0' in response.body.decode()
+    assert merged(registry, ERRORS, stage="storage_read") == errors  # this scrape's, merged's
+    assert (multiprocess_dir / "counter_w7.db").exists()  # not this process's to move
+
+
+# -- the directory and another local user ---------------------------------------------------
+
+
+def test_files_are_private_and_a_new_directory_too(
+    tmp_path: Path, call: Callable[..., Any], hello: Any
+) -> None:
+    from ml_wsgi_metrics.process import write_pid_file
+
+    directory = Path(multiprocess.activate(tmp_path / "new" / "metrics"))
+    try:
+        call(hello_middleware(CollectorRegistry(), hello), "/a")
+        write_pid_file(str(directory), "w0")
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert set(modes.values()) == {0o600}
+        assert "w0.pid" in modes
+    finally:
+        multiprocess.deactivate()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o720, 0o702])
+def test_a_directory_others_can_write_is_refused(mode: int, tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(
+        ValueError, match=rf"^{multiprocess.ENV_VAR}: .*writable by group or others"
+    ):
+        multiprocess.activate(directory)
+    assert multiprocess.active_directory() is None
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o700)
+    try:
+        os.chown(directory, 65534, 65534)  # nobody
+    except PermissionError:
+        missing_capability("only root can give a directory to another user")
+    with pytest.raises(ValueError, match=rf"^{multiprocess.ENV_VAR}: .*belongs to uid 65534"):
+        multiprocess.activate(directory)
+
+
+def test_a_link_to_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ValueError, match=rf"^{multiprocess.ENV_VAR}: .*symbolic link"):
+        multiprocess.activate(tmp_path / "link")
+
+
+def test_links_planted_in_the_directory_are_never_followed(
+    multiprocess_dir: Path,
+    tmp_path: Path,
+    call: Callable[..., Any],
+    hello: Any,
+    storage_clock: Any,
+) -> None:
+    from ml_wsgi_metrics.process import write_pid_file
+
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"someone else's data")
+    planted = {
+        "counter_w0.db": precious,
+        "histogram_w0.db": tmp_path / "created-through-a-link",  # a dangling link
+        "w0.pid": precious,
+    }
+    for name, target in planted.items():
+        (multiprocess_dir / name).symlink_to(target)
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+
+    def worker() -> set[bytes]:
+        multiprocess.use_identifier("w0")
+        write_pid_file(str(multiprocess_dir), "w0")
+        bodies = {call(app, "/a").body for _ in range(4)}
+        for name in ("counter_w0.db", "histogram_w0.db"):  # found and removed
+            (multiprocess_dir / name).unlink()
+        storage_clock.advance(multiprocess.RETRY_SECONDS)
+        return bodies | {call(app, "/a").body}
+
+    assert in_child(worker) == {b"hello"}
+    assert precious.read_bytes() == b"someone else's data"
+    assert not (tmp_path / "created-through-a-link").exists()
+    assert not (multiprocess_dir / "w0.pid").is_symlink()  # replaced; its target untouched
+    assert requests_to(registry, "/a") == 5  # what was counted meanwhile was kept
+    assert merged(registry, ERRORS, stage="storage_open") == 2  # counter, histogram refused
+
+    (multiprocess_dir / "counter_w1.db").symlink_to(precious)
+    multiprocess.clear_directory()  # at start: the link goes, not what it points to
+    assert not (multiprocess_dir / "counter_w1.db").exists()
+    assert precious.read_bytes() == b"someone else's data"

@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from ml_wsgi_metrics import MetricsMiddleware, multiprocess
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, multiprocess
 from ml_wsgi_metrics._response import PythonTimedResponse, speedups
 from ml_wsgi_metrics.exposition import scrape_registry
 
@@ -104,7 +104,7 @@ def test_both_records_count_alike(mode: Path | None, call: Callable[..., Any]) -
         pytest.skip("ml_wsgi_metrics._speedups is not built")
     in_c = exercise(speedups.TimedResponse, call)
     if mode is not None:  # the second run must not see the first one's files
-        multiprocess.clear_directory()
+        multiprocess.activate(mode.parent / "second-run")
     in_python = exercise(PythonTimedResponse, call)
     assert in_c == in_python
     requests = {k: v for k, v in in_c.items() if k[0] == "http_requests_total"}
@@ -118,9 +118,13 @@ def test_storage_closed_under_the_record_fails_open(
     call: Callable[..., Any],
     hello: Any,
     caplog: pytest.LogCaptureFixture,
+    storage_clock: Any,
+    sample: Callable[..., float],
 ) -> None:
-    """Views of closed files are refused, never written through (the C record checks)."""
-    app = MetricsMiddleware(hello, registry=CollectorRegistry(), route_resolver=lambda e: "/r")
+    """Views of closed files are refused, never written through (the C record checks); what
+    is counted meanwhile is kept in memory and reaches the files when they are reopened."""
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
     assert call(app, "/r").body == b"hello"
     for handle in multiprocess._State.files.values():  # closed without telling anyone
         handle.close()
@@ -128,7 +132,16 @@ def test_storage_closed_under_the_record_fails_open(
         assert call(app, "/r").body == b"hello"
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "route failed" in messages
-    assert "record failed" in messages
+    assert "opening counter failed" in messages
+
+    storage_clock.advance(multiprocess.RETRY_SECONDS)  # the scrape retries the files
+    requests = {"method": "GET", "status": "200"}
+    assert sample(registry, "http_requests_total", route="/r", **requests) == 1
+    assert sample(registry, "http_requests_total", route=UNMATCHED, **requests) == 1
+    assert sample(registry, "http_requests_in_progress", method="GET", route="/r") == 0
+    errors = "ml_wsgi_metrics_instrumentation_errors_total"
+    assert sample(registry, errors, stage="route") == 1
+    assert sample(registry, errors, stage="storage_open") > 0
 
 
 def test_records_follow_the_storage_when_it_moves(

@@ -9,7 +9,7 @@ import bottle
 
 from . import set_route
 
-__all__ = ["handles", "install"]
+__all__ = ["handles", "install", "mounts"]
 
 
 class _RouteNamer:
@@ -38,6 +38,18 @@ _PLUGIN = _RouteNamer()
 
 def handles(app: Any) -> bool:
     return isinstance(app, bottle.Bottle)
+
+
+def mounts(app: bottle.Bottle) -> list[tuple[str, Any]]:
+    """``(prefix, app)`` of the apps mounted in ``app`` as WSGI apps: Bottle moves the prefix
+    into ``SCRIPT_NAME``. (A Bottle app mounted at ``'/p/'`` has its routes copied, rules
+    prefixed: nothing moves.)"""
+    found = {}
+    for route in app.routes:
+        target = route.config.get("mountpoint.target")
+        if target is not None:
+            found[route.config.get("mountpoint.prefix", "")] = target
+    return list(found.items())
 
 
 def install(app: bottle.Bottle) -> None:

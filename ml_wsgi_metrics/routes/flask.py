@@ -27,7 +27,7 @@ def _store_rule(request: Any, rule: Rule | None) -> None:
         environ = request.environ
         timed = environ.get(REQUEST_KEY)
         if timed is not None:
-            timed.set_route(environ.get("SCRIPT_NAME", "") + rule.rule)
+            timed.set_route(rule.rule, environ.get("SCRIPT_NAME", ""))
 
 
 _reported_rule = property(attrgetter(_STORED), _store_rule, doc="The matched URL rule.")

@@ -26,8 +26,9 @@ class Recorder:
     def __init__(self) -> None:
         self.routes: list[str] = []
 
-    def set_route(self, route: str) -> None:
-        self.routes.append(route)
+    def set_route(self, route: str, script_name: str | None = None) -> None:
+        """Keeps what the adapter saw: its ``SCRIPT_NAME``, then the template."""
+        self.routes.append((script_name or "") + route)
 
 
 @dataclass

@@ -7,7 +7,9 @@ from typing import Any
 
 import bottle
 import pytest
+from prometheus_client import CollectorRegistry
 
+from ml_wsgi_metrics import MetricsMiddleware
 from ml_wsgi_metrics.routes import REQUEST_KEY, install_adapter
 from ml_wsgi_metrics.routes import bottle as bottle_adapter
 
@@ -153,3 +155,20 @@ def test_handles_only_bottle() -> None:
 
 def test_metrics_middleware_counts_ids_under_one_template(checks: Any) -> None:
     checks.metrics_middleware_counts_ids_under_one_template()
+
+
+def test_metrics_middleware_keeps_bottle_mount_prefixes(
+    app: bottle.Bottle, call: Callable[..., Any]
+) -> None:
+    """Through the real middleware: a mount's prefix is kept, whichever way Bottle mounts."""
+    registry = CollectorRegistry()
+    wrapped = MetricsMiddleware(app, registry=registry)
+    for path in ("/api/models/a/predict", "/legacy/models/b/predict", "/items/3"):
+        assert call(wrapped, path, record=False).status == 200
+    routes = {
+        s.labels["route"]
+        for metric in registry.collect()
+        for s in metric.samples
+        if s.name == "http_requests_total"
+    }
+    assert routes == {"/api/models/<name>/predict", "/legacy/models/<name>/predict", ITEM_ROUTE}

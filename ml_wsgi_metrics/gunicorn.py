@@ -12,7 +12,6 @@ the app each worker serves in :class:`~ml_wsgi_metrics.MetricsMiddleware`. Optio
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import itertools
 import logging
@@ -21,11 +20,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import multiprocess
+from . import _prefork, multiprocess
 from .exposition import MetricsExposition, MetricsProtection, MetricsServer, serve_metrics
 from .metrics import ServerMetrics, shared
 from .middleware import MetricsMiddleware, stacked_middlewares
-from .process import remove_pid_file, remove_pid_files, write_pid_file
+from .process import remove_pid_file, remove_pid_files
 
 __all__ = [
     "child_exit",
@@ -71,12 +70,7 @@ def configure(
     :param middleware_options: keyword arguments of :class:`~ml_wsgi_metrics.MetricsMiddleware`.
     Bad options raise ``ValueError`` here, when gunicorn reads its config.
     """
-    unknown = set(middleware_options) - set(inspect.signature(MetricsMiddleware).parameters)
-    if unknown:
-        raise ValueError(f"configure: unknown option(s) {', '.join(sorted(unknown))}")
-    # Validate by building one, registering nothing for real.
-    probe = {"route_resolver": _no_route, **middleware_options, "registry": CollectorRegistry()}
-    MetricsMiddleware(_no_app, **probe)
+    _prefork.check_middleware_options(middleware_options)
     if metrics_port is None and os.environ.get("ML_WSGI_METRICS_PORT"):
         try:
             metrics_port = int(os.environ["ML_WSGI_METRICS_PORT"])
@@ -94,14 +88,6 @@ def configure(
     _Settings.metrics_address = (
         metrics_address or os.environ.get("ML_WSGI_METRICS_ADDRESS") or "127.0.0.1"
     )
-
-
-def _no_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    return []
-
-
-def _no_route(environ: dict[str, Any]) -> None:
-    return None
 
 
 def _identifier(worker: Any) -> str:
@@ -203,13 +189,7 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker: take over the slot's files, continuing its predecessor's counters."""
-    identifier = _identifier(worker)
-    multiprocess.mark_dead(identifier)  # a predecessor that died unreaped left live gauges
-    multiprocess.use_identifier(identifier)
-    try:
-        write_pid_file(_directory, identifier)
-    except OSError as error:  # raising here would fail the boot, and gunicorn would halt
-        multiprocess.report_error(f"writing {identifier}.pid", error)
+    _prefork.take_slot(_identifier(worker))
 
 
 def post_worker_init(worker: Any) -> None:

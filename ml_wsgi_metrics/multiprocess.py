@@ -657,7 +657,13 @@ class SlotFilesCollector:
     def collect(self) -> Any:
         retry_unavailable()
         _errors.export_kept()
-        files = slot_files(self._directory)
+        files = []
+        for path in slot_files(self._directory):
+            if os.path.islink(path):  # prometheus_client would read what it points to
+                error = OSError(errno.ELOOP, "a symbolic link: not read", path)
+                report_error(f"reading {path}", error, stage="storage_read")
+            else:
+                files.append(path)
         try:
             return MultiProcessCollector.merge(files, accumulate=True)
         except Exception:  # find and leave out the files that do not read

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import require_tool
 
-from ml_wsgi_metrics import _response, middleware, multiprocess
+from ml_wsgi_metrics import _errors, _response, middleware, multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
 from ml_wsgi_metrics.metrics import RouteSeries
 
@@ -41,6 +41,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires_tool"):
         for name in mark.args:
             require_tool(name)
+
+
+@pytest.fixture(autouse=True)
+def _no_errors_carried_over() -> Iterator[None]:
+    """Errors a test leaves unexported are that test's: never exported into the next one's
+    metrics (a process exports kept errors through its next exporter)."""
+    yield
+    _errors._Channel.unexported.clear()
+    _errors._Channel.exporter = None
 
 
 def make_environ(

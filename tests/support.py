@@ -1,4 +1,4 @@
-"""Helpers for tests that run real servers: gunicorn, Prometheus, HTTP clients.
+"""Helpers for tests that run real servers: gunicorn, uWSGI, Prometheus, HTTP clients.
 
 The servers are the demo's (:mod:`service._servers`: each in its own process group, bound to
 127.0.0.1 only, polled until it answers, never a fixed sleep, stopped on exit, always: SIGTERM
@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,7 +33,15 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from service._servers import REPO, Gunicorn, Prometheus, free_port, http_request, wait_until
+from service._servers import (
+    REPO,
+    Gunicorn,
+    Prometheus,
+    _Process,
+    free_port,
+    http_request,
+    wait_until,
+)
 
 __all__ = [
     "ADMIN_TOKEN",
@@ -40,9 +49,11 @@ __all__ = [
     "REPO",
     "SERVICE_TOKENS",
     "TEST_APP",
+    "UWSGI",
     "BackOfficeClient",
     "GunicornServer",
     "PrometheusServer",
+    "UwsgiServer",
     "bearer",
     "clean_environment",
     "free_port",
@@ -60,16 +71,24 @@ __all__ = [
 #: The tiny Flask app of ``tests/apps/flask_app.py``, as gunicorn names it.
 TEST_APP = "tests.apps.flask_app:app"
 
+#: The uWSGI installed beside this Python (``pip install uwsgi``), else the one on ``PATH``.
+UWSGI = str(
+    Path(sys.executable).with_name("uwsgi")
+    if Path(sys.executable).with_name("uwsgi").exists()
+    else "uwsgi"
+)
+
 #: Settings a test must never inherit from the environment it runs in by accident.
 _INHERITED_SETTINGS = (
     "BIND",
     "WEB_CONCURRENCY",
+    "WSGI_APP",
     "SERVICE_NAME",
     "PROMETHEUS_MULTIPROC_DIR",
     "prometheus_multiproc_dir",
     "GUNICORN_CMD_ARGS",
 )
-_INHERITED_PREFIXES = ("GUNICORN_", "ML_WSGI_METRICS_", "CHURN_")
+_INHERITED_PREFIXES = ("GUNICORN_", "ML_WSGI_METRICS_", "CHURN_", "UWSGI_")
 
 #: The churn service's tokens in tests: its back office's (``POST /feedback``) and its
 #: administrator's (``POST /pipeline``); ``SERVICE_TOKENS`` is the environment that sets them.
@@ -270,7 +289,47 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
-class GunicornServer(Gunicorn):
+class _TestServer:
+    """What tests add to a pre-fork server: its workers, which one holds a connection, and its
+    temporary log removed on exit."""
+
+    pid: int
+    port: int
+    log_path: Path
+    _own_log: bool
+
+    def worker_pids(self) -> list[int]:
+        """The master's live children: its workers."""
+        return _children(self.pid)
+
+    def worker_serving(self, client_port: int, pids: Sequence[int] | None = None) -> int | None:
+        """The worker holding the connection that a client opened from ``client_port``, or
+        ``None`` while none has accepted it; ``pids``: the workers to look at (default: all)."""
+        inode = _accepted_inode(self.port, client_port)
+        if inode is None:
+            return None
+        return _holder(inode, self.worker_pids() if pids is None else pids)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            super().__exit__(exc_type, exc, traceback)  # type: ignore[misc]
+        finally:
+            if self._own_log:
+                self.log_path.unlink(missing_ok=True)
+
+
+def _temporary_log(prefix: str) -> Path:
+    handle, path = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(handle)
+    return Path(path)
+
+
+class GunicornServer(_TestServer, Gunicorn):
     """``python -m gunicorn -c <repo>/gunicorn.conf.py <app>`` for the length of a ``with``.
 
     :param app: the WSGI app to serve, as gunicorn names it.
@@ -299,16 +358,13 @@ class GunicornServer(Gunicorn):
         log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self._own_log = log_path is None
-        if log_path is None:
-            handle, log_path = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
-            os.close(handle)
         super().__init__(
             app,
             port=free_port() if port is None else port,
             workers=workers,
             env=env,
             environ=clean_environment(),
-            log_path=log_path,
+            log_path=_temporary_log("gunicorn-") if log_path is None else log_path,
             config=config,
             cwd=cwd,
             ready_path=ready_path,
@@ -316,29 +372,66 @@ class GunicornServer(Gunicorn):
             stop_timeout=stop_timeout,
         )
 
-    def worker_pids(self) -> list[int]:
-        """The master's live children: its workers."""
-        return _children(self.pid)
 
-    def worker_serving(self, client_port: int, pids: Sequence[int] | None = None) -> int | None:
-        """The worker holding the connection that a client opened from ``client_port``, or
-        ``None`` while none has accepted it; ``pids``: the workers to look at (default: all)."""
-        inode = _accepted_inode(self.port, client_port)
-        if inode is None:
-            return None
-        return _holder(inode, self.worker_pids() if pids is None else pids)
+class UwsgiServer(_TestServer, _Process):
+    """``uwsgi --ini <repo>/uwsgi.ini`` serving ``app`` for the length of a ``with``.
 
-    def __exit__(
+    The real uWSGI (:data:`UWSGI`), in its own process group, on 127.0.0.1; the same settings
+    as :class:`GunicornServer` (``WSGI_APP``, ``BIND`` and ``WEB_CONCURRENCY`` from ``app``,
+    ``port`` and ``workers``); any uWSGI option through ``env`` as ``UWSGI_<NAME>``
+    (``UWSGI_MAX_REQUESTS``, ``UWSGI_LAZY_APPS``...), none inherited from the test's environment.
+    """
+
+    name = "uwsgi"
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
+        app: str = TEST_APP,
+        *,
+        env: Mapping[str, str | None] | None = None,
+        workers: int = 4,
+        port: int | None = None,
+        config: str | os.PathLike[str] = REPO / "uwsgi.ini",
+        cwd: str | os.PathLike[str] = REPO,
+        ready_path: str = "/metrics",
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 15.0,
+        log_path: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.app = app
+        self.port = free_port() if port is None else port
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.address}"
+        self.config = os.fspath(config)
+        self.ready_path = ready_path
+        self._own_log = log_path is None
+        environment = clean_environment()
+        for variable, value in (env or {}).items():
+            if value is None:
+                environment.pop(variable, None)
+            else:
+                environment[variable] = value
+        environment.update(WSGI_APP=app, BIND=self.address, WEB_CONCURRENCY=str(workers))
+        super().__init__(
+            _temporary_log("uwsgi-") if log_path is None else log_path,
+            cwd=cwd,
+            env=environment,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
+
+    def _command(self) -> list[str]:
+        return [UWSGI, "--ini", self.config]
+
+    def _ready(self) -> bool:
         try:
-            super().__exit__(exc_type, exc, traceback)
-        finally:
-            if self._own_log:
-                self.log_path.unlink(missing_ok=True)
+            http_request(self.url + self.ready_path, timeout=5)
+        except OSError:
+            return False
+        return True
+
+    def _not_ready(self) -> str:
+        return f"uWSGI did not answer on {self.url}"
 
 
 class PrometheusServer(Prometheus):

@@ -133,6 +133,24 @@ def test_importing_the_module_switches_to_multiprocess_mode(tmp_path: Path) -> N
     assert directory.is_dir()
 
 
+def test_importing_the_module_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    """gunicorn reads its config first: a bad directory stops the server before it starts."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o777)
+    env = {**os.environ, multiprocess.ENV_VAR: str(directory)}
+    done = subprocess.run(
+        [sys.executable, "-c", "import ml_wsgi_metrics.gunicorn"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert f"ValueError: {multiprocess.ENV_VAR}: '{directory}' is writable by group" in done.stderr
+    assert list(directory.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("hook", "setting"),
     [

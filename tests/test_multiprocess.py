@@ -899,6 +899,26 @@ def test_a_link_to_a_directory_is_refused(tmp_path: Path) -> None:
         multiprocess.activate(tmp_path / "link")
 
 
+def test_a_link_among_the_files_is_not_read(
+    multiprocess_dir: Path, tmp_path: Path, call: Callable[..., Any], hello: Any
+) -> None:
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    forged = MmapedDict(str(tmp_path / "forged.db"))  # a well-formed file, elsewhere
+    forged.write_value(mmap_key("forged", "forged_total", [], [], "Forged."), 99.0, 0.0)
+    forged.close()
+    (multiprocess_dir / "counter_w9.db").symlink_to(tmp_path / "forged.db")
+    registry = CollectorRegistry()
+    app = hello_middleware(registry, hello)
+    call(app, "/a")
+
+    body = call(app, "/metrics").body.decode()
+
+    assert "forged" not in body
+    assert 'http_requests_total{method="GET",route="/a",status="200"} 1.0' in body
+    assert merged(registry, ERRORS, stage="storage_read") == 2  # that scrape's, and this one's
+
+
 def test_links_planted_in_the_directory_are_never_followed(
     multiprocess_dir: Path,
     tmp_path: Path,

@@ -4,7 +4,9 @@
 
 Routes: ``/`` (hello), ``/items/<int:item_id>`` (parametrised), ``POST /items`` (201, echoes the
 body size), ``/boom`` (raises; the exception propagates to the WSGI server, which answers 500),
-``/slow?seconds=S`` (sleeps, for in-flight requests) and ``/pid`` (the serving worker's pid).
+``/slow?seconds=S`` (sleeps, for in-flight requests), ``/pid`` (the serving worker's pid),
+``/models/<name>?pause=S`` (binds model ``name``, version ``1``, pauses, answers the binding)
+and ``/model`` (answers the binding without making one: ``null`` unless one leaked in).
 Any other path is a 404. ``create_app()`` makes another such app (the benchmarks add routes).
 """
 
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from flask import Flask, request
+
+from ml_wsgi_metrics import signals
 
 
 class Boom(RuntimeError):
@@ -50,6 +55,16 @@ def create_app() -> Flask:
     @app.get("/pid")
     def pid() -> str:
         return str(os.getpid())
+
+    @app.get("/models/<name>")
+    def bind_model(name: str) -> dict[str, Any]:
+        signals.bind_model(name, "1")
+        time.sleep(float(request.args.get("pause", "0")))  # other requests run meanwhile
+        return {"model": signals.current_model()}
+
+    @app.get("/model")
+    def bound_model() -> dict[str, Any]:
+        return {"model": signals.current_model()}
 
     return app
 

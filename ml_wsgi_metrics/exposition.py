@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import multiprocess
+from ._retired import without_retired
 from .process import WorkerProcessCollector
 
 __all__ = [
@@ -49,7 +50,7 @@ def scrape_registry(registry: CollectorRegistry, namespace: str = "") -> Collect
     if directory is None:
         return registry
     merged = CollectorRegistry(auto_describe=False)
-    merged.register(multiprocess.SlotFilesCollector(directory))
+    merged.register(without_retired(multiprocess.SlotFilesCollector(directory), directory))
     if multiprocess.active_directory() is not None:  # the pid files of this package's hooks
         merged.register(WorkerProcessCollector(directory, namespace))
     return merged

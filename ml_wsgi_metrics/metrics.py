@@ -7,9 +7,11 @@ drift and quantiles are computed in PromQL after ``sum by``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
+import warnings
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -32,6 +34,8 @@ __all__ = [
     "ServerMetrics",
     "child_adder",
     "fast_observer",
+    "forget_model",
+    "remove_child",
     "shared",
 ]
 
@@ -161,6 +165,27 @@ def shared(cls: Callable[..., _M], registry: CollectorRegistry | None, **setting
         if found is None or found[0] is not registry:
             found = _shared_sets[key] = (registry, cls(registry, **settings))
         return found[1]
+
+
+def remove_child(metric: Any, *labels: str) -> None:
+    """``metric.remove(*labels)``; an absent child is no error. In multiprocess mode
+    prometheus_client warns that removal is not implemented: retiring a model version
+    compacts the files itself (:func:`~ml_wsgi_metrics.multiprocess.compact`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with contextlib.suppress(KeyError):
+            metric.remove(*labels)
+
+
+def forget_model(registry: CollectorRegistry | None, model: tuple[str, str]) -> None:
+    """Every metric set on ``registry`` (see :func:`shared`) forgets a model version."""
+    registry = REGISTRY if registry is None else registry
+    with _shared_lock:
+        sets = [found for owner, found in _shared_sets.values() if owner is registry]
+    for metric_set in sets:
+        forget = getattr(metric_set, "forget_model", None)
+        if forget is not None:
+            forget(model)
 
 
 class _IncStore:
@@ -431,6 +456,13 @@ class RequestMetrics:
     def count_instrumentation_error(self, stage: str, amount: float = 1.0) -> None:
         self.instrumentation_errors.labels(*self._const_values, stage).inc(amount)
 
+    def forget_model(self, model: tuple[str, str]) -> None:
+        """Remove the request series of a model version (retired: see the signals API)."""
+        for key in [key for key in list(self._model_requests) if key[2] == model]:
+            series_labels, status, _ = key
+            self._model_requests.pop(key, None)
+            remove_child(self.model_requests, *series_labels, status, *model)
+
 
 class ServerMetrics:
     """Metrics the gunicorn master writes: workers alive, restarted and timed out."""
@@ -554,6 +586,13 @@ class ModelMetrics:
             "model_score_reference_share",
             "Share of the reference scores in each bin.",
             (*model, "bin"),
+            multiprocess_mode="max",
+            **common,
+        )
+        self.reference_accuracy = Gauge(
+            "model_reference_accuracy",
+            "Accuracy of the model version on held-out data, from its profile.",
+            model,
             multiprocess_mode="max",
             **common,
         )

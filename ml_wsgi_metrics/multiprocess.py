@@ -21,6 +21,7 @@ aside and started anew.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -32,6 +33,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import prometheus_client.values
@@ -44,7 +46,7 @@ from prometheus_client.mmap_dict import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from . import _errors
+from . import _errors, _retired
 
 __all__ = [
     "ENV_VAR",
@@ -54,6 +56,7 @@ __all__ = [
     "active_directory",
     "check_directory",
     "clear_directory",
+    "compact",
     "deactivate",
     "instrumentation_errors",
     "mark_dead",
@@ -81,8 +84,9 @@ RETRY_SECONDS = 1.0
 IDENTIFIER = re.compile(r"[a-z]*[0-9]+")
 _PREFIX = "(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|mostrecent))"
 #: The name of a file this package (or prometheus_client) writes: ``counter_w0.db``,
-#: ``gauge_livesum_12345.db``... Nothing else in the directory is read or removed.
-SLOT_FILE = re.compile(rf"{_PREFIX}_{IDENTIFIER.pattern}\.db")
+#: ``gauge_livesum_12345.db``, ``counter_w0.models.db`` (model versions' series: see
+#: :func:`compact`)... Nothing else in the directory is read or removed.
+SLOT_FILE = re.compile(rf"{_PREFIX}_{IDENTIFIER.pattern}(?:\.models)?\.db")
 
 _lock = threading.RLock()  # re-entrant: a fallback may call ``inc`` under it
 
@@ -277,6 +281,11 @@ def process_identifier() -> str:
     return _State.identifier or str(os.getpid())
 
 
+#: Model-version series live in files of their own (``counter_w0.models.db``...), so retiring a
+#: version rewrites files that hold no request series (their cells never move during a request).
+MODEL_FILES = ".models"
+
+
 def _unavailable(prefix: str) -> None:
     """Leave ``prefix``'s file alone for a while: its values stay in memory until then."""
     _State.unavailable.setdefault(prefix, time.monotonic() + RETRY_SECONDS)
@@ -285,7 +294,9 @@ def _unavailable(prefix: str) -> None:
 def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
     handle = _State.files.get(prefix)
     if handle is None:
-        path = os.path.join(_State.directory or ".", f"{prefix}_{process_identifier()}.db")
+        kind, models, _ = prefix.partition(MODEL_FILES)
+        name = f"{kind}_{process_identifier()}{models}.db"
+        path = os.path.join(_State.directory or ".", name)
         try:
             try:
                 handle = _SlotFile(path)
@@ -294,6 +305,8 @@ def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
                 os.replace(path, path + ".corrupt")
                 log.warning("ml_wsgi_metrics: moved %s aside to %s.corrupt", path, path)
                 handle = _SlotFile(path)
+            if models:
+                handle = _without_retired(handle)
         except Exception as error:  # full, unwritable, gone: fail open, retry later
             _State.files[prefix] = _UNAVAILABLE  # first: counting the error writes a value
             _unavailable(prefix)
@@ -301,6 +314,85 @@ def _open_file(prefix: str) -> _SlotFile | _UnavailableFile:
             return _UNAVAILABLE
         _State.files[prefix] = handle
     return handle
+
+
+def _is_model_series(labelnames: Any, multiprocess_mode: str) -> bool:
+    """A series of one model version (``model`` and ``version`` labels). Gauges whose mode
+    keeps a ``pid`` label or dies with the process (``all``, ``live*``) stay in the usual files."""
+    names = tuple(labelnames or ())
+    if multiprocess_mode == "all" or multiprocess_mode.startswith("live"):
+        return False
+    return "model" in names and "version" in names
+
+
+def _rewritten(handle: _SlotFile, drop: Callable[[str], bool]) -> _SlotFile:
+    """``handle``'s file without the keys ``drop`` selects: written aside, then renamed over it
+    (a scrape reads the old file or the new one, never half of one). Closes ``handle``."""
+    path = handle._fname
+    temporary = f"{path}.compacting"  # not *.db: no collector reads it
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fresh = _SlotFile(temporary)
+    try:
+        for key, value, timestamp in handle.read_all_values():
+            if not drop(key):
+                fresh.write_value(key, value, timestamp)
+        os.replace(temporary, path)
+    except BaseException:
+        fresh.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    handle.close()
+    fresh._fname = path
+    return fresh
+
+
+def _without_retired(handle: _SlotFile) -> _SlotFile:
+    """A model file just opened (a dead predecessor's, say) without retired versions' keys."""
+    try:
+        retirements = _retired.read(_State.directory or ".")
+    except (OSError, ValueError) as error:
+        report_error(f"reading {_retired.RECORD}", error, stage="storage_read")
+        return handle
+    drop = retirements.key_filter()
+    if retirements and any(map(drop, handle._positions)):
+        try:
+            return _rewritten(handle, drop)
+        except (OSError, ValueError) as error:  # the file stays as it is; scrapes filter it
+            report_error(f"compacting {handle._fname}", error)
+    return handle
+
+
+def compact(drop: Callable[[str], bool]) -> None:
+    """Forget this process's values whose key ``drop`` selects, and rewrite its files without them.
+
+    Keys are prometheus_client's ``mmap_key`` JSON strings. Forgotten values count on in memory
+    only (a stale reference writes nowhere); the others reopen in the rewritten files at their
+    next use, continuing their values. Only model files (:data:`MODEL_FILES`) are rewritten:
+    the request series' cells never move during a request.
+    """
+    with _lock:
+        kept = []
+        for value in _State.values:
+            if drop(value._key):
+                value._view, value._index = _private_cell()
+                value._memory = None
+            else:
+                kept.append(value)
+        _State.values = kept
+        for prefix, handle in list(_State.files.items()):
+            if MODEL_FILES not in prefix or not isinstance(handle, _SlotFile):
+                continue
+            if not any(map(drop, handle._positions)):
+                continue
+            for value in kept:
+                if value._prefix == prefix:
+                    value._view = None  # reopens in the new file at its next use
+            try:
+                _State.files[prefix] = _rewritten(handle, drop)
+            except (OSError, ValueError) as error:  # the old file stays, keys and all
+                report_error(f"compacting {handle._fname}", error)
 
 
 class _ThroughValue:
@@ -343,6 +435,8 @@ class SlotValue:
         **kwargs: Any,
     ) -> None:
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
+        if _is_model_series(labelnames, multiprocess_mode):
+            self._prefix += MODEL_FILES
         self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
         self._view: memoryview | None = None
         self._index = 0
@@ -655,8 +749,8 @@ def remove_file(path: str) -> None:
 
 
 def clear_directory() -> None:
-    """Start afresh: remove the slot files left in the directory (a previous run's) and
-    write this process's values into new ones.
+    """Start afresh: remove the slot files left in the directory (a previous run's), and the
+    record of retired model versions, and write this process's values into new ones.
 
     This process's values keep their current value (a gauge set, a counter counted before
     the server started, e.g. a model registered in the gunicorn master with ``preload_app``):
@@ -669,5 +763,6 @@ def clear_directory() -> None:
         if _State.directory:
             for path in slot_files(_State.directory):
                 remove_file(path)
+            _retired.remove(_State.directory)
         for value in _State.values:
             value._open()

@@ -44,13 +44,22 @@ from itsdangerous import BadPayload, BadSignature, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import _context
+from . import _context, _retired
 from ._replay import FILE_NAME, ReplayStore
-from .metrics import ModelMetrics, child_adder, fast_observer, shared
-from .multiprocess import ENV_VAR, active_directory, report_error, storage_lock
+from ._retired import Retirements, version_key
+from .metrics import (
+    ModelMetrics,
+    child_adder,
+    fast_observer,
+    forget_model,
+    remove_child,
+    shared,
+)
+from .multiprocess import ENV_VAR, active_directory, compact, report_error, storage_lock
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
 
 __all__ = [
+    "LIVE_VERSIONS_ENV",
     "NO_CLASS",
     "REJECT_REASONS",
     "SECRET_KEY_ENV",
@@ -61,11 +70,13 @@ __all__ = [
     "bind_model",
     "configure",
     "current_model",
+    "live_versions",
     "model_context",
     "record_feedback",
     "record_prediction",
     "register_model",
     "registered_models",
+    "retire_model",
     "time_prediction",
     "unbind_model",
 ]
@@ -74,8 +85,10 @@ __all__ = [
 SECRET_KEY_ENV = "ML_WSGI_METRICS_SECRET_KEY"
 #: The ``class`` label of predictions recorded without a predicted class.
 NO_CLASS = "__none__"
+#: Environment variable supplying the default ``live_versions``.
+LIVE_VERSIONS_ENV = "ML_WSGI_METRICS_LIVE_VERSIONS"
 #: The ``reason`` label values of ``model_feedback_rejected_total``.
-REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model", "replayed")
+REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model", "replayed", "retired")
 
 _SALT = "ml_wsgi_metrics.prediction"
 _MAX_TOKEN_LENGTH = 4096
@@ -83,6 +96,9 @@ _MAX_TOKEN_LENGTH = 4096
 _TOKEN = re.compile(r"\.?[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{1,12}\.[A-Za-z0-9_-]{27}")
 _INF = math.inf
 _NAN = math.nan
+_DEFAULT_LIVE_VERSIONS = 2
+_SYNC_INTERVAL = 1.0  # seconds between two reads of the retired-versions record by the verbs
+_monotonic = time.monotonic
 
 Inc = Callable[[float], None]
 _JSON = json.JSONEncoder(separators=(",", ":"))
@@ -283,6 +299,24 @@ class _Categorical:
         return amounts
 
 
+class _Children:
+    """Creates metric children and remembers each, so a retired model removes exactly those."""
+
+    __slots__ = ("created",)
+
+    def __init__(self) -> None:
+        self.created: list[tuple[Any, tuple[str, ...]]] = []
+
+    def __call__(self, metric: Any, *labels: str) -> Any:
+        self.created.append((metric, labels))
+        return metric.labels(*labels)
+
+    def remove(self) -> None:
+        for metric, labels in self.created:  # a lazy confusion cell may be in twice
+            remove_child(metric, *labels)
+        self.created.clear()
+
+
 class _Model:
     """A registered profile with every series it writes, created (at zero) up front."""
 
@@ -290,16 +324,18 @@ class _Model:
         self.profile = profile
         labels = metrics.model_labels(profile.model, profile.version)
         self.name, self.version = profile.model, profile.version
+        self.children = child = _Children()
+        self.retired = False
         self.numeric: list[_Numeric] = []
         self.categorical: list[_Categorical] = []
         for feature in profile.features:
             if isinstance(feature, NumericProfile):
-                self.numeric.append(self._numeric_series(metrics, labels, feature))
+                self.numeric.append(self._numeric_series(metrics, child, labels, feature))
             else:
-                self.categorical.append(self._categorical_series(metrics, labels, feature))
+                self.categorical.append(self._categorical_series(metrics, child, labels, feature))
         self.numeric_names = [f.name for f in self.numeric]
         self.block = _NumericBlock([(f.edges, f.low, f.high, f.slots()) for f in self.numeric])
-        self.score = self._score_series(metrics, labels, profile.score)
+        self.score = self._score_series(metrics, child, labels, profile.score)
         self.score_block = _NumericBlock(
             [(self.score.edges, self.score.low, self.score.high, self.score.slots())]
         )
@@ -307,10 +343,12 @@ class _Model:
         self.classes = (*(profile.classes or ()), NO_CLASS, UNSEEN)
         self.class_codes = {c: i for i, c in enumerate(self.classes)}
         self.class_incs = [
-            child_adder(metrics.predictions.labels(*labels, c)) for c in self.classes
+            child_adder(child(metrics.predictions, *labels, c)) for c in self.classes
         ]
-        self.observe_latency = fast_observer(metrics.prediction_latency.labels(*labels))
-        self.observe_delay = fast_observer(metrics.label_delay.labels(*labels))
+        self.observe_latency = fast_observer(child(metrics.prediction_latency, *labels))
+        self.observe_delay = fast_observer(child(metrics.label_delay, *labels))
+        if profile.accuracy is not None:
+            child(metrics.reference_accuracy, *labels).set(profile.accuracy)
         self._confusion = metrics.confusion
         self._labels = labels
         self._confusion_incs: dict[tuple[str, str], Inc] = {}
@@ -320,57 +358,70 @@ class _Model:
 
     @staticmethod
     def _numeric_series(
-        metrics: ModelMetrics, labels: tuple[str, ...], feature: NumericProfile
+        metrics: ModelMetrics, child: _Children, labels: tuple[str, ...], feature: NumericProfile
     ) -> _Numeric:
         series = _Numeric(feature.name, feature.edges, feature.min, feature.max)
         key = (*labels, feature.name)
-        series.bins = [child_adder(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
+        series.bins = [child_adder(child(metrics.feature_bin, *key, b)) for b in feature.bins]
         for bin_label, share in zip(feature.bins, feature.shares, strict=True):
-            metrics.feature_reference_share.labels(*key, bin_label).set(share)
-        series.missing = child_adder(metrics.feature_missing.labels(*key))
-        series.oor = child_adder(metrics.feature_out_of_range.labels(*key))
-        series.positive = child_adder(metrics.feature_sum.labels(*key, "positive"))
-        series.negative = child_adder(metrics.feature_sum.labels(*key, "negative"))
-        series.squares = child_adder(metrics.feature_sum_squares.labels(*key))
+            child(metrics.feature_reference_share, *key, bin_label).set(share)
+        series.missing = child_adder(child(metrics.feature_missing, *key))
+        series.oor = child_adder(child(metrics.feature_out_of_range, *key))
+        series.positive = child_adder(child(metrics.feature_sum, *key, "positive"))
+        series.negative = child_adder(child(metrics.feature_sum, *key, "negative"))
+        series.squares = child_adder(child(metrics.feature_sum_squares, *key))
         return series
 
     @staticmethod
     def _categorical_series(
-        metrics: ModelMetrics, labels: tuple[str, ...], feature: CategoricalProfile
+        metrics: ModelMetrics,
+        child: _Children,
+        labels: tuple[str, ...],
+        feature: CategoricalProfile,
     ) -> _Categorical:
         key = (*labels, feature.name)
-        incs = [child_adder(metrics.feature_bin.labels(*key, b)) for b in feature.bins]
+        incs = [child_adder(child(metrics.feature_bin, *key, b)) for b in feature.bins]
         for bin_label, share in zip(feature.bins, feature.shares, strict=True):
-            metrics.feature_reference_share.labels(*key, bin_label).set(share)
-        incs.append(child_adder(metrics.feature_missing.labels(*key)))
-        incs.append(child_adder(metrics.feature_unseen.labels(*key)))
+            child(metrics.feature_reference_share, *key, bin_label).set(share)
+        incs.append(child_adder(child(metrics.feature_missing, *key)))
+        incs.append(child_adder(child(metrics.feature_unseen, *key)))
         return _Categorical(feature.name, feature.categories, incs)
 
     @staticmethod
     def _score_series(
-        metrics: ModelMetrics, labels: tuple[str, ...], score: NumericProfile | None
+        metrics: ModelMetrics,
+        child: _Children,
+        labels: tuple[str, ...],
+        score: NumericProfile | None,
     ) -> _Numeric:
         if score is None:  # no reference bins: count missing values and sums only
             series = _Numeric("score", (), -_INF, _INF)
             series.bins = [_noop]
         else:
             series = _Numeric("score", score.edges, -_INF, _INF)
-            series.bins = [child_adder(metrics.score_bin.labels(*labels, b)) for b in score.bins]
+            series.bins = [child_adder(child(metrics.score_bin, *labels, b)) for b in score.bins]
             for bin_label, share in zip(score.bins, score.shares, strict=True):
-                metrics.score_reference_share.labels(*labels, bin_label).set(share)
-        series.missing = child_adder(metrics.score_missing.labels(*labels))
+                child(metrics.score_reference_share, *labels, bin_label).set(share)
+        series.missing = child_adder(child(metrics.score_missing, *labels))
         series.oor = _noop
-        series.positive = child_adder(metrics.score_sum.labels(*labels, "positive"))
-        series.negative = child_adder(metrics.score_sum.labels(*labels, "negative"))
-        series.squares = child_adder(metrics.score_sum_squares.labels(*labels))
+        series.positive = child_adder(child(metrics.score_sum, *labels, "positive"))
+        series.negative = child_adder(child(metrics.score_sum, *labels, "negative"))
+        series.squares = child_adder(child(metrics.score_sum_squares, *labels))
         return series
 
     def confusion_adder(self, predicted: str, actual: str) -> Inc:
         inc = self._confusion_incs.get((predicted, actual))
         if inc is None:
-            child = self._confusion.labels(*self._labels, predicted, actual)
-            inc = self._confusion_incs[(predicted, actual)] = child_adder(child)
+            if self.retired:  # retired while this feedback was on its way: nothing to count
+                return _noop
+            cell = self.children(self._confusion, *self._labels, predicted, actual)
+            inc = self._confusion_incs[(predicted, actual)] = child_adder(cell)
         return inc
+
+    def remove(self) -> None:
+        """Remove every series of this version from the metrics (it is retired)."""
+        self.retired = True
+        self.children.remove()
 
     def class_code(self, value: Any) -> int:
         """The index of a predicted class in :attr:`classes` (missing: NO_CLASS)."""
@@ -396,6 +447,7 @@ class _Config:
         max_clock_skew: float = 5.0,
         replay_store: str | os.PathLike[str] | None = None,
         replay_capacity: int = 1_000_000,
+        live_versions: int = _DEFAULT_LIVE_VERSIONS,
     ) -> None:
         self.registry = registry
         self.namespace = namespace
@@ -407,8 +459,12 @@ class _Config:
         self._replay_path = replay_store
         self._replay_capacity = replay_capacity
         self._replay: ReplayStore | None = None
+        self.live_versions = live_versions
         self.models: dict[tuple[str, str], _Model] = {}
         self.lock = threading.Lock()
+        self.retired = Retirements()  # this process's view: its own and the record's
+        self._record: Retirements | None = None  # the record as last read
+        self._synced = -math.inf
         self._metrics: ModelMetrics | None = None
         self._serializer: URLSafeTimedSerializer | None = None
         self._signer: Any = None
@@ -434,6 +490,67 @@ class _Config:
                     }
                     self._metrics = metrics
         return self._metrics
+
+    def sync(self, *, now: bool = False) -> None:
+        """Retire here what other processes retired (the directory's record), reading the
+        record at most once a second unless ``now``."""
+        moment = _monotonic()
+        if not now and moment - self._synced < _SYNC_INTERVAL:
+            return
+        self._synced = moment
+        directory = active_directory()
+        if directory is None:
+            return
+        try:
+            record = _retired.read(directory)
+        except (OSError, ValueError) as error:
+            report_error(f"reading {_retired.RECORD}", error)
+            return
+        if record is not self._record:
+            self._record = record
+            self.retired = self.retired.merged(record)
+            self._drop_retired()
+
+    def retire(self, change: Callable[[Retirements], None]) -> None:
+        """Retire versions (``change`` edits a record): here, in the directory's record so every
+        process follows, and their series with them."""
+        retired = self.retired.merged(Retirements())
+        change(retired)
+        directory = active_directory()
+        if directory is not None:
+            try:
+                retired = retired.merged(_retired.update(directory, change))
+            except (OSError, ValueError) as error:  # this process retires them all the same
+                report_error(f"writing {_retired.RECORD}", error)
+        self.retired = retired
+        self._drop_retired()
+
+    def retire_beyond_live(self, model: str) -> None:
+        """Retire the versions of ``model`` older than its ``live_versions`` newest registered
+        here (registered or not: a version older than those is beyond the live ones)."""
+        versions = self.versions(model)
+        if len(versions) < self.live_versions:
+            return
+        floor = versions[-self.live_versions]
+        current = self.retired.floors.get(model)
+        if current is None or version_key(current) < version_key(floor):
+            self.retire(lambda record: record.retire_below(model, floor))
+
+    def versions(self, model: str) -> list[str]:
+        """The registered versions of ``model``, oldest first."""
+        with self.lock:
+            return sorted((v for m, v in self.models if m == model), key=version_key)
+
+    def _drop_retired(self) -> None:
+        """Remove the registered versions that are retired, and their series."""
+        with self.lock:
+            gone = [key for key in self.models if self.retired.is_retired(*key)]
+            dropped = [self.models.pop(key) for key in gone]
+        for model in dropped:
+            model.remove()
+            forget_model(self.registry, (model.name, model.version))
+        if dropped and active_directory() is not None:
+            compact(self.retired.key_filter())
 
     def reject(self, reason: str) -> None:
         _ = self.metrics
@@ -514,6 +631,7 @@ def configure(
     max_clock_skew: float = 5.0,
     replay_store: str | os.PathLike[str] | None = None,
     replay_capacity: int = 1_000_000,
+    live_versions: int | None = None,
     **metric_settings: Any,
 ) -> None:
     """Set where and how model signals are recorded; forgets the models registered so far.
@@ -532,6 +650,9 @@ def configure(
         process's memory); created 0600 in a directory only this user can write.
     :param replay_capacity: the most ids it keeps; when full, expired ids go first, then the
         oldest (which would then count again).
+    :param live_versions: how many versions of each model stay live (default
+        ``$ML_WSGI_METRICS_LIVE_VERSIONS``, else 2): registering a newer one retires the oldest
+        (see :func:`retire_model`).
     :param metric_settings: ``latency_buckets``, ``label_delay_buckets`` for ModelMetrics.
     """
     global _config
@@ -562,12 +683,29 @@ def configure(
         max_clock_skew=float(max_clock_skew),
         replay_store=replay_store,
         replay_capacity=replay_capacity,
+        live_versions=_live_versions(live_versions),
     )
     _ = config.metrics  # validate settings now, with a clear error
     if replay_store is not None:
         config.replay.open()  # a file that is not safe to use: ValueError now
     with _config_lock:
         _config = config
+
+
+def _live_versions(setting: Any) -> int:
+    """The ``live_versions`` setting, checked (default: the environment, else 2)."""
+    if setting is None:
+        setting = os.environ.get(LIVE_VERSIONS_ENV) or _DEFAULT_LIVE_VERSIONS
+        if isinstance(setting, str):
+            try:
+                setting = int(setting)
+            except ValueError:
+                raise ValueError(
+                    f"live_versions: ${LIVE_VERSIONS_ENV} is not an integer: {setting!r}"
+                ) from None
+    if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
+        raise ValueError(f"live_versions: must be an integer of at least 1, got {setting!r}")
+    return setting
 
 
 def _reset() -> None:
@@ -587,7 +725,10 @@ def _current_config() -> _Config:
         with _config_lock:
             if _config is None:
                 namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
-                _config = _Config(REGISTRY, namespace, {}, None, 30 * 86400.0, {})
+                live = _live_versions(None)
+                _config = _Config(
+                    REGISTRY, namespace, {}, None, 30 * 86400.0, {}, live_versions=live
+                )
             config = _config
     return config
 
@@ -596,12 +737,16 @@ def register_model(profile: ReferenceProfile | str | os.PathLike[str]) -> Refere
     """Register a model version from its profile (or the profile's path) and return it.
 
     Creates every series of the model at zero (each bin, class and confusion cell) and sets the
-    reference-share gauges. Registering the same profile again does nothing; a different
-    profile under the same model and version is a ``ValueError`` (bump the version).
+    reference-share and held-out accuracy gauges. Registering the same profile again does
+    nothing; a different profile under the same model and version is a ``ValueError`` (bump
+    the version). Only the ``live_versions`` newest versions of a model stay live (ordered as
+    :func:`~ml_wsgi_metrics._retired.version_key` does): registering a newer one retires the
+    oldest. Registering a retired version, or one older than the live ones, is a ``ValueError``.
     """
     if not isinstance(profile, ReferenceProfile):
         profile = ReferenceProfile.load(profile)
     config = _current_config()
+    config.sync(now=True)
     with config.lock:
         existing = config.models.get(profile.key)
     if existing is not None:
@@ -611,14 +756,45 @@ def register_model(profile: ReferenceProfile | str | os.PathLike[str]) -> Refere
                 f"registered with a different profile; give the new one a new version"
             )
         return existing.profile
+    _check_not_retired(config, profile.model, profile.version)
     compiled = _Model(profile, config.metrics)
     with config.lock:
-        return config.models.setdefault(profile.key, compiled).profile
+        registered = config.models.setdefault(profile.key, compiled)
+    config.retire_beyond_live(profile.model)
+    return registered.profile
+
+
+def _check_not_retired(config: _Config, model: str, version: str) -> None:
+    if config.retired.is_retired(model, version):
+        raise ValueError(
+            f"register_model: model {model!r} version {version!r} is retired (older than the "
+            f"live_versions={config.live_versions} newest, or retired by retire_model), for "
+            f"good: publish it again under a newer version"
+        )
 
 
 def registered_models() -> list[tuple[str, str]]:
-    """The ``(model, version)`` pairs registered, in registration order."""
-    return list(_current_config().models)
+    """The ``(model, version)`` pairs registered and live, in registration order."""
+    config = _current_config()
+    config.sync()
+    return list(config.models)
+
+
+def live_versions() -> int:
+    """How many versions of each model stay live (the ``live_versions`` setting)."""
+    return _current_config().live_versions
+
+
+def retire_model(name: str, version: str) -> None:
+    """Retire a model version now, for good, whether registered here or not.
+
+    Its series are removed from the metrics (in multiprocess mode from every process's scrapes
+    at once, and from the files: each process drops its own when it next uses the verbs);
+    :func:`record_prediction` for it raises ``ValueError``; feedback for its ids is rejected
+    with reason ``retired``. Registering a newer version retires the oldest beyond
+    ``live_versions`` the same way.
+    """
+    _current_config().retire(lambda record: record.retire(name, version))
 
 
 def bind_model(name: str, version: str) -> None:
@@ -648,6 +824,7 @@ def model_context(name: str, version: str) -> Iterator[None]:
 
 def _resolve(model: str | None, version: str | None) -> tuple[_Config, _Model]:
     config = _current_config()
+    config.sync()
     if model is None:
         bound = _context.current()
         if bound is not None:
@@ -668,6 +845,8 @@ def _resolve(model: str | None, version: str | None) -> tuple[_Config, _Model]:
             )
         version = versions[0][1]
     found = config.models.get((model, version))
+    if found is None and config.retired.is_retired(model, version):
+        raise ValueError(f"model: {model!r} version {version!r} is retired")
     if found is None:
         raise ValueError(
             f"model: {model!r} version {version!r} is not registered; call "
@@ -961,20 +1140,23 @@ def record_feedback(prediction_id: str, actual: Any) -> Feedback:
     Increments ``model_confusion_total{predicted, actual}`` (when the prediction had a class)
     and observes the label delay. Raises :class:`InvalidPredictionId` (after counting it in
     ``model_feedback_rejected_total{reason}``) for malformed, tampered or expired ids, for
-    models not registered here, for a predicted class the model does not have, and for an id
-    already counted on this host (``replayed``).
+    models not registered here, for retired versions, for a predicted class the model does not
+    have, and for an id already counted on this host (``replayed``).
     """
     if _is_missing(actual):
         raise ValueError("actual: the ground truth is missing")
     config = _current_config()
+    config.sync()
     try:
         payload, signed_at = _decode(config, prediction_id)
         model, version, predicted, _, stamp, _ = payload
         compiled = config.models.get((model, version))
         if compiled is None:
+            retired = config.retired.is_retired(model, version)
             raise InvalidPredictionId(
-                "unknown_model",
-                f"prediction id: model {model!r} version {version!r} is not registered here",
+                "retired" if retired else "unknown_model",
+                f"prediction id: model {model!r} version {version!r} is "
+                + ("retired" if retired else "not registered here"),
             )
         if predicted is not None and (
             predicted == NO_CLASS or predicted not in compiled.class_codes

@@ -7,7 +7,7 @@ Routes (JSON in and out; every error is JSON with an ``"error"`` message, see
 :mod:`service.validation`):
 
 - ``POST /predict``   one row, ``{"rows": [...]}`` or a list -> probabilities, classes, ids
-- ``GET  /predict``   HTML results for the held-out set; records them and their ground truth
+- ``GET  /predict``   HTML results for the held-out set (not live traffic: records nothing)
 - ``POST /feedback``  ``{"id": ..., "actual": "Yes"}`` or a batch -> the confusion counters
 - ``POST /pipeline``  train a new model version; every worker serves it within a second
 - ``GET  /healthz``   the model name and version served
@@ -79,7 +79,6 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body (413 beyond)
     "MAX_BATCH_ROWS": 1000,  # rows of a /predict batch, items of a /feedback batch (413)
     "MODEL_RELOAD_INTERVAL": 1.0,  # seconds between two reads of the LATEST file
-    "LIVE_VERSIONS": 3,  # versions registered at start, so feedback for them still counts
     "FEEDBACK_TOKEN": None,  # the back office's token for POST /feedback (None: disabled)
     "ADMIN_TOKEN": None,  # the administrator's token for POST /pipeline (None: disabled)
 }
@@ -146,8 +145,10 @@ class ModelStore:
     (and registered with the model signals) whenever ``LATEST`` moves.
 
     ``current()`` reads ``LATEST`` at most once per ``reload_interval`` seconds, so a new
-    version reaches every worker without a restart. Versions stay registered once loaded:
-    several can be live in the metrics at once.
+    version reaches every worker without a restart. The newest versions stay registered, so
+    feedback for them still counts: as many as the model signals' ``live_versions`` (2 unless
+    ``$ML_WSGI_METRICS_LIVE_VERSIONS`` says otherwise); registering a newer one retires the
+    oldest, and retraining removes the directories of versions no longer live.
     """
 
     def __init__(
@@ -158,14 +159,12 @@ class ModelStore:
         registry: CollectorRegistry | None = None,
         secret_key: str | None = None,
         reload_interval: float = 1.0,
-        live_versions: int = 3,
     ) -> None:
         self.config_path = Path(config_path) if config_path is not None else DEFAULT_CONFIG
         self.config = load_config(self.config_path)
         self.name = self.config.name
         self.models_dir = Path(models_dir) if models_dir is not None else self.config.models_dir
         self.reload_interval = reload_interval
-        self.live_versions = live_versions
         self._registry, self._secret_key = registry, secret_key
         self._model: LoadedModel | None = None
         self._profiles: dict[str, ReferenceProfile] = {}
@@ -190,8 +189,9 @@ class ModelStore:
 
     @property
     def live(self) -> list[str]:
-        """The versions registered with the model signals, oldest first."""
-        return sorted(self._profiles, key=int)
+        """The versions registered with the model signals (not retired), oldest first."""
+        registered = set(signals.registered_models())
+        return sorted((v for v, p in self._profiles.items() if p.key in registered), key=int)
 
     def _start(self) -> None:
         """Configure the model signals if there is something to set, then load (or train)."""
@@ -213,11 +213,14 @@ class ModelStore:
                 log.info("no %s model in %s: training one", self.name, self.models_dir)
                 train(self.config_path, models_dir=self.models_dir)
 
-    def _refresh(self) -> None:
+    def _refresh(self, *, force: bool = False) -> None:
+        """Load the version ``LATEST`` names if it changed (or, ``force``, if this one is no
+        longer live)."""
         self._checked = time.monotonic()
         assert self._model is not None
         try:
-            if latest_version(self.models_dir, self.name) in (None, self._model.version):
+            latest = latest_version(self.models_dir, self.name)
+            if latest is None or (latest == self._model.version and not force):
                 return
             self._load()
         except Exception:  # a bad version on disk must not stop a serving worker
@@ -231,8 +234,11 @@ class ModelStore:
         log.info("serving %s version %s", model.name, model.version)
 
     def _register(self, version: str, profile: ReferenceProfile) -> None:
+        """Register a version (which may retire the oldest) and forget the retired ones."""
         signals.register_model(profile)
         self._profiles[version] = profile
+        registered = set(signals.registered_models())
+        self._profiles = {v: p for v, p in self._profiles.items() if p.key in registered}
 
     def _register_previous(self) -> None:
         """Register the versions published just before the served one (feedback for them)."""
@@ -243,25 +249,57 @@ class ModelStore:
             reverse=True,
         )
         for number in [n for n in older if n < int(self._model.version)]:
-            if len(self._profiles) >= self.live_versions:
+            if len(self.live) >= signals.live_versions():
                 break
             try:
-                profile = ReferenceProfile.load(root / str(number) / PROFILE_FILE)
+                self._register(
+                    str(number), ReferenceProfile.load(root / str(number) / PROFILE_FILE)
+                )
             except (OSError, ValueError):
-                continue  # unfinished or removed: nothing to score feedback against
-            self._register(str(number), profile)
+                continue  # unfinished, removed or retired: nothing to score feedback against
 
     def ensure_registered(self) -> None:
         """Register the live versions again if the signals were reconfigured meanwhile."""
         registered = set(signals.registered_models())
-        for profile in self._profiles.values():
+        for version, profile in list(self._profiles.items()):
             if profile.key not in registered:
-                signals.register_model(profile)
+                try:
+                    signals.register_model(profile)
+                except ValueError:  # retired meanwhile: another worker registered newer ones
+                    del self._profiles[version]
+
+    def catch_up(self) -> None:
+        """Load the version ``LATEST`` names now if it moved, not at the next reload interval:
+        feedback may be for a version another worker has just published and predicted with."""
+        with self._lock:
+            if self._model is not None:
+                self._refresh()
+
+    def _served(self) -> LoadedModel:
+        """The model to serve, registered. Another worker may have retired this worker's
+        version (two newer ones published within a reload interval): then ``LATEST`` now."""
+        model = self.current()
+        self.ensure_registered()
+        if model.version in self.live:
+            return model
+        with self._lock:
+            self._refresh(force=True)
+            assert self._model is not None
+            return self._model
 
     def predict(self, features: pd.DataFrame) -> tuple[LoadedModel, np.ndarray, signals.Prediction]:
         """Score preprocessed ``features`` and record the prediction with its latency."""
-        model = self.current()
-        self.ensure_registered()
+        model = self._served()
+        try:
+            return self._predict(model, features)
+        except ValueError:
+            if model.version in self.live:
+                raise
+            return self._predict(self._served(), features)  # retired just now: see _served
+
+    def _predict(
+        self, model: LoadedModel, features: pd.DataFrame
+    ) -> tuple[LoadedModel, np.ndarray, signals.Prediction]:
         signals.bind_model(model.name, model.version)  # the middleware clears it per request
         positive = model.classes.index(model.positive_class)
         with signals.time_prediction() as timer:
@@ -277,6 +315,7 @@ class ModelStore:
         the models directory): another call meanwhile is a 409.
         """
         self.current()
+        keep = signals.live_versions()  # older directories go: no worker registers them
         with _file_lock(self.training_lock, wait=False) as taken:
             if not taken:
                 raise InputError(
@@ -285,7 +324,7 @@ class ModelStore:
                     status=409,
                 )
             if not overrides:
-                result = train(self.config_path, models_dir=self.models_dir)
+                result = train(self.config_path, models_dir=self.models_dir, keep_versions=keep)
             else:
                 raw = json.loads(self.config_path.read_text()) | dict(overrides)
                 data_path = self.config.data_path
@@ -294,7 +333,7 @@ class ModelStore:
                 with tempfile.NamedTemporaryFile("w", suffix=".json") as config:
                     json.dump(raw, config)
                     config.flush()
-                    result = train(config.name, models_dir=self.models_dir)
+                    result = train(config.name, models_dir=self.models_dir, keep_versions=keep)
         with self._lock:
             self._refresh()  # this worker serves it now; the others within a second
         return result
@@ -470,13 +509,16 @@ def predict() -> Response:
 
 @api.get("/predict")
 def results_page() -> str:
-    """Score the held-out set, record the predictions and their ground truth, show them."""
+    """Score the held-out set with the served model and show the results.
+
+    Records nothing: the held-out rows are not live traffic, so viewing the page (or a crawler,
+    or a link preview) never moves live accuracy, drift or prediction counts. Held-out accuracy
+    is exported on its own, per version, as ``model_reference_accuracy`` (from the profile).
+    """
     store = _store()
-    _serving(store)
+    model = _serving(store)
     features, actual = store.evaluation_set()
-    model, scores, prediction = store.predict(features)
-    for prediction_id, label in zip(prediction.ids, actual.tolist(), strict=True):
-        signals.record_feedback(prediction_id, label)
+    scores = model.model.predict_proba(features)[:, model.classes.index(model.positive_class)]
     predicted = np.where(scores > 0.5, POSITIVE_CLASS, NEGATIVE_CLASS)
     classes = (NEGATIVE_CLASS, POSITIVE_CLASS)
     confusion = [[int(np.sum((actual == a) & (predicted == p))) for p in classes] for a in classes]
@@ -493,7 +535,7 @@ def results_page() -> str:
 
 
 #: The status of a rejected feedback item (400 otherwise).
-_REJECTED_STATUS = {"expired": 410, "replayed": 409}
+_REJECTED_STATUS = {"expired": 410, "retired": 410, "replayed": 409}
 
 
 @api.post("/feedback")
@@ -505,6 +547,7 @@ def feedback() -> Response | tuple[Response, int]:
     items, is_batch = parse_feedback(payload, max_items=_max_items())
     store = _store()
     _serving(store)
+    store.catch_up()
     store.ensure_registered()
     results: list[dict[str, Any]] = []
     for prediction_id, actual in items:
@@ -664,7 +707,6 @@ def create_app(
         registry=registry,
         secret_key=secret_key,
         reload_interval=float(app.config["MODEL_RELOAD_INTERVAL"]),
-        live_versions=int(app.config["LIVE_VERSIONS"]),
     )
     app.register_blueprint(api)
     app.register_error_handler(InputError, _input_error)

@@ -6,10 +6,10 @@
 Rows are sampled from the data set the model was trained on (:mod:`service.data`, as
 ``service/config.json`` describes it) and sent as single rows and small batches to
 ``POST /predict``, with a few ``GET /`` and rare ``GET /predict`` (the results page: it scores
-and labels the 1,409 held-out rows, so it is only request 0, ``page_every``, ... of the
-undrifted part; more would swamp the live rows with one fixed sample), some bad requests (4xx)
-and unknown paths. From request ``drift_from`` on, rows drift (MonthlyCharges inflated by 10-20 %,
-a share of one- and two-year contracts turned month-to-month). Ground truth, the data's
+the 1,409 held-out rows and records none of them; request 0, ``page_every``, ... of the
+undrifted part), some bad requests (4xx) and unknown paths. From request ``drift_from`` on,
+rows drift (MonthlyCharges inflated by 10-20 %, a share of one- and two-year contracts turned
+month-to-month). Ground truth, the data's
 ``Churn``, is posted to ``POST /feedback`` ``feedback_delay`` seconds after each prediction,
 flipped with probability ``flip`` where rows drift (everywhere without ``drift_from``), with the
 back office's token (``$CHURN_FEEDBACK_TOKEN``, as the service reads it).

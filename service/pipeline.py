@@ -12,10 +12,12 @@ Versions are reserved with an atomic ``mkdir`` and ``LATEST`` only moves forward
 lock), so concurrent trainings get distinct versions and a server that re-reads ``LATEST``
 sees complete versions only. ``LATEST`` is read as a version number only (a ValueError
 otherwise), so it can never point a loader outside ``<name>/``; but loading a version runs its
-pickle: the models directory must be writable by the service's user only. Relative paths in the
-config file resolve against its directory.
+pickle: the models directory must be writable by the service's user only. Old versions are
+pruned after a training (:func:`prune_versions`): the one ``LATEST`` names and the newest
+complete ones stay, never one being written. Relative paths in the config file resolve against
+its directory.
 
-Command line: ``python -m service.pipeline [--config F] [--data CSV] [--models-dir D]``.
+Command line: ``python -m service.pipeline [--config F] [--data CSV] [--models-dir D] [--keep N]``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import argparse
 import fcntl
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import build_profile
 from service.data import COLUMNS, DEFAULT_ROWS, DEFAULT_SEED, TARGET, load_data, preprocess
 
@@ -59,8 +64,11 @@ __all__ = [
     "load_config",
     "load_latest",
     "main",
+    "prune_versions",
     "train",
 ]
+
+log = logging.getLogger("service")
 
 #: The config file shipped with the service.
 DEFAULT_CONFIG = Path(__file__).with_name("config.json")
@@ -231,27 +239,95 @@ def _published(root: Path) -> int:
         return 0
 
 
-def _reserve_version(root: Path) -> tuple[str, Path]:
-    """Claim the next integer version with an atomic ``mkdir`` (safe across processes)."""
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """The model's lock, across processes: reserving, publishing and pruning versions take it."""
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _lock_directory(path: Path, *, wait: bool) -> int | None:
+    """An open descriptor holding an exclusive lock on a version directory, or ``None`` when
+    another holds it (``wait=False``). A trainer holds its version's until it is published."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _versions(root: Path) -> list[str]:
+    """The version directories' names, oldest first."""
+    names = [
+        p.name
+        for p in root.iterdir()
+        if p.name.isascii() and p.name.isdigit() and p.is_dir() and not p.is_symlink()
+    ]
+    return sorted(names, key=int)
+
+
+def _reserve_version(root: Path) -> tuple[str, Path, int]:
+    """Claim the next integer version (an atomic ``mkdir``, safe across processes) and lock it
+    for writing: ``(version, directory, the lock's descriptor)``."""
     root.mkdir(parents=True, exist_ok=True)
-    while True:
-        taken = [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
-        version = str(max([*taken, _published(root)]) + 1)
-        try:
-            (root / version).mkdir()
-        except FileExistsError:
-            continue
-        return version, root / version
+    with _locked(root):  # a pruner sees the new directory locked, never between mkdir and lock
+        while True:
+            taken = [int(name) for name in _versions(root)]
+            version = str(max([*taken, _published(root)]) + 1)
+            try:
+                (root / version).mkdir()
+            except FileExistsError:
+                continue
+            fd = _lock_directory(root / version, wait=True)
+            assert fd is not None
+            return version, root / version, fd
 
 
 def _publish(root: Path, version: str) -> bool:
     """Point ``LATEST`` at ``version`` unless a newer version is already published."""
-    with open(root / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(root):
         if _published(root) >= int(version):
             return False
         _write_atomic(root / LATEST_FILE, f"{version}\n".encode())
         return True
+
+
+def prune_versions(models_dir: str | os.PathLike[str], name: str, keep: int) -> list[str]:
+    """Remove the version directories of ``name`` that no server registers any more; return
+    the versions removed.
+
+    Kept: the one ``LATEST`` names and the ``keep`` newest complete ones (the model signals'
+    ``live_versions``: a starting worker registers those). A version being written is never
+    removed (its trainer holds a lock on its directory from reservation to publication), and
+    pruning, reserving and publishing take the model's lock, so concurrent trainers, in any
+    process, are safe. Directories left by a trainer that died are removed.
+    """
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(f"keep: must be an integer of at least 1, got {keep!r}")
+    root = Path(models_dir) / name
+    removed = []
+    with _locked(root):
+        versions = _versions(root)
+        complete = [v for v in versions if (root / v / METRICS_FILE).exists()]
+        kept = {*complete[-keep:], str(_published(root))}
+        for version in versions:
+            if version in kept:
+                continue
+            fd = _lock_directory(root / version, wait=False)
+            if fd is None:
+                continue  # being written
+            try:
+                shutil.rmtree(root / version)
+            finally:
+                os.close(fd)
+            removed.append(version)
+    return removed
 
 
 def held_out_split(
@@ -280,10 +356,13 @@ def train(
     config_path: str | os.PathLike[str] | None = None,
     data_path: str | os.PathLike[str] | None = None,
     models_dir: str | os.PathLike[str] | None = None,
+    *,
+    keep_versions: int | None = None,
 ) -> TrainResult:
     """Train on a split of the data, evaluate on the held-out part, save and publish a version.
 
     ``data_path`` (a CSV of the Telco schema) and ``models_dir`` override the config file.
+    ``keep_versions``: then prune older versions (see :func:`prune_versions`); ``None`` keeps all.
     """
     config = load_config(config_path)
     data_path = data_path if data_path is not None else config.data_path
@@ -321,7 +400,7 @@ def train(
     }
 
     train_scores = model.predict_proba(x_train)[:, positive]
-    version, path = _reserve_version(root)
+    version, path, writing = _reserve_version(root)
     metrics["version"] = version
     try:
         # Raw (pre-one-hot) training features: the reference the live inputs are compared with;
@@ -339,8 +418,17 @@ def train(
         _write_atomic(path / METRICS_FILE, json.dumps(metrics, indent=2).encode() + b"\n")
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # never leave a half-written version behind
+        os.close(writing)
         raise
-    _publish(root, version)
+    try:
+        _publish(root, version)
+    finally:
+        os.close(writing)
+    if keep_versions is not None:
+        try:
+            prune_versions(root.parent, config.name, keep_versions)
+        except OSError as error:  # published all the same; the next training prunes again
+            log.warning("could not remove old versions of %s: %r", config.name, error)
     return TrainResult(name=config.name, version=version, path=path, metrics=metrics)
 
 
@@ -382,10 +470,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="config file (default: service/config.json)")
     parser.add_argument("--data", help="CSV of the Telco schema (default: generated data)")
     parser.add_argument("--models-dir", help="models directory (default: from the config)")
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=signals.live_versions(),
+        metavar="N",
+        help="then remove all but the N newest versions and LATEST's (default: the model "
+        f"signals' live_versions, ${signals.LIVE_VERSIONS_ENV} or 2; 0 keeps all)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        result = train(args.config, args.data, args.models_dir)
+        keep = args.keep if args.keep > 0 else None
+        result = train(args.config, args.data, args.models_dir, keep_versions=keep)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -123,7 +123,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         alert_for=f"{ALERT_FOR}s",
         ops_for="1m",
     )
-    service = ServiceServer(models, multiproc_dir=root / "multiproc", workers=4)
+    service = ServiceServer(
+        models,
+        multiproc_dir=root / "multiproc",
+        workers=4,
+        env={"ML_WSGI_METRICS_LIVE_VERSIONS": str(len(VERSIONS))},  # all three live at once
+    )
     prometheus = PrometheusServer([service.address], rule_files=[rules])
     with running(prometheus, service):
         yield Stack(service, prometheus, models, profiles)

@@ -26,6 +26,7 @@ from typing import Any
 import pandas
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.mmap_dict import MmapedDict
 from support import missing_capability
 
 from ml_wsgi_metrics import MetricsMiddleware, multiprocess
@@ -486,6 +487,52 @@ def test_every_worker_serves_the_merged_totals(
     assert merged(registry, "http_requests_total", method="GET", route="/a", status="200") == 7
 
 
+# -- compaction (retired model versions) -----------------------------------------------------
+
+
+def test_compact_rewrites_the_model_files_only_and_values_continue(
+    multiprocess_dir: Path,
+) -> None:
+    registry = CollectorRegistry()
+    by_version = Counter("served", "Served.", ["model", "version"], registry=registry)
+    shares = Gauge(
+        "share", "Share.", ["model", "version"], multiprocess_mode="max", registry=registry
+    )
+    requests = Counter("requests", "Requests.", ["route"], registry=registry)
+    for version, amount in (("1", 2), ("2", 3)):
+        by_version.labels("m", version).inc(amount)
+        shares.labels("m", version).set(0.5)
+    requests.labels("/").inc(5)
+    pid = os.getpid()
+    assert db_files(multiprocess_dir) == {
+        f"counter_{pid}.db",
+        f"counter_{pid}.models.db",
+        f"gauge_max_{pid}.models.db",
+    }
+    untouched = (multiprocess_dir / f"counter_{pid}.db").stat().st_ino
+
+    multiprocess.compact(lambda key: '"version": "1"' in key)
+
+    assert merged(registry, "served_total", model="m", version="1") == 0
+    assert (
+        scrape_registry(registry).get_sample_value("share", {"model": "m", "version": "1"}) is None
+    )
+    assert merged(registry, "served_total", model="m", version="2") == 3
+    by_version.labels("m", "2").inc()  # continues in the rewritten file
+    by_version.labels("m", "1").inc()  # a stale child writes nowhere
+    assert merged(registry, "served_total", model="m", version="2") == 4
+    assert merged(registry, "served_total", model="m", version="1") == 0
+    assert merged(registry, "share", model="m", version="2") == 0.5
+    assert merged(registry, "requests_total", route="/") == 5
+    assert (multiprocess_dir / f"counter_{pid}.db").stat().st_ino == untouched
+    assert not list(multiprocess_dir.glob("*.compacting"))
+    keys = "".join(
+        key for path in multiprocess_dir.glob("*.models.db") for key, *_ in
+        MmapedDict.read_all_values_from_file(str(path))
+    )  # fmt: skip
+    assert '"version": "2"' in keys and '"version": "1"' not in keys
+
+
 # -- values set before the server starts (preload_app) -------------------------------------
 
 
@@ -738,7 +785,8 @@ def test_a_corrupt_slot_file_is_moved_aside_and_counting_goes_on(
     from ml_wsgi_metrics.profile import build_profile
     from ml_wsgi_metrics.testing import isolated_signals
 
-    for name in ("counter_w0.db", "histogram_w0.db", "gauge_max_w0.db"):
+    # request counters and histograms, and the model's reference shares (its own file)
+    for name in ("counter_w0.db", "histogram_w0.db", "gauge_max_w0.models.db"):
         corrupt(multiprocess_dir / name, how)
     profile = build_profile(
         pandas.DataFrame({"x": [1.0, 2.0, 3.0, 4.0]}),
@@ -770,7 +818,11 @@ def test_a_corrupt_slot_file_is_moved_aside_and_counting_goes_on(
     )
     assert merged(registry, ERRORS, stage="storage_open") == 3
     aside = sorted(p.name for p in multiprocess_dir.glob("*.corrupt"))
-    assert aside == ["counter_w0.db.corrupt", "gauge_max_w0.db.corrupt", "histogram_w0.db.corrupt"]
+    assert aside == [
+        "counter_w0.db.corrupt",
+        "gauge_max_w0.models.db.corrupt",
+        "histogram_w0.db.corrupt",
+    ]
 
 
 @pytest.mark.parametrize(

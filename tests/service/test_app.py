@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
 from ml_wsgi_metrics import signals
+from ml_wsgi_metrics.profile import ReferenceProfile
 from ml_wsgi_metrics.testing import TEST_SECRET_KEY, isolated_signals, reset_signals
 from service.app import ModelStore, create_app
 from service.pipeline import latest_version, load_latest
@@ -182,11 +183,24 @@ def test_feedback_says_which_ids_are_bad(
 # -- GET /predict --------------------------------------------------------------------------
 
 
-def test_results_page_draws_the_scores_and_records_them(
+def model_series(registry: CollectorRegistry) -> dict[tuple[str, tuple[Any, ...]], float]:
+    """Every ``model_*`` sample: ``(name, labels) -> value``."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name.startswith("model_")
+    }
+
+
+def test_results_page_draws_the_scores_and_records_nothing(
     client: FlaskClient, models_dir: Path, registry: CollectorRegistry
 ) -> None:
-    response = client.get("/predict")
-    assert response.status_code == 200
+    assert client.get("/healthz").status_code == 200  # the model registered, series at zero
+    before = model_series(registry)
+    for _ in range(3):
+        response = client.get("/predict")
+        assert response.status_code == 200
     assert response.mimetype == "text/html"
     html = response.get_data(as_text=True)
     svg = re.search(r"<svg[^>]*>(.*?)</svg>", html, re.S)
@@ -198,18 +212,15 @@ def test_results_page_draws_the_scores_and_records_them(
     # The accuracy shown is the held-out accuracy the pipeline measured: the same rows.
     metrics = json.loads((models_dir / NAME / "1" / "metrics.json").read_text())
     assert f"{metrics['accuracy'] * 100:.1f} %" in html
-    n_test = metrics["n_test"]
     assert re.search(r'id="confusion"', html)
-    # Counters, not gauges: a second view adds to the first.
-    assert total(registry, "model_predictions_total") == n_test
-    assert total(registry, "model_confusion_total") == n_test
-    correct = sum(
-        total(registry, "model_confusion_total", predicted=c, actual=c) for c in ("Yes", "No")
-    )
-    assert correct == pytest.approx(metrics["accuracy"] * n_test)
-    assert client.get("/predict").status_code == 200
-    assert total(registry, "model_predictions_total") == 2 * n_test
-    assert total(registry, "model_confusion_total") == 2 * n_test
+    # Held-out rows are not live traffic: no live series moved, none was added.
+    assert model_series(registry) == before
+    assert total(registry, "model_predictions_total") == 0
+    # Held-out accuracy has a series of its own, per version, from the profile.
+    profile = ReferenceProfile.load(models_dir / NAME / "1" / "profile.json")
+    assert profile.accuracy == metrics["accuracy"]
+    reference = {"model": NAME, "version": "1"}
+    assert registry.get_sample_value("model_reference_accuracy", reference) == profile.accuracy
 
 
 # -- POST /pipeline ------------------------------------------------------------------------
@@ -243,6 +254,31 @@ def test_retraining_reaches_another_instance_without_a_restart(
         assert total(registry, "model_predictions_total", version=version) == 1
     assert second.post("/feedback", json={"id": old_id, "actual": "No"}).status_code == 200
     assert total(registry, "model_confusion_total", version="1") == 1
+
+
+def test_retraining_retires_the_oldest_version_and_removes_its_directory(
+    client: FlaskClient,
+    models_dir: Path,
+    raw_rows: list[dict[str, Any]],
+    registry: CollectorRegistry,
+) -> None:
+    """Two versions stay live (the model signals' default): a third retires the first, its
+    series go, feedback for its ids is refused with its own reason (410, counted), and its
+    directory is removed."""
+    old_id = predict(client, raw_rows[0])["predictions"][0]["id"]
+    for version in ("2", "3"):
+        response = client.post("/pipeline", json={"n_rows": 500})
+        assert (response.status_code, response.json["version"]) == (201, version)
+    assert client.get("/healthz").json["live_versions"] == ["2", "3"]
+    assert sorted(p.name for p in (models_dir / NAME).iterdir() if p.name.isdigit()) == ["2", "3"]
+    versions = {s.labels.get("version") for m in registry.collect() for s in m.samples}
+    assert versions == {None, "2", "3"}  # no series of version 1 left
+    response = client.post("/feedback", json={"id": old_id, "actual": "No"})
+    assert response.status_code == 410
+    assert (response.json["code"], response.json["reason"]) == ("invalid_prediction_id", "retired")
+    assert total(registry, "model_feedback_rejected_total", reason="retired") == 1
+    new_id = predict(client, raw_rows[0])["predictions"][0]["id"]
+    assert client.post("/feedback", json={"id": new_id, "actual": "No"}).status_code == 200
 
 
 def test_retraining_without_a_body(client: FlaskClient) -> None:

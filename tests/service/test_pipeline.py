@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,10 +118,79 @@ def test_versions_count_up_from_the_highest(tmp_path: Path) -> None:
     assert train(models_dir=tmp_path).version == "11"
 
 
+def _reserve(root: Path) -> str:
+    version, _, writing = pipeline._reserve_version(root)
+    os.close(writing)
+    return version
+
+
 def test_concurrent_reservations_get_distinct_versions(tmp_path: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
-        versions = [v for v, _ in pool.map(pipeline._reserve_version, [tmp_path] * 16)]
+        versions = list(pool.map(_reserve, [tmp_path] * 16))
     assert sorted(versions, key=int) == [str(i) for i in range(1, 17)]
+
+
+def _fake_versions(root: Path, complete: range, incomplete: range, latest: str) -> None:
+    for number in complete:
+        (root / str(number)).mkdir(parents=True)
+        (root / str(number) / "metrics.json").write_text("{}")
+    for number in incomplete:
+        (root / str(number)).mkdir(parents=True)
+    (root / "LATEST").write_text(f"{latest}\n")
+
+
+def test_pruning_keeps_latest_and_the_newest_complete_versions(tmp_path: Path) -> None:
+    # 1-5 published in turn, LATEST rolled back to 2; 6 left half-written by a dead trainer.
+    _fake_versions(tmp_path / NAME, range(1, 6), range(6, 7), "2")
+    assert pipeline.prune_versions(tmp_path, NAME, 2) == ["1", "3", "6"]
+    assert sorted(p.name for p in (tmp_path / NAME).iterdir()) == [".lock", "2", "4", "5", "LATEST"]
+    assert pipeline.prune_versions(tmp_path, NAME, 2) == []
+    assert pipeline.prune_versions(tmp_path, NAME, 1) == ["4"]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 1.5])
+def test_pruning_refuses_a_bad_keep(tmp_path: Path, keep: Any) -> None:
+    with pytest.raises(ValueError, match="keep"):
+        pipeline.prune_versions(tmp_path, NAME, keep)
+
+
+WRITER = """
+import sys
+from pathlib import Path
+import service.pipeline as pipeline
+version, _, _ = pipeline._reserve_version(Path(sys.argv[1]))
+print(version, flush=True)
+sys.stdin.read()  # holds the version's lock until the parent closes stdin
+"""
+
+
+def test_pruning_never_removes_a_version_another_process_is_writing(tmp_path: Path) -> None:
+    root = tmp_path / NAME
+    _fake_versions(root, range(1, 4), range(0), "3")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root)],
+        cwd=Path(pipeline.__file__).parent.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "4"
+        assert pipeline.prune_versions(tmp_path, NAME, 1) == ["1", "2"]
+        assert (root / "4").is_dir()  # being written: kept although not complete
+    finally:
+        writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    assert pipeline.prune_versions(tmp_path, NAME, 1) == ["4"]  # its writer died without it
+
+
+def test_training_prunes_what_no_server_registers(tmp_path: Path) -> None:
+    for _ in range(4):
+        result = train(models_dir=tmp_path, keep_versions=2)
+    assert result.version == "4"
+    assert sorted(p.name for p in (tmp_path / NAME).iterdir() if p.name.isdigit()) == ["3", "4"]
+    assert load_latest(tmp_path, NAME).version == "4"
 
 
 def test_latest_never_moves_backwards(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ exit, the workers of a gunicorn.
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.client
 import json
 import os
 import shutil
@@ -295,6 +297,8 @@ class _TestServer:
 
     pid: int
     port: int
+    url: str
+    workers: int
     log_path: Path
     _own_log: bool
 
@@ -309,6 +313,41 @@ class _TestServer:
         if inode is None:
             return None
         return _holder(inode, self.worker_pids() if pids is None else pids)
+
+    def each_worker(
+        self, path: str = "/metrics", timeout: float = 30.0
+    ) -> dict[int, tuple[int, bytes]]:
+        """``GET path`` answered once by every worker: ``{pid: (status, body)}``.
+
+        One connection per worker is opened and held until a worker has accepted it (a worker
+        that handles one request at a time holds the connection it accepted until it answers,
+        so the next one goes to another worker); only then is each request sent. Workers of
+        one request at a time only (gunicorn sync, uWSGI without threads), none busy.
+        """
+        connections: list[tuple[http.client.HTTPConnection, int]] = []
+        try:
+            for _ in range(self.workers):
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+                connection.sock = sock
+                pid = wait_until(
+                    functools.partial(self.worker_serving, sock.getsockname()[1]),
+                    timeout,
+                    interval=0.002,
+                    message=f"no worker of {self.url} accepted a connection",
+                )
+                connections.append((connection, pid))
+            pids = [pid for _, pid in connections]
+            assert len(set(pids)) == self.workers, f"a worker took two connections: {pids}"
+            answers = {}
+            for connection, pid in connections:
+                connection.request("GET", path, headers={"Connection": "close"})
+                response = connection.getresponse()
+                answers[pid] = (response.status, response.read())
+            return answers
+        finally:
+            for connection, _ in connections:
+                connection.close()
 
     def __exit__(
         self,
@@ -358,6 +397,7 @@ class GunicornServer(_TestServer, Gunicorn):
         log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self._own_log = log_path is None
+        self.workers = workers
         super().__init__(
             app,
             port=free_port() if port is None else port,
@@ -405,6 +445,7 @@ class UwsgiServer(_TestServer, _Process):
         self.config = os.fspath(config)
         self.ready_path = ready_path
         self._own_log = log_path is None
+        self.workers = workers
         environment = clean_environment()
         for variable, value in (env or {}).items():
             if value is None:

@@ -470,7 +470,6 @@ def _assert_all_stopped(run: _Demo) -> None:
 
 @needs_prometheus
 def test_the_quick_demo_trains_serves_reports_and_stops_everything(tmp_path: Path) -> None:
-    started = time.monotonic()
     with demo(
         "--quick", "--port", "0", "--prometheus-port", "0", "--models-dir", str(tmp_path)
     ) as run:
@@ -493,7 +492,6 @@ def test_the_quick_demo_trains_serves_reports_and_stops_everything(tmp_path: Pat
     assert "MISMATCH" not in output  # Prometheus counted every request sent
     assert re.search(r"churn_logreg 1: \d+ rows", output)
     assert re.search(r"^  MonthlyCharges +\d\.\d{4} +\d\.\d{4}", output, re.M)
-    assert time.monotonic() - started < 90
 
 
 @needs_prometheus

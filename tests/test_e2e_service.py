@@ -51,10 +51,10 @@ from e2e_support import (
     profile_path,
     prometheus_increase,
     psi,
-    publish,
     range_samples,
     running,
     score_batches,
+    serve_version,
     service_features,
     train_versions,
     write_rules,
@@ -186,8 +186,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def _use_version(fleet: Fleet, version: str) -> None:
-    publish(fleet.models, version)
-    time.sleep(1.2)  # each worker re-reads LATEST at its next request (at most every second)
+    serve_version(fleet.models, version, fleet.servers)
 
 
 def _send(url: str, method: str, path: str, body: bytes | None, kind: str = "json") -> Any:
@@ -390,13 +389,25 @@ def test_the_load_generator_drift_phase_fires_the_drift_alert(fleet: Fleet) -> N
         "feedback_delay": 0.5,
         "max_seconds": 60.0,
     }
+    predicted = 'sum(model_predictions_total{version="3"})'
+    before = fleet.prometheus.value(predicted) or 0.0
     started = time.time()
     clean = loadgen.run(url, seed=41, **common)
     assert clean.errors == 0 and clean.drifted_rows == 0 and clean.rows >= 500
     assert clean.versions == Counter({f"{MODEL} 3": clean.rows})
-    # A condition that held would fire within `for` plus an evaluation or two; the window
-    # still holds the whole undrifted phase meanwhile.
-    time.sleep(ALERT_FOR + 3)
+    # A condition that held would fire within `for` plus an evaluation or two: wait for an
+    # evaluation that late after Prometheus saw the whole undrifted phase (the window still
+    # holds it).
+    seen = before + clean.rows
+    wait_until(lambda: fleet.prometheus.value(predicted) == seen, 15, interval=0.2)
+    late = time.time() + ALERT_FOR + 2
+    psi = f'ml:score_psi:{SHORT_WINDOW}s{{version="3"}}'
+    wait_until(
+        lambda: range_samples(fleet.prometheus, psi, late),
+        ALERT_FOR + 20,
+        interval=0.5,
+        message=f"the rules were not evaluated after {late}",
+    )
     drift_started = time.time()
     drift = loadgen.run(url, seed=42, drift_from=0, flip=0.3, **common)
     assert drift.errors == 0 and drift.drifted_rows == drift.rows >= 500

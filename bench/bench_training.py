@@ -4,9 +4,10 @@
 
 Times :func:`service.data.generate` (the seeded 7,043-row Telco-like table) and
 :func:`service.pipeline.train` (split, fit, evaluate, profile, write a version), each in a fresh
-temporary models directory. Targets: generate <= 0.5 s, train <= 5 s (README: "in about 0.2 s"
-of fitting and evaluating). Prints the best and median of ``--repeat`` runs; these were
-asserted inside the tests before, where a busy machine made them fail for no defect.
+temporary models directory, and reports the fit alone as training records it (``fit_seconds``
+in metrics.json: the README's "in about 0.2 s"). Targets: generate <= 0.5 s, train <= 5 s.
+Prints the best and median of ``--repeat`` runs; these were asserted inside the tests before,
+where a busy machine made them fail for no defect.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def seconds(call: Callable[[], Any], repeat: int) -> list[float]:
     return found
 
 
+FITS: list[float] = []
+
+
 def train_once() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-service-") as directory:
-        train(models_dir=Path(directory))
+        FITS.append(float(train(models_dir=Path(directory)).metrics["fit_seconds"]))
 
 
 def main() -> None:
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     train_once()  # imports and first-call caches out of the measurement
+    FITS.clear()
     for name, call in (("generate", generate), ("train", train_once)):
         runs = seconds(call, args.repeat)
         best, median = min(runs), statistics.median(runs)
@@ -55,6 +60,7 @@ def main() -> None:
             f"{name:<9} best {best:.3f} s  median {median:.3f} s  "
             f"(target {TARGETS[name]} s: {verdict})"
         )
+    print(f"fit      best {min(FITS):.3f} s  median {statistics.median(FITS):.3f} s")
 
 
 if __name__ == "__main__":

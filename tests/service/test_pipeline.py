@@ -37,7 +37,7 @@ def write_config(directory: Path, **changes: Any) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """One training on the default config, shared by the read-only tests (its duration is
-    measured by ``bench/bench_service.py``)."""
+    measured by ``bench/bench_training.py``)."""
     return train(models_dir=tmp_path_factory.mktemp("models"))
 
 

@@ -28,7 +28,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, NamedTuple, NoReturn
 
 from flask.testing import FlaskClient
@@ -64,6 +64,7 @@ __all__ = [
     "missing_capability",
     "parallel",
     "parse_samples",
+    "require_speedups",
     "require_tool",
     "send_all",
     "tcp_sockets",
@@ -139,6 +140,17 @@ def require_tool(name: str) -> str:
     if path is not None:
         return path
     missing_capability(f"{name} is not installed (make test-setup installs it)")
+
+
+def require_speedups() -> ModuleType:
+    """``ml_wsgi_metrics._speedups``, the C record. When it is not built the calling test is
+    skipped, and fails under CI (``CI=true``), as for a missing tool: CI installs the package,
+    which builds it."""
+    from ml_wsgi_metrics._response import speedups
+
+    if speedups is None:
+        missing_capability("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
+    return speedups
 
 
 def missing_capability(message: str) -> NoReturn:

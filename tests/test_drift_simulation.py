@@ -19,6 +19,7 @@ import pytest
 
 from ml_wsgi_metrics.profile import NumericProfile, build_profile
 from ml_wsgi_metrics.rules import RuleSettings, drift_condition, psi
+from service.data import generate
 
 SIZES = (100, 200, 500, 1000, 2000, 5000)
 WINDOWS = 20_000  # per size: 0.5 % of them is 100 windows
@@ -35,8 +36,7 @@ def telco_like(rows: int, seed: int) -> np.ndarray:
 
 
 def service_data(rows: int, seed: int) -> np.ndarray:
-    data = pytest.importorskip("service.data")
-    return data.generate(rows, seed=seed)["MonthlyCharges"].to_numpy()
+    return generate(rows, seed=seed)["MonthlyCharges"].to_numpy()
 
 
 class Population:

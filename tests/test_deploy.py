@@ -514,13 +514,26 @@ def _assert_all_stopped(run: _Demo) -> None:
     assert temporary is not None and not Path(temporary.group(1)).exists()
 
 
+def _psi_row(output: str, feature: str) -> tuple[float, float, float, bool]:
+    """``(before, during, critical, flagged)`` of a feature in the demo's PSI table."""
+    row = re.search(
+        rf"^  {re.escape(feature)} +(\d\.\d{{4}}) +(\d\.\d{{4}}) +(\d\.\d{{4}})( +DRIFT)?$",
+        output,
+        re.M,
+    )
+    assert row is not None, f"no PSI row for {feature}:\n{output}"
+    return float(row[1]), float(row[2]), float(row[3]), row[4] is not None
+
+
 @needs_prometheus
-def test_the_quick_demo_trains_serves_reports_and_stops_everything(tmp_path: Path) -> None:
-    with demo(
-        "--quick", "--port", "0", "--prometheus-port", "0", "--models-dir", str(tmp_path)
-    ) as run:
-        run.wait_for(r"phase 2 done", 90)
-        assert run.finish(60) == 0, run.output
+def test_the_demo_trains_serves_detects_the_drift_and_stops_everything(tmp_path: Path) -> None:
+    """``make demo`` as documented (the full run, not ``--quick``): every request counted,
+    ``MonthlyCharges`` below its critical value before the drift and flagged during it,
+    accuracy down, ``ModelFeatureDrift`` and ``ModelAccuracyDrop`` firing, no drift or
+    accuracy alert during the undrifted phase, and the demo's own verdict."""
+    with demo("--port", "0", "--prometheus-port", "0", "--models-dir", str(tmp_path)) as run:
+        run.wait_for(r"phase 2 done", 300)
+        assert run.finish(180) == 0, run.output
         _assert_all_stopped(run)
     output = run.output
     assert "trained churn_logreg version 1" in output
@@ -537,7 +550,14 @@ def test_the_quick_demo_trains_serves_reports_and_stops_everything(tmp_path: Pat
         assert heading in output, heading
     assert "MISMATCH" not in output  # Prometheus counted every request sent
     assert re.search(r"churn_logreg 1: \d+ rows", output)
-    assert re.search(r"^  MonthlyCharges +\d\.\d{4} +\d\.\d{4}", output, re.M)
+    before, during, critical, flagged = _psi_row(output, "MonthlyCharges")
+    assert before < critical < during and flagged
+    accuracy = re.search(r"before (\d\.\d{3}) \(\d+ labels\), during (\d\.\d{3})", output)
+    assert accuracy is not None and float(accuracy[2]) < float(accuracy[1]) - 0.05
+    assert "during the undrifted phase: no drift or accuracy alert" in output
+    for alert in ("ModelFeatureDrift", "ModelAccuracyDrop"):
+        assert re.search(rf"^  firing +{alert} ", output, re.M), alert
+    assert "drift and accuracy alerts fired during the drift phase only: as expected" in output
 
 
 @needs_prometheus

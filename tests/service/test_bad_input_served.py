@@ -3,7 +3,8 @@
 The in-process tests prove the app's answers; here the same requests go over TCP to
 ``gunicorn -c gunicorn.conf.py`` with 4 workers and the corpus's limits, from 4 concurrent
 clients: every case gets its 4xx and its JSON error, never a 5xx, and every worker's
-``/metrics`` counts each request with the status its client got.
+``/metrics`` counts each request with the status its client got. Last, the default limits the
+README states, in process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 from support import GunicornServer, http_request, parallel, parse_samples, wait_until
 from test_bad_input import CASES, JSON, MAX_BYTES, MAX_ROWS, ROW, body
 
@@ -68,6 +70,10 @@ def answers(served: GunicornServer) -> dict[str, tuple[int, bytes]]:
         **{case.id: answer for case, answer in zip(CASES, found, strict=True)},
         STREAMED: _chunked(served, body([ROW] * 200)),
     }
+
+
+def test_the_corpus_has_70_cases_or_more() -> None:
+    assert len(CASES) >= 70  # README: "a bad-input corpus of 70+ cases"
 
 
 @pytest.mark.parametrize(
@@ -128,3 +134,13 @@ def test_every_worker_counts_the_corpus_without_a_5xx(
         return all(_statuses(text.decode()) == expected for _, text in scrapes)
 
     wait_until(counted, 10, interval=0.2, message=f"the workers never all counted {expected}")
+
+
+def test_the_default_limits_are_1000_rows_and_1_mib(client: FlaskClient) -> None:
+    """The README's limits, as the service has them by default (in-process)."""
+    assert client.post("/predict", json={"rows": [ROW] * 1000}).status_code == 200
+    too_many = client.post("/predict", json={"rows": [ROW] * 1001})
+    assert (too_many.status_code, too_many.json["code"]) == (413, "batch_too_large")
+    padded = body({"rows": [ROW], "pad": "x" * (1 << 20)})
+    too_big = client.post("/predict", data=padded, content_type=JSON)
+    assert (too_big.status_code, too_big.json["code"]) == (413, "request_entity_too_large")

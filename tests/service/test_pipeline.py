@@ -61,8 +61,8 @@ def test_train_writes_a_versioned_model(trained: TrainResult) -> None:
 
 def test_held_out_quality_is_realistic(trained: TrainResult) -> None:
     metrics = trained.metrics
-    assert 0.80 <= metrics["roc_auc"] <= 0.88
-    assert 0.76 <= metrics["accuracy"] <= 0.85
+    assert abs(metrics["roc_auc"] - 0.84) <= 0.01  # README: about 0.84
+    assert abs(metrics["accuracy"] - 0.81) <= 0.01  # README: about 0.81
     assert 0.5 <= metrics["precision"] <= 0.8
     assert 0.4 <= metrics["recall"] <= 0.75
     assert (metrics["n_train"], metrics["n_test"]) == (5634, 1409)

@@ -260,9 +260,10 @@ def range_samples(
 
 
 def assert_close(
-    name: str, actual: float | None, expected: float, *, rel: float = 1e-6, abs_: float = 1e-12
+    name: str, actual: float | None, expected: float, *, rel: float, abs_: float = 1e-12
 ) -> float:
-    """Assert ``actual`` equals ``expected`` within ``rel`` (relative); return the error."""
+    """Assert ``actual`` equals ``expected`` within ``rel`` (relative) or ``abs_``; return the
+    relative error."""
     assert actual is not None, f"{name}: Prometheus returned nothing (expected {expected!r})"
     error = abs(actual - expected) / max(abs(expected), abs_)
     assert math.isclose(actual, expected, rel_tol=rel, abs_tol=abs_), (

@@ -345,7 +345,7 @@ class _TestServer:
                 pid = wait_until(
                     functools.partial(self.worker_serving, sock.getsockname()[1]),
                     timeout,
-                    interval=0.002,
+                    interval=0.02,
                     message=f"no worker of {self.url} accepted a connection",
                 )
                 connections.append((connection, pid))

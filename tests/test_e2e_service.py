@@ -784,7 +784,10 @@ def test_fleet_totals_and_psi_are_exact_across_a_restart(fleet: Fleet) -> None:
     (score,) = fleet.prometheus.query(_psi_promql(score_bins, score_share, ""))
     measured["score"] = float(score["value"][1])
     assert set(measured) == set(expected_psi)
-    exact = max(assert_close(f"PSI {k}", measured[k], v, rel=1e-9) for k, v in expected_psi.items())
+    exact = max(
+        assert_close(f"PSI {k}", measured[k], v, rel=1e-13, abs_=1e-13)
+        for k, v in expected_psi.items()
+    )
 
     # What the rules compute over the three targets (1h window: every row of version 2), at a
     # time T once every target has a scrape after T (scrapes of a target are stored in order,

@@ -1,8 +1,9 @@
 """The issue's acceptance under real gunicorn: exact merged metrics across workers and restarts.
 
 Every test starts ``python -m gunicorn -c gunicorn.conf.py tests.apps.flask_app:app`` (4 sync
-workers, bound to 127.0.0.1) and reads the metrics the way Prometheus would: ``/metrics`` of
-whichever worker answers, or the master's metrics port.
+workers, bound to 127.0.0.1) and reads the metrics the way Prometheus would: ``/metrics`` of a
+worker (of every worker, one connection held open per worker: ``GunicornServer.each_worker``),
+or the master's metrics port.
 """
 
 from __future__ import annotations

@@ -19,7 +19,17 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from support import GunicornServer, http_request, parallel, parse_samples, wait_until
+from support import (
+    ADMIN_TOKEN,
+    FEEDBACK_TOKEN,
+    SERVICE_TOKENS,
+    GunicornServer,
+    bearer,
+    http_request,
+    parallel,
+    parse_samples,
+    wait_until,
+)
 from test_bad_input import CASES, JSON, MAX_BYTES, MAX_ROWS, ROW, body
 
 from ml_wsgi_metrics.testing import TEST_SECRET_KEY
@@ -27,6 +37,8 @@ from ml_wsgi_metrics.testing import TEST_SECRET_KEY
 #: The service with the corpus's limits, as gunicorn calls an app factory.
 APP = f"service.app:create_app(MAX_BATCH_ROWS={MAX_ROWS}, MAX_CONTENT_LENGTH={MAX_BYTES})"
 Case = tuple[str, str, bytes, "str | None", int, str, str]
+#: The tokens a back office and an administrator present, as ``BackOfficeClient`` in process.
+TOKENS = {"/feedback": FEEDBACK_TOKEN, "/pipeline": ADMIN_TOKEN}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +46,11 @@ def served(
     trained_models: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GunicornServer]:
     models = shutil.copytree(trained_models, tmp_path_factory.mktemp("served") / "models")
-    env = {"CHURN_MODELS_DIR": str(models), "ML_WSGI_METRICS_SECRET_KEY": TEST_SECRET_KEY}
+    env = {
+        "CHURN_MODELS_DIR": str(models),
+        "ML_WSGI_METRICS_SECRET_KEY": TEST_SECRET_KEY,
+        **SERVICE_TOKENS,
+    }
     with GunicornServer(APP, env=env, workers=4) as server:
         yield server
 
@@ -42,6 +58,8 @@ def served(
 def _send(server: GunicornServer, case: Case) -> tuple[int, bytes]:
     method, path, data, content_type, *_ = case
     headers = {"Content-Type": content_type} if content_type else {}
+    if path in TOKENS:
+        headers |= bearer(TOKENS[path])
     return http_request(server.url + path, method, data, headers)
 
 

@@ -7,7 +7,6 @@ as a server does (werkzeug's test client leaves closing to the caller).
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import prometheus_client.values
 import pytest
 from prometheus_client import CollectorRegistry
-from support import require_tool
+from support import require_speedups, require_tool
 
 from ml_wsgi_metrics import _errors, _response, middleware, multiprocess
 from ml_wsgi_metrics.exposition import scrape_registry
@@ -235,17 +234,13 @@ def mode(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | None
 def record_implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
     """The middleware's per-request record: the C one (``_speedups``), then the pure-Python one.
 
-    Without the built extension the C run is skipped; under CI (``CI=true``) it fails: CI
-    installs the package, which builds it.
+    Without the built extension the C run is skipped; under CI (``CI=true``) it fails
+    (:func:`support.require_speedups`).
     """
     if request.param == "python":
         implementation: type = _response.PythonTimedResponse
-    elif _response.speedups is not None:
-        implementation = _response.speedups.TimedResponse
-    elif os.environ.get("CI", "").lower() in ("true", "1"):
-        pytest.fail("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
     else:
-        pytest.skip("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
+        implementation = require_speedups().TimedResponse
     monkeypatch.setattr(middleware.MetricsMiddleware, "response_class", implementation)
     return implementation
 

@@ -61,6 +61,7 @@ __all__ = [
     "range_samples",
     "running",
     "score_batches",
+    "serve_version",
     "service_features",
     "serving_worker",
     "train_versions",
@@ -96,6 +97,25 @@ def publish(models_dir: Path, version: str) -> None:
     temporary = root / f".{LATEST_FILE}.e2e"
     temporary.write_text(f"{version}\n")
     os.replace(temporary, root / LATEST_FILE)
+
+
+def serve_version(models_dir: Path, version: str, servers: Sequence[GunicornServer]) -> None:
+    """Publish ``version`` and wait until every worker of every server serves it (each
+    re-reads ``LATEST`` at its next request, at most once a second); ``/healthz`` is not
+    measured."""
+    publish(models_dir, version)
+
+    def served(server: GunicornServer) -> bool:
+        answers = server.each_worker("/healthz").values()
+        return all(json.loads(body)["version"] == version for _, body in answers)
+
+    for server in servers:
+        wait_until(
+            lambda server=server: served(server),
+            15,
+            interval=0.2,
+            message=f"not every worker of {server.url} serves version {version}",
+        )
 
 
 def write_rules(profiles: Sequence[Path], path: Path, **options: str | int | float) -> Path:
@@ -240,9 +260,10 @@ def range_samples(
 
 
 def assert_close(
-    name: str, actual: float | None, expected: float, *, rel: float = 1e-6, abs_: float = 1e-12
+    name: str, actual: float | None, expected: float, *, rel: float, abs_: float = 1e-12
 ) -> float:
-    """Assert ``actual`` equals ``expected`` within ``rel`` (relative); return the error."""
+    """Assert ``actual`` equals ``expected`` within ``rel`` (relative) or ``abs_``; return the
+    relative error."""
     assert actual is not None, f"{name}: Prometheus returned nothing (expected {expected!r})"
     error = abs(actual - expected) / max(abs(expected), abs_)
     assert math.isclose(actual, expected, rel_tol=rel, abs_tol=abs_), (

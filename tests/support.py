@@ -17,6 +17,8 @@ exit, the workers of a gunicorn.
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.client
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, NamedTuple, NoReturn
 
 from flask.testing import FlaskClient
@@ -62,6 +64,7 @@ __all__ = [
     "missing_capability",
     "parallel",
     "parse_samples",
+    "require_speedups",
     "require_tool",
     "send_all",
     "tcp_sockets",
@@ -137,6 +140,17 @@ def require_tool(name: str) -> str:
     if path is not None:
         return path
     missing_capability(f"{name} is not installed (make test-setup installs it)")
+
+
+def require_speedups() -> ModuleType:
+    """``ml_wsgi_metrics._speedups``, the C record. When it is not built the calling test is
+    skipped, and fails under CI (``CI=true``), as for a missing tool: CI installs the package,
+    which builds it."""
+    from ml_wsgi_metrics._response import speedups
+
+    if speedups is None:
+        missing_capability("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
+    return speedups
 
 
 def missing_capability(message: str) -> NoReturn:
@@ -295,6 +309,8 @@ class _TestServer:
 
     pid: int
     port: int
+    url: str
+    workers: int
     log_path: Path
     _own_log: bool
 
@@ -309,6 +325,41 @@ class _TestServer:
         if inode is None:
             return None
         return _holder(inode, self.worker_pids() if pids is None else pids)
+
+    def each_worker(
+        self, path: str = "/metrics", timeout: float = 30.0
+    ) -> dict[int, tuple[int, bytes]]:
+        """``GET path`` answered once by every worker: ``{pid: (status, body)}``.
+
+        One connection per worker is opened and held until a worker has accepted it (a worker
+        that handles one request at a time holds the connection it accepted until it answers,
+        so the next one goes to another worker); only then is each request sent. Workers of
+        one request at a time only (gunicorn sync, uWSGI without threads), none busy.
+        """
+        connections: list[tuple[http.client.HTTPConnection, int]] = []
+        try:
+            for _ in range(self.workers):
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+                connection.sock = sock
+                pid = wait_until(
+                    functools.partial(self.worker_serving, sock.getsockname()[1]),
+                    timeout,
+                    interval=0.02,
+                    message=f"no worker of {self.url} accepted a connection",
+                )
+                connections.append((connection, pid))
+            pids = [pid for _, pid in connections]
+            assert len(set(pids)) == self.workers, f"a worker took two connections: {pids}"
+            answers = {}
+            for connection, pid in connections:
+                connection.request("GET", path, headers={"Connection": "close"})
+                response = connection.getresponse()
+                answers[pid] = (response.status, response.read())
+            return answers
+        finally:
+            for connection, _ in connections:
+                connection.close()
 
     def __exit__(
         self,
@@ -358,6 +409,7 @@ class GunicornServer(_TestServer, Gunicorn):
         log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self._own_log = log_path is None
+        self.workers = workers
         super().__init__(
             app,
             port=free_port() if port is None else port,
@@ -405,6 +457,7 @@ class UwsgiServer(_TestServer, _Process):
         self.config = os.fspath(config)
         self.ready_path = ready_path
         self._own_log = log_path is None
+        self.workers = workers
         environment = clean_environment()
         for variable, value in (env or {}).items():
             if value is None:

@@ -1,13 +1,15 @@
 """The issue's acceptance under real gunicorn: exact merged metrics across workers and restarts.
 
 Every test starts ``python -m gunicorn -c gunicorn.conf.py tests.apps.flask_app:app`` (4 sync
-workers, bound to 127.0.0.1) and reads the metrics the way Prometheus would: ``/metrics`` of
-whichever worker answers, or the master's metrics port.
+workers, bound to 127.0.0.1) and reads the metrics the way Prometheus would: ``/metrics`` of a
+worker (of every worker, one connection held open per worker: ``GunicornServer.each_worker``),
+or the master's metrics port.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -46,10 +48,13 @@ UNMATCHED = "<unmatched>"
 DB_KINDS = ("counter", "histogram", "gauge_livesum", "gauge_mostrecent")
 DB_FILE = re.compile(r"^(?P<kind>counter|histogram|gauge_[a-z]+)_(?P<owner>w\d+|\d+)\.db$")
 PID_FILE = re.compile(r"^(?P<owner>w\d+)\.pid(\.tmp)?$")
-#: The bound on files in the directory, whatever the number of restarts: WORKERS slots (gunicorn
-#: never holds more workers than that, and a slot is reused once its holder is reaped) times
-#: (the db kinds + the pid file + its transient .tmp), plus the master's db files.
-FILE_BOUND = WORKERS * (len(DB_KINDS) + 2) + len(DB_KINDS)
+#: The db kinds the master writes: restarts and timeouts (counter), its workers (mostrecent).
+MASTER_KINDS = ("counter", "gauge_mostrecent")
+#: The bound on files in the directory, whatever the number of restarts (README: "at most 22
+#: files"): WORKERS slots (gunicorn never holds more workers than that, and a slot is reused
+#: once its holder is reaped) times (the db kinds + the pid file), plus the master's db files.
+#: A pid file is written aside as ``.tmp`` and renamed over its name: never both at rest.
+FILE_BOUND = WORKERS * (len(DB_KINDS) + 1) + len(MASTER_KINDS)
 
 RequestKey = tuple[str, str, str]  # method, route, status
 
@@ -135,9 +140,12 @@ def request_plan(total: int, seed: int = 7) -> list[tuple[str, str, bytes | None
     return plan
 
 
-def send_plan(url: str, plan: list[tuple[str, str, bytes | None, RequestKey]]) -> None:
-    """Send every planned request once; each must get its planned status."""
-    results = send_all(url, [(method, path, body) for method, path, body, _ in plan])
+def send_plan(
+    url: str, plan: list[tuple[str, str, bytes | None, RequestKey]], clients: int = 8
+) -> None:
+    """Send every planned request once from ``clients`` concurrent clients; each must get its
+    planned status."""
+    results = send_all(url, [(method, path, body) for method, path, body, _ in plan], clients)
     sent = Counter((method, path, str(status)) for method, path, status in results)
     planned = Counter((method, path, key[2]) for method, path, _, key in plan)
     assert sent == planned
@@ -199,54 +207,82 @@ class DirectorySampler:
         self._thread.join()
 
 
-# -- 5,000 requests, 100+ restarts ---------------------------------------------------------------
+# -- 5,000 requests, 150+ restarts ---------------------------------------------------------------
 
 TOTAL = 5_000
-SCRAPES = 24
+CLIENTS = 8  # concurrent clients sending the requests
+ROUNDS = 6  # rounds of scrapes, each answered by every worker
+MAX_REQUESTS, JITTER = 20, 10  # a worker restarts after 20-30 requests
+#: Each worker serves at most MAX_REQUESTS + JITTER requests, so TOTAL requests take at least
+#: TOTAL / 30 workers; all but the (at most) WORKERS not yet reaped were restarted.
+MIN_RESTARTS = math.ceil(TOTAL / (MAX_REQUESTS + JITTER)) - WORKERS
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["preload-off", "preload-on"])
-def test_every_worker_reports_exact_totals_across_100_restarts(
+def test_every_worker_reports_exact_totals_across_150_restarts(
     preload: bool, tmp_path: Path
 ) -> None:
-    """5,000 requests over 4 workers restarting every 20-40 requests: exact, bounded files."""
+    """5,000 requests from 8 concurrent clients over 4 workers restarting every 20-30
+    requests: every worker's ``/metrics`` counts exactly the 5,000, the directory never holds
+    more than 22 files."""
     directory = tmp_path / "multiproc"
     plan = request_plan(TOTAL)
     env = {
         "PROMETHEUS_MULTIPROC_DIR": str(directory),
-        "GUNICORN_MAX_REQUESTS": "20",
-        "GUNICORN_MAX_REQUESTS_JITTER": "20",
+        "GUNICORN_MAX_REQUESTS": str(MAX_REQUESTS),
+        "GUNICORN_MAX_REQUESTS_JITTER": str(JITTER),
         "GUNICORN_PRELOAD": "1" if preload else "0",
     }
     with GunicornServer(env=env) as server:
         with DirectorySampler(directory) as files:
-            send_plan(server.url, plan)
-        # Each scrape is served by whichever worker accepts it (scrapes restart workers too).
-        answers = [scrape(server.url) for _ in range(SCRAPES)]
+            send_plan(server.url, plan, clients=CLIENTS)
+            # Every live worker answers a scrape in each round (scrapes restart workers too).
+            rounds = [server.each_worker("/metrics") for _ in range(ROUNDS)]
+        at_rest = os.listdir(directory)
         master = server.pid
 
     expected = expected_counts(plan)
     assert sum(expected.values()) == TOTAL
-    for text in answers:
-        assert_exact(text, expected)
-        assert value(text, "http_request_exceptions_total", method="GET", route="/boom",
-                     exception="Boom") == expected[("GET", "/boom", "500")]  # fmt: skip
-    restarts = value(answers[-1], "gunicorn_worker_restarts_total")
-    assert restarts is not None and restarts >= 100
+    assert MIN_RESTARTS >= 150
+    answered = [pid for answers in rounds for pid in answers]
+    assert len(answered) == ROUNDS * WORKERS and len(set(answered)) >= WORKERS
+    for answers in rounds:
+        assert len(answers) == WORKERS
+        for status, body in answers.values():
+            assert status == 200
+            text = body.decode()
+            assert_exact(text, expected)
+            assert value(text, "http_request_exceptions_total", method="GET", route="/boom",
+                         exception="Boom") == expected[("GET", "/boom", "500")]  # fmt: skip
+            restarts = value(text, "gunicorn_worker_restarts_total")
+            assert restarts is not None and restarts >= MIN_RESTARTS
 
     # The file count stays bounded whatever the number of restarts.
     assert files.samples > 100
+    assert len(at_rest) <= FILE_BOUND, sorted(at_rest)
     assert files.most <= FILE_BOUND, sorted(files.names)
     owners = set()
     for name in files.names:
         match = DB_FILE.match(name) or PID_FILE.match(name)
         assert match, f"unexpected file {name}"
         owners.add(match["owner"])
+        if match["owner"] == str(master):
+            assert match["kind"] in MASTER_KINDS, name
     assert owners <= {f"w{i}" for i in range(WORKERS)} | {str(master)}
-    assert len(files.names) <= FILE_BOUND, sorted(files.names)
 
 
-# -- SIGKILL mid-request -------------------------------------------------------------------------
+# -- SIGKILL and timeouts mid-request -----------------------------------------------------------
+
+
+def send_to_every_worker(
+    server: GunicornServer, plan: list[tuple[str, str, bytes | None, RequestKey]]
+) -> dict[RequestKey, int]:
+    """Send ``plan``, then one ``GET /`` to every worker (so each has completed requests in
+    its files); the counts expected."""
+    send_plan(server.url, plan)
+    for status, _ in server.each_worker("/").values():
+        assert status == 200
+    return expected_counts([*plan, *[("GET", "/", None, ("GET", "/", "200"))] * WORKERS])
 
 
 def _completed_in_file(path: Path) -> float:
@@ -274,8 +310,7 @@ def test_sigkill_mid_request_loses_no_completed_request(tmp_path: Path) -> None:
     plan += [("GET", "/slow?seconds=0", None, ("GET", "/slow", "200"))] * 8
     with GunicornServer(env={"PROMETHEUS_MULTIPROC_DIR": str(directory)}) as server:
         wait_for_workers(server, directory)
-        send_plan(server.url, plan)
-        expected = expected_counts(plan)
+        expected = send_to_every_worker(server, plan)
         assert_exact(scrape(server.url), expected)
 
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
@@ -303,6 +338,54 @@ def test_sigkill_mid_request_loses_no_completed_request(tmp_path: Path) -> None:
             assert in_progress(text)[("GET", "/slow")] == 0
             assert value(text, "gunicorn_worker_restarts_total") == 1
             assert value(text, "gunicorn_workers") == WORKERS
+
+
+TIMEOUT = 4  # seconds: gunicorn's --timeout in the test below
+
+
+def test_a_worker_timeout_counts_once_and_loses_no_completed_request(tmp_path: Path) -> None:
+    """A handler sleeping past ``--timeout``: the master aborts its worker (SIGABRT), which
+    answers that request 500 and exits. ``gunicorn_worker_timeouts_total`` rises by exactly
+    one; every request completed before, by that worker too, still counts, and the aborted
+    one counts as what its client got: a 500 raising ``SystemExit``."""
+    directory = tmp_path / "multiproc"
+    plan = request_plan(200, seed=13)
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        "GUNICORN_TIMEOUT": str(TIMEOUT),
+        "GUNICORN_PRELOAD": "1",  # workers boot well within the timeout
+    }
+    with GunicornServer(env=env) as server:
+        wait_for_workers(server, directory)
+        expected = send_to_every_worker(server, plan)
+        text = scrape(server.url)
+        assert_exact(text, expected)
+        assert value(text, "gunicorn_worker_timeouts_total") == 0
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as client:
+            client.sendall(b"GET /slow?seconds=600 HTTP/1.1\r\nHost: test\r\n\r\n")
+            victim = wait_until(lambda: server.worker_serving(client.getsockname()[1]), 10)
+            slot = next(slot for slot, pid in slot_pids(directory).items() if pid == victim)
+            assert _completed_in_file(directory / f"counter_{slot}.db") > 0
+            answer = _receive_all(client)  # once the master aborted the worker
+        assert answer.startswith(b"HTTP/1.1 500 "), answer[:200]
+
+        def replaced() -> bool:
+            live = server.worker_pids()
+            return victim not in live and slot_pids(directory).get(slot) in live
+
+        wait_until(replaced, 30, message="the timed-out worker was not replaced")
+        expected[("GET", "/slow", "500")] = 1
+        for answers in (server.each_worker("/metrics") for _ in range(2)):
+            for status, body in answers.values():
+                assert status == 200
+                text = body.decode()
+                assert_exact(text, expected)
+                assert value(text, "http_request_exceptions_total", method="GET", route="/slow",
+                             exception="SystemExit") == 1  # fmt: skip
+                assert value(text, "gunicorn_worker_timeouts_total") == 1
+                assert value(text, "gunicorn_worker_restarts_total") == 1
+                assert value(text, "gunicorn_workers") == WORKERS
 
 
 # -- directory handling --------------------------------------------------------------------------

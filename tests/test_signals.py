@@ -335,19 +335,24 @@ def test_configure_validates(profile: ReferenceProfile) -> None:
         assert registry.get_sample_value("svc_model_predictions_total", labels) == 1
 
 
-def test_latency_and_time_prediction(registry: CollectorRegistry) -> None:
+def test_latency_and_time_prediction(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     signals.record_prediction({"delta": 1.0}, latency=0.02)
+    clock = [1000.0]  # perf_counter, moved by hand: the model "takes" exactly 0.25 s
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     with signals.time_prediction() as timer:
-        time.sleep(0.01)
+        clock[0] += 0.25
         prediction = timer.record({"delta": 2.0}, scores=0.4, classes="Yes")
-    assert timer.elapsed is not None and timer.elapsed >= 0.01
+    assert timer.elapsed == 0.25
     assert timer.prediction is prediction
     with pytest.raises(RuntimeError), signals.time_prediction():
+        clock[0] += 1.0
         raise RuntimeError("the model failed: not a prediction")
+    monkeypatch.undo()
     assert value(registry, "model_prediction_latency_seconds_count") == 2
-    assert value(registry, "model_prediction_latency_seconds_sum") == pytest.approx(
-        0.02 + timer.elapsed
-    )
+    assert value(registry, "model_prediction_latency_seconds_sum") == 0.02 + 0.25
+    assert value(registry, "model_prediction_latency_seconds_bucket", le="0.25") == 2
     assert value(registry, "model_predictions_total", **{"class": "Yes"}) == 1
 
 

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
+from support import require_speedups
 
 from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, multiprocess
-from ml_wsgi_metrics._response import PythonTimedResponse, speedups
+from ml_wsgi_metrics._response import PythonTimedResponse
 from ml_wsgi_metrics.exposition import scrape_registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +37,7 @@ def record_class_in_a_fresh_process(**env: str) -> str:
 
 
 def test_the_built_package_uses_the_c_record() -> None:
-    if speedups is None and os.environ.get("CI", "").lower() not in ("true", "1"):
-        pytest.skip("ml_wsgi_metrics._speedups is not built (pip install -e . builds it)")
+    require_speedups()
     assert record_class_in_a_fresh_process() == "ml_wsgi_metrics._speedups"
 
 
@@ -100,9 +100,7 @@ def exercise(record: type, call: Callable[..., Any]) -> Samples:
 
 
 def test_both_records_count_alike(mode: Path | None, call: Callable[..., Any]) -> None:
-    if speedups is None:
-        pytest.skip("ml_wsgi_metrics._speedups is not built")
-    in_c = exercise(speedups.TimedResponse, call)
+    in_c = exercise(require_speedups().TimedResponse, call)
     if mode is not None:  # the second run must not see the first one's files
         multiprocess.activate(mode.parent / "second-run")
     in_python = exercise(PythonTimedResponse, call)

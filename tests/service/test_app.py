@@ -21,6 +21,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
+from support import wait_until
 
 from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import ReferenceProfile
@@ -246,7 +247,11 @@ def test_retraining_reaches_another_instance_without_a_restart(
     assert latest_version(models_dir, NAME) == "2"
     assert first.get("/healthz").json["version"] == "2"  # the training worker: at once
 
-    time.sleep(0.25)  # the other one: at its next LATEST check
+    wait_until(  # the other one: at its next LATEST check (every 0.2 s)
+        lambda: second.get("/healthz").json["version"] == "2",
+        10,
+        message="the second instance never served version 2",
+    )
     assert predict(second, raw_rows[0])["version"] == "2"
     assert second.get("/healthz").json["live_versions"] == ["1", "2"]
     # Both versions are live in the metrics; feedback for the old version still counts.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,6 @@ def test_same_seed_same_frame(frame: pd.DataFrame) -> None:
     assert not generate(seed=7).equals(frame)
 
 
-def test_generation_is_fast() -> None:
-    started = time.perf_counter()
-    generate()
-    assert time.perf_counter() - started < 0.5
-
-
 def test_schema_and_dtypes(frame: pd.DataFrame) -> None:
     assert tuple(frame.columns) == COLUMNS
     assert {name: str(dtype) for name, dtype in frame.dtypes.items()} == SCHEMA
@@ -40,10 +33,9 @@ def test_schema_and_dtypes(frame: pd.DataFrame) -> None:
 
 def test_realistic_ranges(frame: pd.DataFrame) -> None:
     assert len(frame) == 7043
-    assert 0.24 <= (frame["Churn"] == "Yes").mean() <= 0.29
+    assert abs((frame["Churn"] == "Yes").mean() - 0.265) <= 0.005  # README: about 26.5 %
     charges = frame["MonthlyCharges"]
-    assert 18.0 <= charges.min() <= 19.0
-    assert 118.0 <= charges.max() <= 118.75
+    assert (charges.min(), charges.max()) == (18.25, 118.75)  # README: 18.25-118.75
     assert 63.0 <= charges.mean() <= 66.5
     assert 0.15 <= charges.between(18, 26).mean() <= 0.3  # the cheap no-internet spike
     assert frame["tenure"].between(0, 72).all()

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,16 +38,14 @@ def write_config(directory: Path, **changes: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, float]:
-    """One training on the default config, shared by the read-only tests."""
-    models = tmp_path_factory.mktemp("models")
-    started = time.perf_counter()
-    result = train(models_dir=models)
-    return result, time.perf_counter() - started
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """One training on the default config, shared by the read-only tests (its duration is
+    measured by ``bench/bench_training.py``)."""
+    return train(models_dir=tmp_path_factory.mktemp("models"))
 
 
-def test_train_writes_a_versioned_model(trained: tuple[TrainResult, float]) -> None:
-    result, _ = trained
+def test_train_writes_a_versioned_model(trained: TrainResult) -> None:
+    result = trained
     assert (result.name, result.version) == (NAME, "1")
     assert result.path == result.path.parent / "1"
     assert sorted(p.name for p in result.path.iterdir()) == [
@@ -65,21 +62,17 @@ def test_train_writes_a_versioned_model(trained: tuple[TrainResult, float]) -> N
     assert [f.name for f in profile.features] == load_config().features  # raw, not one-hot
 
 
-def test_training_is_fast(trained: tuple[TrainResult, float]) -> None:
-    assert trained[1] < 5.0
-
-
-def test_held_out_quality_is_realistic(trained: tuple[TrainResult, float]) -> None:
-    metrics = trained[0].metrics
-    assert 0.80 <= metrics["roc_auc"] <= 0.88
-    assert 0.76 <= metrics["accuracy"] <= 0.85
+def test_held_out_quality_is_realistic(trained: TrainResult) -> None:
+    metrics = trained.metrics
+    assert abs(metrics["roc_auc"] - 0.84) <= 0.01  # README: about 0.84
+    assert abs(metrics["accuracy"] - 0.81) <= 0.01  # README: about 0.81
     assert 0.5 <= metrics["precision"] <= 0.8
     assert 0.4 <= metrics["recall"] <= 0.75
     assert (metrics["n_train"], metrics["n_test"]) == (5634, 1409)
 
 
-def test_load_latest_scores_raw_rows(trained: tuple[TrainResult, float]) -> None:
-    result, _ = trained
+def test_load_latest_scores_raw_rows(trained: TrainResult) -> None:
+    result = trained
     loaded = load_latest(result.path.parent.parent, NAME)
     assert isinstance(loaded, LoadedModel)
     assert loaded.version == "1"
@@ -97,8 +90,8 @@ def test_load_latest_scores_raw_rows(trained: tuple[TrainResult, float]) -> None
     assert set(predicted) <= {"No", "Yes"}
 
 
-def test_unknown_category_is_ignored(trained: tuple[TrainResult, float]) -> None:
-    loaded = load_latest(trained[0].path.parent.parent, NAME)
+def test_unknown_category_is_ignored(trained: TrainResult) -> None:
+    loaded = load_latest(trained.path.parent.parent, NAME)
     rows = generate(2, seed=5).assign(PaymentMethod="Bitcoin")
     assert loaded.predict_proba(rows).shape == (2,)
 

@@ -55,7 +55,14 @@ from .metrics import (
     remove_child,
     shared,
 )
-from .multiprocess import ENV_VAR, active_directory, compact, report_error, storage_lock
+from .multiprocess import (
+    ENV_VAR,
+    active_directory,
+    compact,
+    merged_directory,
+    report_error,
+    storage_lock,
+)
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
 
 __all__ = [
@@ -498,13 +505,13 @@ class _Config:
         if not now and moment - self._synced < _SYNC_INTERVAL:
             return
         self._synced = moment
-        directory = active_directory()
+        directory = merged_directory()  # prometheus_client's own, without this package's hooks
         if directory is None:
             return
         try:
             record = _retired.read(directory)
         except (OSError, ValueError) as error:
-            report_error(f"reading {_retired.RECORD}", error)
+            report_error(f"reading {_retired.RECORD}", error, stage="storage_read")
             return
         if record is not self._record:
             self._record = record
@@ -516,7 +523,7 @@ class _Config:
         process follows, and their series with them."""
         retired = self.retired.merged(Retirements())
         change(retired)
-        directory = active_directory()
+        directory = merged_directory()
         if directory is not None:
             try:
                 retired = retired.merged(_retired.update(directory, change))

@@ -969,3 +969,42 @@ def test_feedback_counts_when_the_replay_store_cannot_be_used(
         assert multiprocess.instrumentation_errors() == errors + 2
         assert value(registry, "model_confusion_total", predicted="Yes", actual="Yes") == 2
         assert list(shared.iterdir()) == []
+
+
+FALLBACK_SCRIPT = """
+import sys
+from prometheus_client import CollectorRegistry
+from ml_wsgi_metrics import signals
+from ml_wsgi_metrics.exposition import scrape_registry
+from ml_wsgi_metrics.profile import ReferenceProfile
+signals.configure(registry=CollectorRegistry(), secret_key="k")
+profile = ReferenceProfile.load(sys.argv[1])
+for version in ("1", "2", "3"):
+    signals.register_model(ReferenceProfile.from_dict({**profile.to_dict(), "version": version}))
+scraped = scrape_registry(CollectorRegistry())
+print(sorted({s.labels["version"] for m in scraped.collect() for s in m.samples
+              if s.labels.get("model") == "churn"}))
+"""
+
+
+def test_without_the_hooks_retired_versions_leave_the_scrapes_too(
+    profile: ReferenceProfile, tmp_path: Path
+) -> None:
+    """prometheus_client's own files (``PROMETHEUS_MULTIPROC_DIR`` set, no hooks) keep every
+    key for ever; the record in that directory hides the retired versions from the scrapes."""
+    directory = tmp_path / "fallback"
+    directory.mkdir(mode=0o700)
+    profile_file = tmp_path / "profile.json"
+    profile.save(profile_file)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ML_WSGI_METRICS_")}
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT, str(profile_file)],
+        env={**environment, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "['2', '3']"
+    assert _retired.read(str(directory)).is_retired("churn", "1")
+    assert file_versions(directory)["1"] > 0  # still in prometheus_client's file: hidden only

@@ -495,6 +495,7 @@ class PrometheusServer(Prometheus):
     after start in 2.42).
 
     :param targets: ``host:port`` of each target, all given up front.
+    :param evaluation_interval: of the rules (default: the scrape interval).
     """
 
     def __init__(
@@ -504,6 +505,7 @@ class PrometheusServer(Prometheus):
         job: str = "app",
         metrics_path: str = "/metrics",
         scrape_interval: str = "1s",
+        evaluation_interval: str | None = None,
         rule_files: Sequence[str | os.PathLike[str]] = (),
         extra_args: Sequence[str] = (),
         binary: str = "prometheus",
@@ -515,6 +517,7 @@ class PrometheusServer(Prometheus):
         self.job = job
         self.metrics_path = metrics_path
         self.scrape_interval = scrape_interval
+        self.evaluation_interval = evaluation_interval or scrape_interval
         self.rule_files = [os.fspath(path) for path in rule_files]
         # Named now, made by __enter__ (mkdtemp's way: a random name, mode 0700).
         self.directory = Path(tempfile.gettempdir(), f"prometheus-{os.urandom(8).hex()}")
@@ -533,7 +536,7 @@ class PrometheusServer(Prometheus):
         return {  # JSON is YAML: no YAML library needed
             "global": {
                 "scrape_interval": self.scrape_interval,
-                "evaluation_interval": self.scrape_interval,
+                "evaluation_interval": self.evaluation_interval,
             },
             "rule_files": self.rule_files,
             "scrape_configs": [

@@ -90,7 +90,8 @@ def test_a_full_store_forgets_its_oldest_ids(path: Path) -> None:
 def test_the_file_is_private(path: Path) -> None:
     umask = os.umask(0)  # whatever the umask lets through
     try:
-        ReplayStore(path, lifetime=60, capacity=10).add(NOW, key(1), now=NOW)
+        store = ReplayStore(path, lifetime=60, capacity=10)  # open: its WAL files exist
+        store.add(NOW, key(1), now=NOW)
     finally:
         os.umask(umask)
     for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):

@@ -25,6 +25,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .multiprocess import check_directory
+
 __all__ = ["FILE_NAME", "ReplayStore"]
 
 log = logging.getLogger("ml_wsgi_metrics")
@@ -47,22 +49,6 @@ _stores: weakref.WeakSet[ReplayStore] = weakref.WeakSet()
 
 def _refuse(path: str, problem: str) -> ValueError:
     return ValueError(f"replay_store: {path} {problem}")
-
-
-def _check_directory(directory: str) -> None:
-    """Only this user may create or replace files in ``directory``."""
-    try:
-        info = os.stat(directory)
-    except OSError as error:
-        raise _refuse(directory, f"cannot be used: {error}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise _refuse(directory, "is not a directory")
-    if info.st_uid != os.geteuid():
-        raise _refuse(directory, f"is owned by uid {info.st_uid}, not by this user")
-    if info.st_mode & 0o022:
-        raise _refuse(
-            directory, f"is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
-        )
 
 
 def _make_private(path: str, *, create: bool) -> None:
@@ -183,7 +169,7 @@ class ReplayStore:
         if self.path is None:
             connection = sqlite3.connect(":memory:", **options)
         else:
-            _check_directory(os.path.dirname(self.path))
+            check_directory(os.path.dirname(self.path), setting="replay_store", create=False)
             _make_private(self.path, create=True)
             for suffix in _SIDE_FILES:
                 _make_private(self.path + suffix, create=False)

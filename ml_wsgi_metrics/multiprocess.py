@@ -112,34 +112,41 @@ def report_error(where: str, error: BaseException, stage: str = "storage_write")
     _errors.report(stage, error, where=where)
 
 
-def check_directory(path: str | os.PathLike[str]) -> str:
-    """``path`` made absolute, created private (0700) if missing, checked private if not.
+def check_directory(
+    path: str | os.PathLike[str], *, setting: str = ENV_VAR, create: bool = True
+) -> str:
+    """``path`` made absolute, created private (0700) if missing and ``create``, checked private.
 
-    Another local user must not be able to plant files or links there: a directory that is a
-    symbolic link, belongs to another user or is writable by group or others is refused with
-    a ``ValueError`` naming :data:`ENV_VAR`.
+    Another local user must not be able to plant files or links there: a directory that is
+    missing, a symbolic link, belongs to another user or is writable by group or others is
+    refused with a ``ValueError`` naming ``setting`` (default :data:`ENV_VAR`).
     """
     path = os.path.abspath(os.fspath(path))
+    if create:
+        try:
+            os.makedirs(path, mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise ValueError(f"{setting}: cannot create {path!r}: {error.strerror}") from None
     try:
-        os.makedirs(path, mode=0o700)
-    except FileExistsError:
-        pass
+        info = os.lstat(path)
     except OSError as error:
-        raise ValueError(f"{ENV_VAR}: cannot create {path!r}: {error.strerror}") from None
-    info = os.lstat(path)
+        raise ValueError(f"{setting}: {path!r} cannot be used: {error.strerror}") from None
     if stat.S_ISLNK(info.st_mode):
-        raise ValueError(f"{ENV_VAR}: {path!r} is a symbolic link: give the directory itself")
+        raise ValueError(f"{setting}: {path!r} is a symbolic link: give the directory itself")
     if not stat.S_ISDIR(info.st_mode):
-        raise ValueError(f"{ENV_VAR}: {path!r} is not a directory")
+        raise ValueError(f"{setting}: {path!r} is not a directory")
     if info.st_uid != os.geteuid():
         raise ValueError(
-            f"{ENV_VAR}: {path!r} belongs to uid {info.st_uid}, not to this user "
+            f"{setting}: {path!r} belongs to uid {info.st_uid}, not to this user "
             f"(uid {os.geteuid()}): use a directory of this user's"
         )
     if info.st_mode & 0o022:
         raise ValueError(
-            f"{ENV_VAR}: {path!r} is writable by group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):o}): chmod 700 it, or name a new directory"
+            f"{setting}: {path!r} is writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}) and must not be writable by other users: "
+            "chmod 700 it, or name a new directory"
         )
     return path
 

@@ -935,6 +935,8 @@ def record_prediction(
 
     :param inputs: a pandas DataFrame, a dict of one row, a dict of columns or a list of row
         dicts. Profile features absent from the inputs count as missing; others are ignored.
+        A dict of one row takes its scores and classes as scalars or as length-1 arrays
+        (``model.predict_proba(frame)[:, 1]``).
     :param scores: the positive-class probability (or score) per row; a ``(n, 2)``
         ``predict_proba`` result gives its column 1.
     :param classes: the predicted class per row (compared with the profile's as strings).
@@ -976,6 +978,14 @@ def _columns(inputs: Any) -> tuple[int, Callable[[str], Any]]:
         present = set(inputs.columns)
         return len(inputs), lambda name: inputs[name] if name in present else None
     if isinstance(inputs, Mapping):
+        scalars = [_is_scalar(v) for v in inputs.values()]
+        if all(scalars):  # one row, with scores or classes given as length-1 arrays
+            return 1, lambda name: [inputs[name]] if name in inputs else None
+        if any(scalars):
+            raise ValueError(
+                "inputs: a dict is one row (every value a scalar) or columns (every value a "
+                "sequence), not both"
+            )
         lengths = {len(v) for v in inputs.values()}
         if len(lengths) > 1:
             raise ValueError(f"inputs: columns of different lengths {sorted(lengths)}")

@@ -279,6 +279,46 @@ def test_bad_inputs_raise_before_anything_is_recorded(registry: CollectorRegistr
     assert value(registry, "model_predictions_total", **{"class": NO_CLASS}) == 0
 
 
+@pytest.mark.parametrize(
+    ("scores", "classes"),
+    [
+        pytest.param(np.array([0.7]), np.array(["Yes"]), id="length-1 arrays"),
+        pytest.param(np.array([[0.3, 0.7]]), ["Yes"], id="predict_proba row"),
+        pytest.param([0.7], "Yes", id="list and scalar"),
+    ],
+)
+def test_a_one_row_dict_takes_arrays_of_one(
+    profile: ReferenceProfile, scores: Any, classes: Any
+) -> None:
+    """A single-row endpoint's natural call records exactly what the all-scalar call does."""
+    row = {"MonthlyCharges": 70.0, "delta": -2.5, "Contract": "One year"}
+    recorded = []
+    for score, predicted in ((0.7, "Yes"), (scores, classes)):
+        with isolated_signals() as registry:
+            signals.register_model(profile)
+            prediction = signals.record_prediction(row, scores=score, classes=predicted)
+            assert prediction.rows == 1 and len(prediction.ids) == 1
+            recorded.append(
+                {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for m in registry.collect()
+                    for s in m.samples
+                    if not s.name.endswith("_created")  # when, not what
+                }
+            )
+    assert recorded[0] == recorded[1]
+    assert (
+        recorded[1][("model_predictions_total", tuple(sorted({**MODEL, "class": "Yes"}.items())))]
+        == 1
+    )
+
+
+def test_a_dict_mixing_one_row_and_columns_is_refused(registry: CollectorRegistry) -> None:
+    with pytest.raises(ValueError, match=r"one row \(.*\) or columns"):
+        signals.record_prediction({"delta": 1.0, "MonthlyCharges": [1.0, 2.0]}, scores=[0.5])
+    assert value(registry, "model_predictions_total", **{"class": NO_CLASS}) == 0
+
+
 def test_predict_proba_output_uses_the_positive_column(registry: CollectorRegistry) -> None:
     signals.record_prediction(scores=np.array([[0.9, 0.1], [0.3, 0.7]]), classes=["No", "Yes"])
     assert value(registry, "model_score_sum_total", sign="positive") == pytest.approx(0.8)

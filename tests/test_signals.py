@@ -550,6 +550,29 @@ print(json.dumps(results))
 """
 
 
+def feedback_in_another_process(
+    multiprocess_dir: Path, profile_path: Path, feedback: list[list[str]]
+) -> list[Any]:
+    """``record_feedback`` for each ``[id, actual]`` in a fresh interpreter: ``correct`` or the
+    rejection reason of each."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FEEDBACK_SCRIPT,
+            str(multiprocess_dir),
+            TEST_SECRET_KEY,
+            str(profile_path),
+        ],
+        input=json.dumps(feedback),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(child.stdout)
+
+
 def test_feedback_in_another_process_counts(
     multiprocess_dir: Path, profile: ReferenceProfile, tmp_path: Path
 ) -> None:
@@ -561,22 +584,12 @@ def test_feedback_in_another_process_counts(
             {"delta": [1.0, 2.0, 3.0]}, scores=[0.9, 0.1, 0.8], classes=["Yes", "No", "Yes"]
         ).ids
         feedback = [[ids[0], "Yes"], [ids[1], "Yes"], [ids[2], "Yes"], [_tamper(ids[0]), "No"]]
-        child = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                FEEDBACK_SCRIPT,
-                str(multiprocess_dir),
-                TEST_SECRET_KEY,
-                str(path),
-            ],
-            input=json.dumps(feedback),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert json.loads(child.stdout) == [True, False, True, "tampered"]
+        assert feedback_in_another_process(multiprocess_dir, path, feedback) == [
+            True,
+            False,
+            True,
+            "tampered",
+        ]
         scraped = merged(multiprocess_dir)
         assert value(scraped, "model_confusion_total", predicted="Yes", actual="Yes") == 2
         assert value(scraped, "model_confusion_total", predicted="No", actual="Yes") == 1
@@ -914,22 +927,11 @@ def test_an_id_replayed_in_another_process_is_rejected(
         ids = signals.record_prediction({"delta": [1.0, 2.0]}, classes=["Yes", "No"]).ids
         signals.record_feedback(ids[0], "Yes")
         feedback = [[ids[0], "Yes"], [ids[1], "No"], [ids[1], "No"]]
-        child = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                FEEDBACK_SCRIPT,
-                str(multiprocess_dir),
-                TEST_SECRET_KEY,
-                str(path),
-            ],
-            input=json.dumps(feedback),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert json.loads(child.stdout) == ["replayed", True, "replayed"]
+        assert feedback_in_another_process(multiprocess_dir, path, feedback) == [
+            "replayed",
+            True,
+            "replayed",
+        ]
         scraped = merged(multiprocess_dir)
         assert rejected(scraped, "replayed") == 2
         assert value(scraped, "model_confusion_total", predicted="Yes", actual="Yes") == 1

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ml_wsgi_metrics import MetricsMiddleware, _context, _retired, multiprocess, signals
+from ml_wsgi_metrics import MetricsMiddleware, _config, _context, _retired, multiprocess, signals
 from ml_wsgi_metrics._retired import version_key
 from ml_wsgi_metrics.exposition import scrape_registry
 from ml_wsgi_metrics.profile import (
@@ -818,7 +818,7 @@ def test_a_version_another_process_retires_leaves_every_scrape_and_this_process(
         )
         # ...until this process next reads the record (at most a second later, when it uses
         # the verbs; at once here).
-        monkeypatch.setattr(signals, "_SYNC_INTERVAL", 0.0)
+        monkeypatch.setattr(_config, "_SYNC_INTERVAL", 0.0)
         assert signals.registered_models() == [("churn", "2")]
         assert set(file_versions(multiprocess_dir)) == {"2", "3"}
         with pytest.raises(ValueError, match="retired"):

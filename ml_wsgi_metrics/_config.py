@@ -20,8 +20,9 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _context, _retired
+from ._model import CompiledModel
 from ._prediction_ids import REJECT_REASONS, IdSigner
-from ._recorders import CompiledModel, Inc
+from ._recorders import Inc
 from ._replay import FILE_NAME, ReplayStore
 from ._retired import Retirements, version_key
 from .metrics import ModelMetrics, child_adder, forget_model, shared

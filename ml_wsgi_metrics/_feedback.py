@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
+from ._model import CompiledModel
 from ._prediction_ids import InvalidPredictionId, compact_json
-from ._recorders import NO_CLASS, CompiledModel
+from ._recorders import NO_CLASS
 from .multiprocess import storage_lock
 from .profile import UNSEEN
 

@@ -1,11 +1,12 @@
-"""Vectorised recording: a registered model's series, and how one call's rows reach them.
+"""Vectorised recording: the series recorders, and how one call's rows reach them.
 
-Owns the per-model recorders (:class:`CompiledModel` with its numeric, categorical, score and
-class series, every one created at zero when the model is registered), the single-row path
-(plain Python, one lock) and the batch path (one ``searchsorted`` and one ``bincount`` per
-block of numeric columns, one ``Counter`` per categorical column, then only the non-zero slots
-incremented under one lock). Reading the inputs is :mod:`._inputs`' job; the metric
-definitions are :mod:`.metrics`'.
+Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named by
+:class:`NumericSlots`, and :class:`NumericBlock` for many columns at once) and of a
+categorical one (:class:`CategoricalSeries`), the single-row path (plain Python, one lock)
+and the batch path (one ``searchsorted`` and one ``bincount`` per block of numeric columns,
+one ``Counter`` per categorical column, then only the non-zero slots incremented under one
+lock). Which series a registered model has is :mod:`._model`'s job, reading the inputs
+:mod:`._inputs`'.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -27,15 +28,16 @@ from ._inputs import (
     numeric_matrix,
     to_float,
 )
-from .metrics import ModelMetrics, child_adder, fast_observer, remove_child
 from .multiprocess import storage_lock
-from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile, positive_scores
+from .profile import positive_scores
+
+if TYPE_CHECKING:
+    from ._model import CompiledModel
 
 __all__ = [
     "NO_CLASS",
+    "Batch",
     "CategoricalSeries",
-    "Children",
-    "CompiledModel",
     "Inc",
     "NumericBlock",
     "NumericSeries",
@@ -208,134 +210,6 @@ class CategoricalSeries:
             amounts[self.code(value)] += count
         amounts[-1] = amounts[self.unseen_code]
         return amounts
-
-
-class Children:
-    """Creates metric children and remembers each, so a retired model removes exactly those."""
-
-    __slots__ = ("created",)
-
-    def __init__(self) -> None:
-        self.created: list[tuple[Any, tuple[str, ...]]] = []
-
-    def __call__(self, metric: Any, *labels: str) -> Any:
-        self.created.append((metric, labels))
-        return metric.labels(*labels)
-
-    def remove(self) -> None:
-        for metric, labels in self.created:  # a lazy confusion cell may be in twice
-            remove_child(metric, *labels)
-        self.created.clear()
-
-
-class CompiledModel:
-    """A registered profile with every series it writes, created (at zero) up front."""
-
-    def __init__(self, profile: ReferenceProfile, metrics: ModelMetrics) -> None:
-        self.profile = profile
-        labels = metrics.model_labels(profile.model, profile.version)
-        self.name, self.version = profile.model, profile.version
-        self.children = child = Children()
-        self.retired = False
-        self.numeric: list[NumericSeries] = []
-        self.categorical: list[CategoricalSeries] = []
-        for feature in profile.features:
-            if isinstance(feature, NumericProfile):
-                self.numeric.append(_numeric_series(metrics, child, labels, feature))
-            else:
-                self.categorical.append(_categorical_series(metrics, child, labels, feature))
-        self.numeric_names = [f.name for f in self.numeric]
-        self.block = NumericBlock(self.numeric)
-        self.score = _score_series(metrics, child, labels, profile.score)
-        self.score_block = NumericBlock([self.score])
-        # Predicted classes: the profile's, then NO_CLASS, then UNSEEN (not a known class).
-        self.classes = (*(profile.classes or ()), NO_CLASS, UNSEEN)
-        self.class_codes = {c: i for i, c in enumerate(self.classes)}
-        self.class_incs = [
-            child_adder(child(metrics.predictions, *labels, c)) for c in self.classes
-        ]
-        self.observe_latency = fast_observer(child(metrics.prediction_latency, *labels))
-        self.observe_delay = fast_observer(child(metrics.label_delay, *labels))
-        if profile.accuracy is not None:
-            child(metrics.reference_accuracy, *labels).set(profile.accuracy)
-        self._confusion = metrics.confusion
-        self._labels = labels
-        self._confusion_incs: dict[tuple[str, str], Inc] = {}
-        for predicted in profile.classes or ():
-            for actual in profile.classes or ():
-                self.confusion_adder(predicted, actual)
-
-    def confusion_adder(self, predicted: str, actual: str) -> Inc:
-        inc = self._confusion_incs.get((predicted, actual))
-        if inc is None:
-            if self.retired:  # retired while this feedback was on its way: nothing to count
-                return noop
-            cell = self.children(self._confusion, *self._labels, predicted, actual)
-            inc = self._confusion_incs[(predicted, actual)] = child_adder(cell)
-        return inc
-
-    def remove(self) -> None:
-        """Remove every series of this version from the metrics (it is retired)."""
-        self.retired = True
-        self.children.remove()
-
-    def class_code(self, value: Any) -> int:
-        """The index of a predicted class in :attr:`classes` (missing: NO_CLASS)."""
-        if is_missing(value):
-            return self.class_codes[NO_CLASS]
-        code = self.class_codes.get(value if value.__class__ is str else str(value))
-        return self.class_codes[UNSEEN] if code is None else code
-
-
-def _numeric_series(
-    metrics: ModelMetrics, child: Children, labels: tuple[str, ...], feature: NumericProfile
-) -> NumericSeries:
-    key = (*labels, feature.name)
-    bins = [child_adder(child(metrics.feature_bin, *key, b)) for b in feature.bins]
-    for bin_label, share in zip(feature.bins, feature.shares, strict=True):
-        child(metrics.feature_reference_share, *key, bin_label).set(share)
-    slots = NumericSlots(
-        bins=bins,
-        missing=child_adder(child(metrics.feature_missing, *key)),
-        out_of_range=child_adder(child(metrics.feature_out_of_range, *key)),
-        positive=child_adder(child(metrics.feature_sum, *key, "positive")),
-        negative=child_adder(child(metrics.feature_sum, *key, "negative")),
-        squares=child_adder(child(metrics.feature_sum_squares, *key)),
-    )
-    return NumericSeries(feature.name, feature.edges, feature.min, feature.max, slots)
-
-
-def _categorical_series(
-    metrics: ModelMetrics, child: Children, labels: tuple[str, ...], feature: CategoricalProfile
-) -> CategoricalSeries:
-    key = (*labels, feature.name)
-    incs = [child_adder(child(metrics.feature_bin, *key, b)) for b in feature.bins]
-    for bin_label, share in zip(feature.bins, feature.shares, strict=True):
-        child(metrics.feature_reference_share, *key, bin_label).set(share)
-    incs.append(child_adder(child(metrics.feature_missing, *key)))
-    incs.append(child_adder(child(metrics.feature_unseen, *key)))
-    return CategoricalSeries(feature.name, feature.categories, incs)
-
-
-def _score_series(
-    metrics: ModelMetrics, child: Children, labels: tuple[str, ...], score: NumericProfile | None
-) -> NumericSeries:
-    edges: tuple[float, ...] = ()
-    bins: list[Inc] = [noop]  # no reference bins: count missing values and sums only
-    if score is not None:
-        edges = score.edges
-        bins = [child_adder(child(metrics.score_bin, *labels, b)) for b in score.bins]
-        for bin_label, share in zip(score.bins, score.shares, strict=True):
-            child(metrics.score_reference_share, *labels, bin_label).set(share)
-    slots = NumericSlots(
-        bins=bins,
-        missing=child_adder(child(metrics.score_missing, *labels)),
-        out_of_range=noop,
-        positive=child_adder(child(metrics.score_sum, *labels, "positive")),
-        negative=child_adder(child(metrics.score_sum, *labels, "negative")),
-        squares=child_adder(child(metrics.score_sum_squares, *labels)),
-    )
-    return NumericSeries("score", edges, -_INF, _INF, slots)
 
 
 # -- recording one call ----------------------------------------------------------------------

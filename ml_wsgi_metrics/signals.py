@@ -21,6 +21,12 @@ accuracy merge exactly across workers and hosts (see :mod:`ml_wsgi_metrics.rules
 vectorised per feature (one ``searchsorted`` and one ``bincount``) and only non-zero bins are
 incremented; a single-row dict takes a plain-Python fast path. Works from any thread and outside
 requests (batch jobs); nothing is computed or stored while the app records nothing.
+
+This module is the public door: the verbs, :class:`Prediction` and the checks of
+:func:`configure`. The work is done in private modules beside it: :mod:`._config` (this
+process's configuration and registered models), :mod:`._model` (a model's series),
+:mod:`._recorders` (vectorised recording), :mod:`._inputs` (reading the app's inputs),
+:mod:`._prediction_ids` (signed ids) and :mod:`._feedback` (what feedback may count).
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from . import _config, _context
 from ._config import LIVE_VERSIONS_ENV, Config, resolve
 from ._feedback import Feedback, count_feedback
 from ._inputs import is_missing, is_scalar
+from ._model import CompiledModel
 from ._prediction_ids import REJECT_REASONS, SECRET_KEY_ENV, InvalidPredictionId
-from ._recorders import NO_CLASS, CompiledModel, record_batch, record_row
+from ._recorders import NO_CLASS, record_batch, record_row
 from .profile import ReferenceProfile
 
 __all__ = [
@@ -101,21 +108,7 @@ def configure(
         (see :func:`retire_model`).
     :param metric_settings: ``latency_buckets``, ``label_delay_buckets`` for ModelMetrics.
     """
-    if not (isinstance(max_feedback_age, int | float) and max_feedback_age > 0):
-        raise ValueError(f"max_feedback_age: must be a positive number, got {max_feedback_age!r}")
-    if not (
-        isinstance(max_clock_skew, int | float)
-        and not isinstance(max_clock_skew, bool)
-        and 0 <= max_clock_skew < math.inf
-    ):
-        raise ValueError(
-            f"max_clock_skew: must be a number of seconds >= 0, got {max_clock_skew!r}"
-        )
-    if type(replay_capacity) is not int or replay_capacity < 1:
-        raise ValueError(f"replay_capacity: must be a positive integer, got {replay_capacity!r}")
-    unknown = set(metric_settings) - {"latency_buckets", "label_delay_buckets"}
-    if unknown:
-        raise ValueError(f"configure: unknown setting(s) {sorted(unknown)}")
+    _check_settings(max_feedback_age, max_clock_skew, replay_capacity, metric_settings)
     if namespace is None:
         namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
     config = Config(
@@ -134,6 +127,27 @@ def configure(
     if replay_store is not None:
         config.replay.open()  # a file that is not safe to use: ValueError now
     _config.install(config)
+
+
+def _check_settings(
+    max_feedback_age: Any, max_clock_skew: Any, replay_capacity: Any, metric_settings: Any
+) -> None:
+    """A ``ValueError`` naming the first setting of :func:`configure` that is not valid."""
+    if not (isinstance(max_feedback_age, int | float) and max_feedback_age > 0):
+        raise ValueError(f"max_feedback_age: must be a positive number, got {max_feedback_age!r}")
+    if not (
+        isinstance(max_clock_skew, int | float)
+        and not isinstance(max_clock_skew, bool)
+        and 0 <= max_clock_skew < math.inf
+    ):
+        raise ValueError(
+            f"max_clock_skew: must be a number of seconds >= 0, got {max_clock_skew!r}"
+        )
+    if type(replay_capacity) is not int or replay_capacity < 1:
+        raise ValueError(f"replay_capacity: must be a positive integer, got {replay_capacity!r}")
+    unknown = set(metric_settings) - {"latency_buckets", "label_delay_buckets"}
+    if unknown:
+        raise ValueError(f"configure: unknown setting(s) {sorted(unknown)}")
 
 
 def _reset() -> None:

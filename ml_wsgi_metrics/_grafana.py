@@ -80,6 +80,7 @@ def panel(
     if instant:
         options["reduceOptions"] = {"calcs": ["lastNotNull"], "fields": "", "values": False}
     return {
+        "id": 0,  # numbered by Grid.add
         "type": kind,
         "title": title,
         "description": description,

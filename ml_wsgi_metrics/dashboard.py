@@ -168,7 +168,12 @@ def _drift_panels(s: _Series) -> list[Panel]:
         ),
         _ts(
             "Drift: PSI / critical value per feature",
-            [(f"{psi}\n/ on (model, version, feature) {critical}", "{{model}} {{feature}}")],
+            [
+                (
+                    f"{psi}\n/ on (model, version, feature) {critical}",
+                    "{{model}} {{version}} {{feature}}",
+                )
+            ],
             description="Above 1: more drift than the rows in the window explain "
             "(ModelFeatureDrift fires once enough rows came).",
             width=12,

@@ -30,12 +30,11 @@ from ._grafana import (
     render_json,
     selector,
 )
-from .profile import CategoricalProfile, NumericProfile, ReferenceProfile
+from .profile import CategoricalProfile, FeatureProfile, NumericProfile, ReferenceProfile
 from .rules import RuleSettings, effective_bins
 
 __all__ = ["MODEL_PANELS", "ModelView", "generate_dashboard", "render_json"]
 
-FeatureProfile = NumericProfile | CategoricalProfile
 #: The variables' matchers: raw series of the selected job and instances; chosen models.
 HOSTS = {"job": "~$job", "instance": "~$instance"}
 CHOSEN = {"model": "~$model", "version": "~$version"}

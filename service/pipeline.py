@@ -59,6 +59,7 @@ __all__ = [
     "Config",
     "LoadedModel",
     "TrainResult",
+    "classify",
     "held_out_split",
     "latest_version",
     "load_config",
@@ -175,9 +176,17 @@ class LoadedModel:
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         """Positive-class probabilities for raw rows (preprocessed as in training)."""
-        features = preprocess(frame[self.feature_columns])
+        return self.scores(preprocess(frame[self.feature_columns]))
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        """Positive-class probabilities for preprocessed ``features``."""
         column = self.classes.index(self.positive_class)
         return self.model.predict_proba(features)[:, column]
+
+
+def classify(scores: np.ndarray) -> np.ndarray:
+    """The class each positive-class probability predicts (positive above 0.5)."""
+    return np.where(scores > 0.5, POSITIVE_CLASS, NEGATIVE_CLASS)
 
 
 def build_model(config: Config) -> Pipeline:

@@ -39,48 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from ml_wsgi_metrics import UNMATCHED
-from service.data import TARGET, load_data
-from service.pipeline import load_config
+from service.loadplan import DEFAULT_DRIFT, JSON, Drift, Request, dumps, load_rows, plan_requests
 
 __all__ = ["Drift", "Summary", "load_rows", "main", "run"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-JSON = "application/json"
-#: Share of each kind of request (a ``GET /predict`` replaces every ``page_every``-th).
-MIX: dict[str, float] = {"single": 0.62, "batch": 0.2, "index": 0.03, "bad": 0.09, "unknown": 0.06}
-#: Bad requests: kind -> (method, path, route label). Bodies are made in :func:`_bad_request`.
-BAD_KINDS: dict[str, tuple[str, str, str]] = {
-    "malformed_json": ("POST", "/predict", "/predict"),
-    "wrong_content_type": ("POST", "/predict", "/predict"),
-    "missing_column": ("POST", "/predict", "/predict"),
-    "nan_value": ("POST", "/predict", "/predict"),
-    "empty_batch": ("POST", "/predict", "/predict"),
-    "forged_feedback": ("POST", "/feedback", "/feedback"),
-    "method_not_allowed": ("PUT", "/predict", UNMATCHED),  # no route matches a refused method
-}
-UNKNOWN_PATHS = ("/admin", "/wp-login.php", "/predict/v2", "/.env", "/api/v1/predict")
 FEEDBACK_BATCH = 100
 #: Where :func:`run` reads the token it presents to ``POST /feedback`` by default.
 FEEDBACK_TOKEN_ENV = "CHURN_FEEDBACK_TOKEN"
-
-
-@dataclass(frozen=True)
-class Drift:
-    """How drifted rows differ: MonthlyCharges times ``U(*charges)``, and a share of one- and
-    two-year contracts turned month-to-month."""
-
-    charges: tuple[float, float] = (1.10, 1.20)
-    contract_share: float = 0.3
-
-    def apply(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        row = dict(row)
-        row["MonthlyCharges"] = round(row["MonthlyCharges"] * rng.uniform(*self.charges), 2)
-        if row["Contract"] != "Month-to-month" and rng.random() < self.contract_share:
-            row["Contract"] = "Month-to-month"
-        return row
 
 
 @dataclass
@@ -153,93 +120,6 @@ class Summary:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
-    route: str
-    kind: str
-    body: bytes | None = None
-    content_type: str | None = None
-    rows: tuple[int, ...] = ()  # indices of the data rows sent
-    drifted: bool = False
-
-
-def load_rows(
-    config_path: str | None = None,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The configured data set as request rows (JSON types, no label) and their labels."""
-    config = load_config(config_path)
-    frame = load_data(config.data_path, n_rows=config.n_rows, seed=config.seed)
-    return _rows_of(frame)
-
-
-def _rows_of(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], list[str]]:
-    labels = frame[TARGET].astype(str).tolist()
-    rows = json.loads(frame.drop(columns=[TARGET]).to_json(orient="records"))
-    return rows, labels
-
-
-def _dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def _bad_request(kind: str, row: dict[str, Any]) -> tuple[bytes | None, str | None]:
-    if kind == "malformed_json":
-        return b'{"rows": [{"gender": "Female",', JSON
-    if kind == "wrong_content_type":
-        return _dumps(row), "text/plain"
-    if kind == "missing_column":
-        return _dumps({k: v for k, v in row.items() if k != "tenure"}), JSON
-    if kind == "nan_value":
-        return _dumps({**row, "MonthlyCharges": float("nan")}), JSON  # a NaN token
-    if kind == "empty_batch":
-        return b'{"rows": []}', JSON
-    if kind == "forged_feedback":
-        forged = "WyJjaHVybl9sb2dyZWciXQ.aAaAaA." + "x" * 27
-        return _dumps({"id": forged, "actual": "Yes"}), JSON
-    return None, None  # method_not_allowed
-
-
-def _plan(
-    count: int,
-    rows: Sequence[dict[str, Any]],
-    rng: np.random.Generator,
-    drift_from: int | None,
-    drift: Drift,
-    page_every: int,
-) -> list[_Request]:
-    """Every request of the run, decided up front from ``rng`` (the same seed, the same run)."""
-    kinds = rng.choice(list(MIX), size=count, p=np.array(list(MIX.values())) / sum(MIX.values()))
-    plan = []
-    for i, kind in enumerate(kinds.tolist()):
-        drifted = drift_from is not None and i >= drift_from
-        if page_every and not drifted and i % page_every == 0:
-            plan.append(_Request("GET", "/predict", "/predict", "page"))
-            continue
-        if kind in ("single", "batch"):
-            size = 1 if kind == "single" else int(rng.integers(2, 11))
-            picked = tuple(int(r) for r in rng.integers(0, len(rows), size))
-            sent = [drift.apply(rows[r], rng) if drifted else rows[r] for r in picked]
-            payload: Any = sent[0] if kind == "single" else {"rows": sent}
-            plan.append(
-                _Request(
-                    "POST", "/predict", "/predict", kind, _dumps(payload), JSON, picked, drifted
-                )
-            )
-        elif kind == "index":
-            plan.append(_Request("GET", "/", "/", kind))
-        elif kind == "unknown":
-            path = UNKNOWN_PATHS[int(rng.integers(len(UNKNOWN_PATHS)))]
-            plan.append(_Request("GET", path, UNMATCHED, kind))
-        else:
-            bad = list(BAD_KINDS)[int(rng.integers(len(BAD_KINDS)))]
-            method, path, route = BAD_KINDS[bad]
-            body, content_type = _bad_request(bad, rows[int(rng.integers(len(rows)))])
-            plan.append(_Request(method, path, route, f"bad:{bad}", body, content_type))
-    return plan
-
-
 def _send(
     base: urllib.parse.SplitResult,
     method: str,
@@ -297,7 +177,7 @@ def run(
     concurrency: int = 8,
     *,
     drift_from: int | None = None,
-    drift: Drift = Drift(),
+    drift: Drift = DEFAULT_DRIFT,
     flip: float = 0.0,
     feedback_delay: float = 2.0,
     feedback_rate: float = 1.0,
@@ -334,7 +214,7 @@ def run(
         raise ValueError("flip and feedback_rate are probabilities")
     rows, labels = data if data is not None else load_rows()
     rng = np.random.default_rng(seed)
-    plan = _plan(requests, rows, rng, drift_from, drift, page_every)
+    plan = plan_requests(requests, rows, rng, drift_from, drift, page_every)
     gets_label = rng.random(sum(len(r.rows) for r in plan)) < feedback_rate
     flips = rng.random(len(gets_label)) < flip
     labelling = _Labelling(labels, gets_label, flips, flip_everywhere=drift_from is None)
@@ -371,7 +251,7 @@ class _Labelling:
         self.flip_everywhere = flip_everywhere
 
     def labels_of(
-        self, request: _Request, first: int, ids: Sequence[str]
+        self, request: Request, first: int, ids: Sequence[str]
     ) -> tuple[list[tuple[str, str]], int]:
         """``(id, actual)`` to post for the rows of ``request`` (whose first row is row
         ``first`` of the plan), and how many of them are flipped."""
@@ -395,7 +275,7 @@ class _Traffic:
     def __init__(
         self,
         base: urllib.parse.SplitResult,
-        plan: Sequence[_Request],
+        plan: Sequence[Request],
         labelling: _Labelling,
         *,
         token: str | None,
@@ -437,7 +317,7 @@ class _Traffic:
         self.summary.seconds = time.monotonic() - self.started
         return self.summary
 
-    def record(self, request: _Request, status: str) -> None:
+    def record(self, request: Request, status: str) -> None:
         with self.lock:
             self.summary.requests[(request.method, request.route, status)] += 1
             if request.kind != "feedback":
@@ -474,7 +354,7 @@ class _Traffic:
             if status == 200:
                 self.answered(i, request, body)
 
-    def answered(self, i: int, request: _Request, body: bytes) -> None:
+    def answered(self, i: int, request: Request, body: bytes) -> None:
         """Count a 200: a results page, or scored rows whose labels are queued."""
         if request.kind == "page":
             with self.lock:
@@ -506,8 +386,8 @@ class _Traffic:
             self.stop.wait(0.05)
 
     def post_feedback(self, items: Sequence[tuple[str, str]]) -> None:
-        feedback = _Request("POST", "/feedback", "/feedback", "feedback")
-        body = _dumps({"feedback": [{"id": i, "actual": a} for i, a in items]})
+        feedback = Request("POST", "/feedback", "/feedback", "feedback")
+        body = dumps({"feedback": [{"id": i, "actual": a} for i, a in items]})
         try:
             status, answer = _send(
                 self.base, "POST", "/feedback", body, JSON, self.timeout, self.token

@@ -44,13 +44,12 @@ from service._servers import (
     wait_until,
     write_config,
 )
+from service.demo_report import EXPECTED_ALERTS, Report, Snapshot, number
 from service.pipeline import PROFILE_FILE, latest_version, load_config, train
 
 __all__ = ["FULL", "QUICK", "Plan", "main"]
 
 DASHBOARD = "grafana/dashboards/ml-wsgi-metrics.json"
-DRIFT_ALERTS = ("ModelFeatureDrift", "ModelScoreDrift")
-EXPECTED_ALERTS = ("ModelFeatureDrift", "ModelAccuracyDrop")
 
 
 @dataclass(frozen=True)
@@ -88,18 +87,6 @@ class Progress:
         self.out(f"[{time.monotonic() - self.started:6.1f}s] {message}")
 
 
-@dataclass
-class Snapshot:
-    """What Prometheus says about the model after a phase."""
-
-    psi: dict[str, float]
-    critical: dict[str, float]
-    rows: float
-    accuracy: float | None
-    labels: float
-    fired: set[str]  # alerts that fired at any time during the phase
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -112,10 +99,6 @@ def _port(wanted: int, what: str, progress: Progress) -> int:
     port = free_port()
     progress(f"port {wanted} is busy: {what} uses {port}")
     return port
-
-
-def _number(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 class Demo:
@@ -262,92 +245,8 @@ class Demo:
         during: Snapshot,
         alerts: list[dict[str, Any]],
     ) -> None:
-        self.out("")
-        self.report_requests(prometheus, sent)
-        self.report_predictions(prometheus)
-        self.report_drift(profile, before, during)
-        self.report_alerts(before, alerts)
-
-    def report_requests(self, prometheus: Prometheus, sent: loadgen.Summary) -> None:
-        """Requests sent against requests counted, then rate and p95 latency per route."""
-        w, out = self.w, self.out
-        counted = prometheus.values(
-            "sum by (method, route, status) (http_requests_total)", "method", "route", "status"
-        )
-        out("Requests: sent by the load generator / counted by Prometheus (http_requests_total)")
-        for key in sorted(set(counted) | set(sent.requests)):
-            mark = "" if counted.get(key, 0) == sent.requests.get(key, 0) else "   MISMATCH"
-            method, route, status = key
-            out(
-                f"  {method:<6} {route:<13} {status:>5} {sent.requests.get(key, 0):>7} / "
-                f"{counted.get(key, 0):>7.0f}{mark}"
-            )
-        rates = prometheus.values(f"sum by (route) (rate(http_requests_total[{w}]))", "route")
-        p95 = prometheus.values(f"ml:http_request_duration_seconds:p95_{w}", "route")
-        out(f"Per route over the last {w}: request rate and p95 latency")
-        for (route,), rate in sorted(rates.items()):
-            latency = p95.get((route,))
-            shown = "-" if latency is None or latency != latency else f"{latency * 1000:.0f} ms"
-            out(f"  {route:<13} {rate:>7.1f}/s   p95 {shown}")
-
-    def report_predictions(self, prometheus: Prometheus) -> None:
-        """Rows predicted per model version and class, and the p95 prediction latency."""
-        predictions = prometheus.values(
-            "sum by (model, version, class) (model_predictions_total)", "model", "version", "class"
-        )
-        latency = prometheus.values(
-            f"ml:prediction_latency_seconds:p95_{self.w}", "model", "version"
-        )
-        self.out("Predictions by model and version (model_predictions_total)")
-        by_model: dict[tuple[str, str], dict[str, float]] = {}
-        for (model, version, label), value in predictions.items():
-            if value:  # classes never predicted (pre-created at zero) are left out
-                by_model.setdefault((model, version), {})[label] = value
-        for (model, version), classes in sorted(by_model.items()):
-            split = ", ".join(f"{c}: {v:.0f}" for c, v in sorted(classes.items()))
-            p = latency.get((model, version))
-            shown = "" if p is None or p != p else f", p95 prediction latency {p * 1000:.1f} ms"
-            self.out(f"  {model} {version}: {sum(classes.values()):.0f} rows ({split}){shown}")
-
-    def report_drift(self, profile: ReferenceProfile, before: Snapshot, during: Snapshot) -> None:
-        """PSI per feature before and during the drift, and accuracy against the reference."""
-        w, out = self.w, self.out
-        out(f"PSI per feature over {w} (ml:feature_psi:{w}; drift when above the critical value)")
-        out(f"  {'feature':<17} {'before':>8} {'during':>8} {'critical':>9}")
-        for feature in sorted(during.psi, key=lambda f: -during.psi[f]):
-            value, limit = during.psi[feature], during.critical.get(feature)
-            flag = "  DRIFT" if limit is not None and value > limit else ""
-            out(
-                f"  {feature:<17} {_number(before.psi.get(feature)):>8} {_number(value):>8} "
-                f"{_number(limit):>9}{flag}"
-            )
-        out(f"  rows in the window: before {before.rows:.0f}, during {during.rows:.0f}")
-        out(
-            f"Accuracy over {w} (ml:accuracy:{w}): before {_number(before.accuracy, 3)} "
-            f"({before.labels:.0f} labels), during {_number(during.accuracy, 3)} "
-            f"({during.labels:.0f} labels); held-out reference {_number(profile.accuracy, 3)}"
-        )
-
-    def report_alerts(self, before: Snapshot, alerts: list[dict[str, Any]]) -> None:
-        """The alerts active now, and whether only the drift phase raised them."""
-        out = self.out
-        out("Alerts (Prometheus /api/v1/alerts)")
-        early = sorted(before.fired & {*DRIFT_ALERTS, "ModelAccuracyDrop"})
-        out(f"  during the undrifted phase: {', '.join(early) or 'no drift or accuracy alert'}")
-        for alert in sorted(alerts, key=lambda a: (a["state"], a["labels"]["alertname"])):
-            labels = alert["labels"]
-            subject = labels.get("feature", "")
-            value = float(alert.get("value", "nan"))
-            out(
-                f"  {alert['state']:<8} {labels['alertname']:<20} {subject:<15} "
-                f"value {value:.4f}  {alert['annotations'].get('summary', '')}"
-            )
-        fired = {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
-        verdict = (
-            "as expected" if set(EXPECTED_ALERTS) <= fired and not early else "NOT as expected"
-        )
-        if not self.args.quick:
-            out(f"  drift and accuracy alerts fired during the drift phase only: {verdict}")
+        report = Report(self.out, self.w, verdict=not self.args.quick)
+        report(prometheus, sent, profile, before, during, alerts)
 
     def where_to_look(self, service: Gunicorn, prometheus: Prometheus) -> None:
         out = self.out
@@ -454,7 +353,7 @@ class Demo:
         self.progress(
             f"before drift: highest PSI/critical is {worst} "
             f"{before.psi[worst]:.4f}/{before.critical.get(worst, float('nan')):.4f}, "
-            f"accuracy {_number(before.accuracy, 3)}"
+            f"accuracy {number(before.accuracy, 3)}"
         )
         drift = self.phase("phase 2", service.url, plan.drift_requests, True, self.args.seed + 1)
         sent = clean.add(drift)

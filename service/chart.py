@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from service.pipeline import NEGATIVE_CLASS, POSITIVE_CLASS
+from service.published import NEGATIVE_CLASS, POSITIVE_CLASS
 
 __all__ = ["score_histogram"]
 

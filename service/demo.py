@@ -45,7 +45,8 @@ from service._servers import (
     write_config,
 )
 from service.demo_report import EXPECTED_ALERTS, Report, Snapshot, number
-from service.pipeline import PROFILE_FILE, latest_version, load_config, train
+from service.pipeline import load_config, train
+from service.published import PROFILE_FILE, latest_version
 
 __all__ = ["FULL", "QUICK", "Plan", "main"]
 

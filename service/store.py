@@ -24,16 +24,8 @@ from prometheus_client import CollectorRegistry
 from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import ReferenceProfile
 from service.keys import shared_key
-from service.pipeline import (
-    DEFAULT_CONFIG,
-    LoadedModel,
-    TrainResult,
-    classify,
-    held_out_split,
-    latest_version,
-    load_config,
-    load_latest,
-)
+from service.pipeline import DEFAULT_CONFIG, TrainResult, held_out_split, load_config
+from service.published import LoadedModel, classify, latest_version, load_latest
 from service.training import Trainer
 from service.versions import LiveVersions
 

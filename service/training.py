@@ -17,7 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from service.pipeline import Config, TrainResult, latest_version, train
+from service.pipeline import Config, TrainResult, train
+from service.published import latest_version
 from service.validation import InputError
 
 __all__ = ["Trainer", "file_lock"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import ReferenceProfile
-from service.pipeline import PROFILE_FILE
+from service.published import PROFILE_FILE
 
 __all__ = ["LiveVersions"]
 

@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, ServiceUna
 from ml_wsgi_metrics import signals
 from service.chart import score_histogram
 from service.data import preprocess
-from service.pipeline import NEGATIVE_CLASS, POSITIVE_CLASS, LoadedModel, classify
+from service.published import NEGATIVE_CLASS, POSITIVE_CLASS, LoadedModel, classify
 from service.settings import TOKEN_SETTINGS
 from service.store import ModelStore
 from service.validation import (

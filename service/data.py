@@ -177,12 +177,12 @@ def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFra
     if n_rows < 1:
         raise ValueError(f"n_rows must be at least 1, got {n_rows}")
     rng = np.random.default_rng(seed)
-    people = _people(rng, n_rows)
-    contract, tenure = _contract(rng, people)
-    services = _services(rng, people, contract, tenure)
-    billing = _billing(rng, people, services, contract, tenure)
-    churn = _churn(rng, people, services, billing, contract, tenure)
-    return _frame(rng, people, services, billing, contract, tenure, churn)
+    draws = _people(rng, n_rows)
+    draws |= _contract(rng, draws)
+    draws |= _services(rng, draws)
+    draws |= _billing(rng, draws)
+    draws["churn"] = _churn(rng, draws)
+    return _frame(rng, draws)
 
 
 #: Arrays of one generated table, one value per customer, by name.
@@ -190,6 +190,7 @@ _Draws = dict[str, np.ndarray]
 
 
 def _people(rng: np.random.Generator, n: int) -> _Draws:
+    """Gender, seniors, partners and dependents."""
     male = rng.random(n) < 0.505
     senior = rng.random(n) < 0.162
     partner = rng.random(n) < 0.483
@@ -197,26 +198,25 @@ def _people(rng: np.random.Generator, n: int) -> _Draws:
     return {"male": male, "senior": senior, "partner": partner, "dependents": dependents}
 
 
-def _contract(rng: np.random.Generator, people: _Draws) -> tuple[np.ndarray, np.ndarray]:
+def _contract(rng: np.random.Generator, draws: _Draws) -> _Draws:
     """Contract (0 month-to-month, 1 one year, 2 two year) and tenure: contract from a latent
     loyalty score, families sign longer contracts, seniors shorter."""
-    n = len(people["senior"])
+    n = len(draws["senior"])
     loyalty = (
-        0.6 * people["partner"]
-        + 0.4 * people["dependents"]
-        - 0.4 * people["senior"]
+        0.6 * draws["partner"]
+        + 0.4 * draws["dependents"]
+        - 0.4 * draws["senior"]
         + rng.normal(0.0, 1.0, n)
     )
     cuts = np.quantile(loyalty, [0.55, 0.76])
     contract = np.searchsorted(cuts, loyalty, side="right")
-    return contract, _tenure(rng, contract)
+    return {"contract": contract, "tenure": _tenure(rng, contract)}
 
 
-def _services(
-    rng: np.random.Generator, people: _Draws, contract: np.ndarray, tenure: np.ndarray
-) -> _Draws:
+def _services(rng: np.random.Generator, draws: _Draws) -> _Draws:
     """Phone lines, internet (0 DSL, 1 fiber, 2 none) and the add-ons."""
-    n, senior = len(tenure), people["senior"]
+    contract, tenure, senior = draws["contract"], draws["tenure"], draws["senior"]
+    n = len(tenure)
     phone = rng.random(n) < 0.903
     extra_lines = phone & (rng.random(n) < 0.28 + 0.4 * tenure / 72)
 
@@ -253,16 +253,11 @@ def _services(
     return services
 
 
-def _billing(
-    rng: np.random.Generator,
-    people: _Draws,
-    services: _Draws,
-    contract: np.ndarray,
-    tenure: np.ndarray,
-) -> _Draws:
+def _billing(rng: np.random.Generator, draws: _Draws) -> _Draws:
     """Paperless billing, payment method, monthly charges and the total (text, as in the CSV)."""
-    n, fiber, has_internet = len(tenure), services["fiber"], services["has_internet"]
-    paperless = rng.random(n) < 0.50 + 0.22 * fiber - 0.25 * ~has_internet + 0.05 * people["senior"]
+    contract, tenure = draws["contract"], draws["tenure"]
+    n, fiber, has_internet = len(tenure), draws["fiber"], draws["has_internet"]
+    paperless = rng.random(n) < 0.50 + 0.22 * fiber - 0.25 * ~has_internet + 0.05 * draws["senior"]
     payment_probs = np.array(
         [
             [0.49, 0.22, 0.15, 0.14],  # month-to-month
@@ -273,12 +268,12 @@ def _billing(
     payment_probs[~has_internet] *= (0.7, 1.5, 1.0, 1.0)  # phone-only customers mail checks
     payment = _choice(rng, payment_probs)
 
-    internet = services["internet"]
+    internet = draws["internet"]
     charges = (
-        _PRICE_PHONE * services["phone"]
-        + _PRICE_EXTRA_LINES * services["extra_lines"]
+        _PRICE_PHONE * draws["phone"]
+        + _PRICE_EXTRA_LINES * draws["extra_lines"]
         + np.select([internet == 0, internet == 1], list(_PRICE_INTERNET.values()), 0.0)
-        + sum(_PRICE_ADDON[name] * services[name] for name in _ADDONS)
+        + sum(_PRICE_ADDON[name] * draws[name] for name in _ADDONS)
         + rng.uniform(-1.75, 3.75, n)
     )
     monthly = np.round(np.clip(np.round(charges * 20) / 20, _MIN_CHARGE, _MAX_CHARGE), 2)
@@ -289,64 +284,50 @@ def _billing(
     return {"paperless": paperless, "payment": payment, "monthly": monthly, "total": total_text}
 
 
-def _churn(
-    rng: np.random.Generator,
-    people: _Draws,
-    services: _Draws,
-    billing: _Draws,
-    contract: np.ndarray,
-    tenure: np.ndarray,
-) -> np.ndarray:
+def _churn(rng: np.random.Generator, draws: _Draws) -> np.ndarray:
     """Who churns: a logistic model of the columns plus noise, calibrated to the churn rate."""
+    tenure = draws["tenure"]
     logit = (
-        np.array([0.0, -1.0, -2.0])[contract]
+        np.array([0.0, -1.0, -2.0])[draws["contract"]]
         - 0.6 * (np.log1p(tenure) - 3.0)
-        + 0.9 * services["fiber"]
-        - 0.5 * ~services["has_internet"]
-        + 0.6 * (billing["payment"] == 0)
-        + 0.35 * billing["paperless"]
-        + 0.3 * people["senior"]
-        - 0.4 * services["OnlineSecurity"]
-        - 0.4 * services["TechSupport"]
-        + 0.15 * services["StreamingTV"]
-        + 0.15 * services["StreamingMovies"]
-        - 0.15 * people["partner"]
-        - 0.15 * people["dependents"]
-        + 0.012 * (billing["monthly"] - 65.0)
+        + 0.9 * draws["fiber"]
+        - 0.5 * ~draws["has_internet"]
+        + 0.6 * (draws["payment"] == 0)
+        + 0.35 * draws["paperless"]
+        + 0.3 * draws["senior"]
+        - 0.4 * draws["OnlineSecurity"]
+        - 0.4 * draws["TechSupport"]
+        + 0.15 * draws["StreamingTV"]
+        + 0.15 * draws["StreamingMovies"]
+        - 0.15 * draws["partner"]
+        - 0.15 * draws["dependents"]
+        + 0.012 * (draws["monthly"] - 65.0)
         + rng.normal(0.0, 0.8, len(tenure))  # what no column records (quality, competitors...)
     )
     churn_p = _sigmoid(logit + _calibrated_intercept(logit, _CHURN_RATE))
     return np.asarray(rng.random(len(tenure)) < churn_p)
 
 
-def _frame(
-    rng: np.random.Generator,
-    people: _Draws,
-    services: _Draws,
-    billing: _Draws,
-    contract: np.ndarray,
-    tenure: np.ndarray,
-    churn: np.ndarray,
-) -> pd.DataFrame:
+def _frame(rng: np.random.Generator, draws: _Draws) -> pd.DataFrame:
     """The table, in the CSV's columns and encodings."""
-    phone, has_internet = services["phone"], services["has_internet"]
+    phone, has_internet = draws["phone"], draws["has_internet"]
     columns: dict[str, object] = {
-        "customerID": _customer_ids(rng, len(tenure)),
-        "gender": np.where(people["male"], "Male", "Female"),
-        "SeniorCitizen": people["senior"].astype(np.int64),
-        "Partner": _yes_no(people["partner"]),
-        "Dependents": _yes_no(people["dependents"]),
-        "tenure": tenure,
+        "customerID": _customer_ids(rng, len(draws["tenure"])),
+        "gender": np.where(draws["male"], "Male", "Female"),
+        "SeniorCitizen": draws["senior"].astype(np.int64),
+        "Partner": _yes_no(draws["partner"]),
+        "Dependents": _yes_no(draws["dependents"]),
+        "tenure": draws["tenure"],
         "PhoneService": _yes_no(phone),
-        "MultipleLines": np.where(phone, _yes_no(services["extra_lines"]), "No phone service"),
-        "InternetService": np.asarray(CATEGORIES["InternetService"])[services["internet"]],
-        **{name: np.where(has_internet, _yes_no(services[name]), _NO_INTERNET) for name in _ADDONS},
-        "Contract": np.asarray(_CONTRACTS)[contract],
-        "PaperlessBilling": _yes_no(billing["paperless"]),
-        "PaymentMethod": np.asarray(_PAYMENTS)[billing["payment"]],
-        "MonthlyCharges": billing["monthly"],
-        "TotalCharges": billing["total"],
-        "Churn": _yes_no(churn),
+        "MultipleLines": np.where(phone, _yes_no(draws["extra_lines"]), "No phone service"),
+        "InternetService": np.asarray(CATEGORIES["InternetService"])[draws["internet"]],
+        **{name: np.where(has_internet, _yes_no(draws[name]), _NO_INTERNET) for name in _ADDONS},
+        "Contract": np.asarray(_CONTRACTS)[draws["contract"]],
+        "PaperlessBilling": _yes_no(draws["paperless"]),
+        "PaymentMethod": np.asarray(_PAYMENTS)[draws["payment"]],
+        "MonthlyCharges": draws["monthly"],
+        "TotalCharges": draws["total"],
+        "Churn": _yes_no(draws["churn"]),
     }
     return pd.DataFrame(columns).astype(SCHEMA)
 

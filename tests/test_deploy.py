@@ -41,7 +41,7 @@ from ml_wsgi_metrics.__main__ import main as rules_main
 from ml_wsgi_metrics.metrics import ModelMetrics, RequestMetrics, ServerMetrics
 from ml_wsgi_metrics.process import WorkerProcessCollector
 from ml_wsgi_metrics.profile import ReferenceProfile
-from service import loadgen
+from service import loadgen, loadplan
 from service.pipeline import PROFILE_FILE, TrainResult, train
 
 PROMETHEUS_YML = REPO / "prometheus.yml"
@@ -375,7 +375,7 @@ def test_the_load_generator_plans_the_same_run_from_the_same_seed() -> None:
 
     rows, _ = loadgen.load_rows()
     plans = [
-        loadgen._plan(300, rows, np.random.default_rng(5), 150, loadgen.Drift(), 100)
+        loadplan.plan_requests(300, rows, np.random.default_rng(5), 150, loadplan.Drift(), 100)
         for _ in range(2)
     ]
     assert plans[0] == plans[1]

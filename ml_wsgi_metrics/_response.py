@@ -17,8 +17,9 @@ from . import _context
 from ._context import current as bound_model
 from ._context import reset as reset_bound_model
 from ._errors import report
-from .metrics import RequestMetrics, RouteSeries
-from .multiprocess import _State as storage_state
+from ._series import RouteSeries
+from ._slots import State as storage_state
+from .metrics import RequestMetrics
 from .routes import REQUEST_KEY, UNMATCHED, mount_prefix
 
 __all__ = ["METHODS", "OTHER_METHOD", "PythonTimedResponse", "TimedResponse", "speedups"]

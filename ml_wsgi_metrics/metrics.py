@@ -1,5 +1,8 @@
 """Every metric the package exports, defined in one place with the registry injected.
 
+This module owns the definitions only (names, labels, buckets, gauge modes, the validation of
+settings): how a request's values are stored and added to is :mod:`ml_wsgi_metrics._series`'s.
+
 Workers only increment counters and histograms, so every series merges exactly across workers
 and hosts; the few gauges name their multiprocess mode and why. Means, deviations, accuracy,
 drift and quantiles are computed in PromQL after ``sum by``.
@@ -12,28 +15,21 @@ import math
 import re
 import threading
 import warnings
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.values import MutexValue
 
 from . import _errors
 from . import multiprocess as _storage
-from .multiprocess import SlotValue, storage_lock
-
-Cell = tuple[Any, Any]  # (store, key): ``store[key] += amount`` adds to a metric value
+from ._series import RouteSeries
 
 __all__ = [
     "DEFAULT_DURATION_BUCKETS",
     "DEFAULT_SIZE_BUCKETS",
     "ModelMetrics",
     "RequestMetrics",
-    "RouteSeries",
     "ServerMetrics",
-    "child_adder",
-    "fast_observer",
     "forget_model",
     "remove_child",
     "shared",
@@ -92,65 +88,6 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-def fast_observer(histogram: Any) -> Callable[[float], None]:
-    """``observe`` for one labelled histogram child, without its per-call checks.
-
-    Writes exactly what ``Histogram.observe`` writes (one bucket and the sum, found by
-    bisection), except that NaN is ignored instead of poisoning the sum.
-    """
-    adders = _HistogramAdders(histogram)
-    if not adders.fast:
-        return adders.observe
-
-    def observe(amount: float) -> None:
-        with storage_lock():
-            adders._observe(amount)
-
-    return observe
-
-
-def _adder(value: Any) -> Callable[[float], None]:
-    """Add to a stored value: unlocked for slot values (the caller holds the storage lock)."""
-    return value.add_unlocked if isinstance(value, SlotValue) else value.inc
-
-
-def child_adder(child: Any) -> Callable[[float], None]:
-    """Add to a counter or gauge child's stored value, without its per-call checks.
-
-    Slot values (multiprocess mode) are added to unlocked: the caller holds
-    :func:`~ml_wsgi_metrics.multiprocess.storage_lock` around all the updates of one call.
-    """
-    value = getattr(child, "_value", None)
-    return _adder(value) if hasattr(value, "inc") else child.inc
-
-
-class _HistogramAdders:
-    """Adders to the stored values of one labelled histogram child, for updates under one lock.
-
-    Adders, unlike cells, stay valid when the storage moves (a fork, a slot): the signals API
-    keeps them for the life of a registered model.
-    """
-
-    __slots__ = ("_bounds", "_buckets", "_sum", "fast", "observe")
-
-    def __init__(self, child: Any) -> None:
-        try:
-            self._bounds = tuple(child._upper_bounds)
-            self._buckets = [_adder(bucket) for bucket in child._buckets]
-            self._sum = _adder(child._sum)
-            self.observe = self._observe
-            self.fast = True
-        except AttributeError:  # prometheus_client internals changed: take the public path
-            self.observe = child.observe
-            self.fast = False
-
-    def _observe(self, amount: float) -> None:
-        if amount != amount:  # NaN: in no bucket, and never in the sum
-            return
-        self._buckets[bisect_left(self._bounds, amount)](1)
-        self._sum(amount)
-
-
 _M = TypeVar("_M")
 _shared_lock = threading.Lock()
 _shared_sets: dict[tuple[Any, ...], Any] = {}
@@ -186,142 +123,6 @@ def forget_model(registry: CollectorRegistry | None, model: tuple[str, str]) -> 
         forget = getattr(metric_set, "forget_model", None)
         if forget is not None:
             forget(model)
-
-
-class _IncStore:
-    """A store whose ``store[key] += amount`` calls ``inc(amount)``: for unknown value classes."""
-
-    __slots__ = ("_inc",)
-
-    def __init__(self, inc: Callable[[float], object]) -> None:
-        self._inc = inc
-
-    def __getitem__(self, key: object) -> float:
-        return 0.0
-
-    def __setitem__(self, key: object, amount: float) -> None:
-        self._inc(amount)
-
-
-_NOWHERE = _IncStore(lambda amount: None)
-
-
-def value_cell(value: Any) -> Cell:
-    """``(store, key)`` such that ``store[key] += amount`` adds to a stored metric value.
-
-    A slot value (multiprocess) is a double in its mapped file; prometheus_client's in-memory
-    value (single process) is its ``_value`` attribute; anything else, prometheus_client's own
-    file-backed value included (``PROMETHEUS_MULTIPROC_DIR`` without this package's storage),
-    is reached through its ``inc``, which writes the file. Use it under
-    :func:`~ml_wsgi_metrics.multiprocess.storage_lock`.
-    """
-    if isinstance(value, SlotValue):
-        return value.cell()
-    if type(value) is MutexValue:
-        attributes = getattr(value, "__dict__", None)
-        if attributes is not None and type(attributes.get("_value")) is float:
-            return attributes, "_value"
-    return _IncStore(value.inc), 0
-
-
-def _histogram_cells(child: Any) -> tuple[tuple[float, ...], list[Cell], Cell]:
-    """Upper bounds, bucket cells and the sum's cell of one labelled histogram child."""
-    try:
-        bounds = tuple(child._upper_bounds)
-        return bounds, [value_cell(bucket) for bucket in child._buckets], value_cell(child._sum)
-    except AttributeError:  # prometheus_client internals changed: observe through its API
-        return (), [(_NOWHERE, 0)], (_IncStore(child.observe), 0)
-
-
-class RouteSeries:
-    """The series of one (method, route): everything a request adds to, under one lock.
-
-    Values are held as cells (``store[key] += amount``: an item assignment, no call), taken
-    again whenever the storage moves (a fork, a worker given its slot).
-    """
-
-    __slots__ = ("_counts", "_duration", "_generation", "_histograms", "_in_progress",
-                 "_in_progress_child", "_lock", "_request_size", "_requests", "_response_size",
-                 "_statuses", "labels")  # fmt: skip
-
-    def __init__(self, metrics: RequestMetrics, labels: tuple[str, ...]) -> None:
-        self.labels = labels
-        self._requests = metrics.requests
-        self._statuses: dict[str, Any] = {}
-        self._counts: dict[str, Cell] = {}
-        self._histograms = tuple(
-            histogram.labels(*labels)
-            for histogram in (metrics.duration, metrics.request_size, metrics.response_size)
-        )
-        self._in_progress_child = metrics.in_progress.labels(*labels)
-        self._lock = storage_lock()
-        with self._lock:
-            self._take_cells()
-
-    def _take_cells(self) -> None:
-        """(Re)take every cell from the stored values; the lock is held."""
-        generation = _storage._State.generation  # a move while taking them: taken again next
-        self._duration, self._request_size, self._response_size = (
-            _histogram_cells(child) for child in self._histograms
-        )
-        self._in_progress = value_cell(self._in_progress_child._value)
-        self._counts = {status: value_cell(c._value) for status, c in self._statuses.items()}
-        self._generation = generation
-
-    def refresh(self) -> None:
-        """Take the cells again (the C record calls this when the storage has moved)."""
-        with self._lock:
-            self._take_cells()
-
-    def _add_status(self, status: str) -> Cell:
-        """Create the counter of a status first seen; return its cell."""
-        child = self._requests.labels(*self.labels, status)  # not under the storage lock
-        with self._lock:
-            self._statuses[status] = child
-            cell = self._counts[status] = value_cell(child._value)
-            return cell
-
-    def started(self) -> None:
-        """A request of this route is now in progress."""
-        with self._lock:
-            if self._generation != _storage._State.generation:
-                self._take_cells()
-            store, key = self._in_progress
-            store[key] += 1
-
-    def finished(
-        self,
-        status: str,
-        duration: float,
-        request_size: int,
-        response_size: int,
-        was_started: bool,
-    ) -> None:
-        """Record one finished request (requests without a body observe no request size)."""
-        if status not in self._statuses:
-            self._add_status(status)
-        with self._lock:
-            # started() took fresh cells: the storage moves only between requests (fork, slot).
-            if not was_started and self._generation != _storage._State.generation:
-                self._take_cells()
-            store, key = self._counts[status]
-            store[key] += 1
-            bounds, buckets, (store, key) = self._duration
-            store[key] += duration
-            store, key = buckets[bisect_left(bounds, duration)]
-            store[key] += 1
-            if request_size:
-                bounds, buckets, (store, key) = self._request_size
-                store[key] += request_size
-                store, key = buckets[bisect_left(bounds, request_size)]
-                store[key] += 1
-            bounds, buckets, (store, key) = self._response_size
-            store[key] += response_size
-            store, key = buckets[bisect_left(bounds, response_size)]
-            store[key] += 1
-            if was_started:
-                store, key = self._in_progress
-                store[key] -= 1
 
 
 class RequestMetrics:
@@ -614,5 +415,6 @@ class ModelMetrics:
             (*const, "reason"),
         )
 
-    def model_labels(self, model: str, version: str) -> tuple[str, ...]:
+    def model_label_values(self, model: str, version: str) -> tuple[str, ...]:
+        """The label values of a model version's series: the constant labels', then its own."""
         return (*self.const_labels.values(), model, version)

@@ -47,14 +47,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from . import _context, _retired
 from ._replay import FILE_NAME, ReplayStore
 from ._retired import Retirements, version_key
-from .metrics import (
-    ModelMetrics,
-    child_adder,
-    fast_observer,
-    forget_model,
-    remove_child,
-    shared,
-)
+from ._series import child_adder, fast_observer
+from .metrics import ModelMetrics, forget_model, remove_child, shared
 from .multiprocess import (
     ENV_VAR,
     active_directory,
@@ -329,7 +323,7 @@ class _Model:
 
     def __init__(self, profile: ReferenceProfile, metrics: ModelMetrics) -> None:
         self.profile = profile
-        labels = metrics.model_labels(profile.model, profile.version)
+        labels = metrics.model_label_values(profile.model, profile.version)
         self.name, self.version = profile.model, profile.version
         self.children = child = _Children()
         self.retired = False

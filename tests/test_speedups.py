@@ -15,7 +15,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from support import require_speedups
 
-from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, multiprocess
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _slots, multiprocess
 from ml_wsgi_metrics._response import PythonTimedResponse
 from ml_wsgi_metrics.exposition import scrape_registry
 
@@ -124,7 +124,7 @@ def test_storage_closed_under_the_record_fails_open(
     registry = CollectorRegistry()
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
     assert call(app, "/r").body == b"hello"
-    for handle in multiprocess._State.files.values():  # closed without telling anyone
+    for handle in _slots.State.files.values():  # closed without telling anyone
         handle.close()
     with caplog.at_level(logging.DEBUG, logger="ml_wsgi_metrics"):
         assert call(app, "/r").body == b"hello"

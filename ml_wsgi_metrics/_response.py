@@ -183,7 +183,8 @@ class PythonTimedResponse:
         """The iterable to give the server for the app's: this record, or a file wrapper."""
         file_wrapper = environ.get("wsgi.file_wrapper")  # its exact class: the server's sendfile
         if file_wrapper is not None and type(iterable) is file_wrapper:
-            return pass_file(self, iterable)
+            passed: Iterable[bytes] = pass_file(self, iterable)
+            return passed
         self._iterable = iterable
         return self
 

@@ -231,7 +231,7 @@ class _LiveFamilies:
         except (OSError, ValueError) as error:
             _errors.report("storage_write", error, where=f"reading {RECORD}")
             retirements = _EMPTY
-        families = self._collector.collect()
+        families: Iterable[Any] = self._collector.collect()
         if not retirements:
             return families
         hidden: dict[tuple[str | None, str | None], bool] = {}

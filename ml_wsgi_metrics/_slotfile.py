@@ -18,6 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from typing import TypeAlias
 
 from prometheus_client.mmap_dict import (
     MmapedDict,
@@ -51,7 +52,8 @@ SLOT_FILE = re.compile(rf"{_PREFIX}_{IDENTIFIER.pattern}(?:\.models)?\.db")
 #: version rewrites files that hold no request series (their cells never move during a request).
 MODEL_FILES = ".models"
 
-Slot = tuple[memoryview, int]  # a view of doubles, and a value's index in it (its timestamp next)
+#: A view of doubles, and a value's index in it (its timestamp follows it).
+Slot: TypeAlias = "tuple[memoryview[float], int]"
 
 
 def private_slot() -> Slot:
@@ -93,7 +95,7 @@ def readable_file(path: str) -> bool:
     return True
 
 
-class SlotFile(MmapedDict):  # type: ignore[misc]  # prometheus_client is untyped
+class SlotFile(MmapedDict):
     """One slot file: an ``MmapedDict`` whose values are also reachable as ``view[index]``.
 
     Opened once, without following a symbolic link, created 0600, checked whole before use.
@@ -128,12 +130,12 @@ class SlotFile(MmapedDict):  # type: ignore[misc]  # prometheus_client is untype
                 self._used = 8
                 _pack_integer(self._m, 0, self._used)
             _check_entries(self._m, self._used)
-            for key, _, _, pos in self._read_all_values():
+            for key, _, _, pos in self._read_all_values():  # type: ignore[no-untyped-call]
                 self._positions[key] = pos
         except BaseException:
-            super().close()
+            super().close()  # type: ignore[no-untyped-call]
             raise
-        self._views: list[memoryview] = []
+        self._views: list[memoryview[float]] = []
         self._viewed: mmap.mmap | None = None  # the mapping the newest view covers
 
     @property
@@ -151,7 +153,7 @@ class SlotFile(MmapedDict):  # type: ignore[misc]  # prometheus_client is untype
             while needed > capacity:
                 capacity *= 2
             os.posix_fallocate(self._f.fileno(), 0, capacity)
-        super()._init_value(key)
+        super()._init_value(key)  # type: ignore[no-untyped-call]
 
     def slot(self, key: str) -> Slot:
         """Where ``key``'s value lives (its timestamp follows it), created if new.
@@ -171,7 +173,7 @@ class SlotFile(MmapedDict):  # type: ignore[misc]  # prometheus_client is untype
             view.release()
         self._views.clear()
         self._viewed = None
-        super().close()
+        super().close()  # type: ignore[no-untyped-call]
 
 
 def rewritten(handle: SlotFile, drop: Callable[[str], bool]) -> SlotFile:
@@ -183,9 +185,9 @@ def rewritten(handle: SlotFile, drop: Callable[[str], bool]) -> SlotFile:
         os.unlink(temporary)
     fresh = SlotFile(temporary)
     try:
-        for key, value, timestamp in handle.read_all_values():
+        for key, value, timestamp in handle.read_all_values():  # type: ignore[no-untyped-call]
             if not drop(key):
-                fresh.write_value(key, value, timestamp)
+                fresh.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
         os.replace(temporary, path)
     except BaseException:
         fresh.close()

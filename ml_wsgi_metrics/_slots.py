@@ -194,10 +194,10 @@ class SlotValue:
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
         if _is_model_series(labelnames, multiprocess_mode):
             self._prefix += MODEL_FILES
-        self._key: str = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
-        self._view: memoryview | None = None
+        self._key: str = mmap_key(metric_name, name, list(labelnames), list(labelvalues), help_text)
+        self._view: memoryview[float] | None = None
         self._index = 0
-        self._memory: memoryview | None = None
+        self._memory: memoryview[float] | None = None
         self._memory_is_set = False
         with _lock:
             State.values.append(self)

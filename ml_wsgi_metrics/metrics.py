@@ -145,7 +145,7 @@ class RequestMetrics:
         self.const_labels = validate_const_labels(const_labels, (*self.LABELS, "status"))
         const = tuple(self.const_labels)
         self._const_values = tuple(self.const_labels.values())
-        common = {"namespace": namespace, "registry": registry}
+        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
         route_labels = (*const, *self.LABELS)
         self.requests = Counter(
             "http_requests",
@@ -277,7 +277,11 @@ class ServerMetrics:
     ) -> None:
         namespace = validate_namespace(namespace)
         labels = validate_const_labels(const_labels, ())
-        common = {"namespace": namespace, "registry": registry, "labelnames": tuple(labels)}
+        common: dict[str, Any] = {
+            "namespace": namespace,
+            "registry": registry,
+            "labelnames": tuple(labels),
+        }
         # mostrecent: one master writes it; the latest value is the truth.
         self.workers = Gauge(
             "gunicorn_workers",
@@ -325,7 +329,7 @@ class ModelMetrics:
         const = tuple(self.const_labels)
         model = (*const, *self.MODEL)
         feature = (*model, "feature")
-        common = {"namespace": namespace, "registry": registry}
+        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
 
         def counter(name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
             return Counter(name, documentation, labels, **common)

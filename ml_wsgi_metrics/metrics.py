@@ -16,7 +16,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -50,6 +50,9 @@ DEFAULT_LABEL_DELAY_BUCKETS = (
     7 * 86400,
     30 * 86400,
 )
+
+#: The multiprocess modes of this package's gauges.
+GaugeMode = Literal["livesum", "max", "mostrecent"]
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -125,6 +128,35 @@ def forget_model(registry: CollectorRegistry | None, model: tuple[str, str]) -> 
             forget(model)
 
 
+class _Define:
+    """Makes metrics with one namespace and registry (and the labels every metric has)."""
+
+    def __init__(
+        self, namespace: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()
+    ) -> None:
+        self._common: dict[str, Any] = {
+            "namespace": namespace,
+            "registry": registry,
+        }
+        self._labels = labels
+
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, documentation, (*self._labels, *labels), **self._common)
+
+    def gauge(
+        self, name: str, documentation: str, labels: tuple[str, ...], mode: GaugeMode
+    ) -> Gauge:
+        """A gauge: its ``mode`` says how workers' values merge (see each definition)."""
+        labelnames = (*self._labels, *labels)
+        return Gauge(name, documentation, labelnames, multiprocess_mode=mode, **self._common)
+
+    def histogram(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        labelnames = (*self._labels, *labels)
+        return Histogram(name, documentation, labelnames, buckets=buckets, **self._common)
+
+
 class RequestMetrics:
     """HTTP request metrics: counts, durations, sizes, in-progress and exceptions."""
 
@@ -143,64 +175,38 @@ class RequestMetrics:
         namespace = validate_namespace(namespace)
         self.group_status_codes = group_status_codes
         self.const_labels = validate_const_labels(const_labels, (*self.LABELS, "status"))
-        const = tuple(self.const_labels)
         self._const_values = tuple(self.const_labels.values())
-        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
-        route_labels = (*const, *self.LABELS)
-        self.requests = Counter(
+        define = _Define(namespace, registry, tuple(self.const_labels))
+        route = self.LABELS
+        self.requests = define.counter(
             "http_requests",
             "HTTP requests finished, by route template and status code.",
-            (*route_labels, "status"),
-            **common,
+            (*route, "status"),
         )
-        self.duration = Histogram(
+        self.duration = define.histogram(
             "http_request_duration_seconds",
             "Time from the request's arrival until the server closed the response.",
-            route_labels,
-            buckets=validate_buckets("duration_buckets", duration_buckets),
-            **common,
+            route,
+            validate_buckets("duration_buckets", duration_buckets),
         )
         # livesum: each worker counts its own requests; a dead worker's share disappears.
-        self.in_progress = Gauge(
+        self.in_progress = define.gauge(
             "http_requests_in_progress",
             "Requests being handled now, summed over live workers.",
-            route_labels,
-            multiprocess_mode="livesum",
-            **common,
+            route,
+            "livesum",
         )
         sizes = validate_buckets("size_buckets", size_buckets)
-        self.request_size = Histogram(
+        self.request_size = define.histogram(
             "http_request_size_bytes",
             "Request body sizes (Content-Length; 0 without a body).",
-            route_labels,
-            buckets=sizes,
-            **common,
+            route,
+            sizes,
         )
-        self.response_size = Histogram(
-            "http_response_size_bytes",
-            "Response body sizes, as sent.",
-            route_labels,
-            buckets=sizes,
-            **common,
+        self.response_size = define.histogram(
+            "http_response_size_bytes", "Response body sizes, as sent.", route, sizes
         )
-        self.exceptions = Counter(
-            "http_request_exceptions",
-            "Exceptions raised by the application (also counted as status 500).",
-            (*route_labels, "exception"),
-            **common,
-        )
-        self.model_requests = Counter(
-            "http_model_requests",
-            "Requests that used a model (bound with the signals API), by model version.",
-            (*route_labels, "status", "model", "version"),
-            **common,
-        )
-        self.instrumentation_errors = Counter(
-            "ml_wsgi_metrics_instrumentation_errors",
-            "Errors inside the instrumentation itself; the application was not affected.",
-            (*const, "stage"),
-            **common,
-        )
+        self._define_counts(define)
         self.routes: dict[tuple[str, str], RouteSeries] = {}  # by (method, route)
         #: The mount prefixes a route label may keep (the wrapped apps' mounts, a closed set).
         self.mount_prefixes: set[str] = set()
@@ -209,6 +215,24 @@ class RequestMetrics:
         fallback = _storage.merged_directory()
         if fallback is not None and _storage.active_directory() is None:
             _storage.check_directory(fallback)  # prometheus_client's own files: same rules
+
+    def _define_counts(self, define: _Define) -> None:
+        """The counters beside the request series: exceptions, model versions, own errors."""
+        self.exceptions = define.counter(
+            "http_request_exceptions",
+            "Exceptions raised by the application (also counted as status 500).",
+            (*self.LABELS, "exception"),
+        )
+        self.model_requests = define.counter(
+            "http_model_requests",
+            "Requests that used a model (bound with the signals API), by model version.",
+            (*self.LABELS, "status", "model", "version"),
+        )
+        self.instrumentation_errors = define.counter(
+            "ml_wsgi_metrics_instrumentation_errors",
+            "Errors inside the instrumentation itself; the application was not affected.",
+            ("stage",),
+        )
 
     def _export_storage_errors(self) -> None:
         """Export this process's storage errors here from now on, each stage's series made at
@@ -277,25 +301,16 @@ class ServerMetrics:
     ) -> None:
         namespace = validate_namespace(namespace)
         labels = validate_const_labels(const_labels, ())
-        common: dict[str, Any] = {
-            "namespace": namespace,
-            "registry": registry,
-            "labelnames": tuple(labels),
-        }
+        define = _Define(namespace, registry, tuple(labels))
         # mostrecent: one master writes it; the latest value is the truth.
-        self.workers = Gauge(
-            "gunicorn_workers",
-            "Worker processes alive, as the master sees them.",
-            multiprocess_mode="mostrecent",
-            **common,
+        self.workers = define.gauge(
+            "gunicorn_workers", "Worker processes alive, as the master sees them.", (), "mostrecent"
         )
-        self.worker_restarts = Counter(
-            "gunicorn_worker_restarts", "Worker processes that exited and were replaced.", **common
+        self.worker_restarts = define.counter(
+            "gunicorn_worker_restarts", "Worker processes that exited and were replaced."
         )
-        self.worker_timeouts = Counter(
-            "gunicorn_worker_timeouts",
-            "Workers the master killed for missing the timeout.",
-            **common,
+        self.worker_timeouts = define.counter(
+            "gunicorn_worker_timeouts", "Workers the master killed for missing the timeout."
         )
         values = tuple(labels.values())
         self.workers_alive = self.workers.labels(*values) if values else self.workers
@@ -326,97 +341,95 @@ class ModelMetrics:
         namespace = validate_namespace(namespace)
         reserved = (*self.MODEL, "class", "feature", "bin", "sign", "predicted", "actual", "reason")
         self.const_labels = validate_const_labels(const_labels, reserved)
-        const = tuple(self.const_labels)
-        model = (*const, *self.MODEL)
-        feature = (*model, "feature")
-        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
-
-        def counter(name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
-            return Counter(name, documentation, labels, **common)
-
-        self.predictions = counter(
+        define = _Define(namespace, registry, tuple(self.const_labels))
+        model = self.MODEL
+        self.predictions = define.counter(
             "model_predictions",
             "Predictions made (one per row), by predicted class.",
             (*model, "class"),
         )
-        self.prediction_latency = Histogram(
+        self.prediction_latency = define.histogram(
             "model_prediction_latency_seconds",
             "Time the model took per prediction call (a batch is one call).",
             model,
-            buckets=validate_buckets("latency_buckets", latency_buckets),
-            **common,
+            validate_buckets("latency_buckets", latency_buckets),
         )
-        self.feature_bin = counter(
-            "model_feature_bin",
-            "Input values per reference bin; categorical bins are categories.",
-            (*feature, "bin"),
-        )
-        self.feature_missing = counter(
-            "model_feature_missing", "Missing input values (None, NaN, infinities).", feature
-        )
-        self.feature_out_of_range = counter(
-            "model_feature_out_of_range",
-            "Numeric inputs outside the reference [min, max].",
-            feature,
-        )
-        self.feature_unseen = counter(
-            "model_feature_unseen", "Categorical inputs not in the reference vocabulary.", feature
-        )
-        self.feature_sum = counter(
-            "model_feature_sum",
-            "Sum of numeric inputs, split by sign so it only grows.",
-            (*feature, "sign"),
-        )
-        self.feature_sum_squares = counter(
-            "model_feature_sum_squares", "Sum of squared numeric inputs.", feature
-        )
-        self.feature_reference_share = Gauge(
-            "model_feature_reference_share",
-            "Share of the reference (training) rows in each bin.",
-            (*feature, "bin"),
-            multiprocess_mode="max",
-            **common,
-        )
-        self.score_bin = counter(
-            "model_score_bin", "Prediction scores per reference bin.", (*model, "bin")
-        )
-        self.score_missing = counter("model_score_missing", "Missing or non-finite scores.", model)
-        self.score_sum = counter(
-            "model_score_sum", "Sum of prediction scores, split by sign.", (*model, "sign")
-        )
-        self.score_sum_squares = counter(
-            "model_score_sum_squares", "Sum of squared prediction scores.", model
-        )
-        self.score_reference_share = Gauge(
-            "model_score_reference_share",
-            "Share of the reference scores in each bin.",
-            (*model, "bin"),
-            multiprocess_mode="max",
-            **common,
-        )
-        self.reference_accuracy = Gauge(
-            "model_reference_accuracy",
-            "Accuracy of the model version on held-out data, from its profile.",
-            model,
-            multiprocess_mode="max",
-            **common,
-        )
-        self.confusion = counter(
+        self._define_inputs(define, (*model, "feature"))
+        self._define_scores(define)
+        self.confusion = define.counter(
             "model_confusion",
             "Ground truth received, by predicted and actual class.",
             (*model, "predicted", "actual"),
         )
-        self.label_delay = Histogram(
+        self.label_delay = define.histogram(
             "model_label_delay_seconds",
             "Time from a prediction to its ground truth.",
             model,
-            buckets=validate_buckets("label_delay_buckets", label_delay_buckets),
-            **common,
+            validate_buckets("label_delay_buckets", label_delay_buckets),
         )
-        self.feedback_rejected = counter(
+        self.feedback_rejected = define.counter(
             "model_feedback_rejected",
             "Feedback refused: tampered, expired or malformed prediction ids.",
-            (*const, "reason"),
+            ("reason",),
+        )
+
+    def _define_inputs(self, define: _Define, feature: tuple[str, ...]) -> None:
+        self.feature_bin = define.counter(
+            "model_feature_bin",
+            "Input values per reference bin; categorical bins are categories.",
+            (*feature, "bin"),
+        )
+        self.feature_missing = define.counter(
+            "model_feature_missing", "Missing input values (None, NaN, infinities).", feature
+        )
+        self.feature_out_of_range = define.counter(
+            "model_feature_out_of_range",
+            "Numeric inputs outside the reference [min, max].",
+            feature,
+        )
+        self.feature_unseen = define.counter(
+            "model_feature_unseen", "Categorical inputs not in the reference vocabulary.", feature
+        )
+        self.feature_sum = define.counter(
+            "model_feature_sum",
+            "Sum of numeric inputs, split by sign so it only grows.",
+            (*feature, "sign"),
+        )
+        self.feature_sum_squares = define.counter(
+            "model_feature_sum_squares", "Sum of squared numeric inputs.", feature
+        )
+        self.feature_reference_share = define.gauge(
+            "model_feature_reference_share",
+            "Share of the reference (training) rows in each bin.",
+            (*feature, "bin"),
+            "max",
+        )
+
+    def _define_scores(self, define: _Define) -> None:
+        model = self.MODEL
+        self.score_bin = define.counter(
+            "model_score_bin", "Prediction scores per reference bin.", (*model, "bin")
+        )
+        self.score_missing = define.counter(
+            "model_score_missing", "Missing or non-finite scores.", model
+        )
+        self.score_sum = define.counter(
+            "model_score_sum", "Sum of prediction scores, split by sign.", (*model, "sign")
+        )
+        self.score_sum_squares = define.counter(
+            "model_score_sum_squares", "Sum of squared prediction scores.", model
+        )
+        self.score_reference_share = define.gauge(
+            "model_score_reference_share",
+            "Share of the reference scores in each bin.",
+            (*model, "bin"),
+            "max",
+        )
+        self.reference_accuracy = define.gauge(
+            "model_reference_accuracy",
+            "Accuracy of the model version on held-out data, from its profile.",
+            model,
+            "max",
         )
 
     def model_label_values(self, model: str, version: str) -> tuple[str, ...]:

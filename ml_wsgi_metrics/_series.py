@@ -164,9 +164,9 @@ def fast_observer(histogram: Any) -> Adder:
 class RouteSeries:
     """The series of one (method, route): everything a request adds to, under one lock.
 
-    Values are held as cells, taken again whenever the storage moves. The C record reads the
-    attributes listed in :data:`ml_wsgi_metrics._response.C_CONTRACT` and writes the same cells
-    as :meth:`finished` (``tests/test_speedups.py`` checks that every name it reads exists).
+    Values are held as cells, taken again whenever the storage moves. The C record writes the
+    same cells as :meth:`finished`, reading the attributes that :mod:`ml_wsgi_metrics._response`
+    lists in its docstring (``tests/test_speedups.py`` checks that every one exists).
     """
 
     __slots__ = ("_counts", "_duration", "_generation", "_histograms", "_in_progress",

@@ -20,7 +20,7 @@
 #include <time.h>
 
 /* Set by configure(): the Python side this record works with. */
-static PyObject *storage_state;          /* multiprocess._State: .generation */
+static PyObject *storage_state;          /* _slots.State: .generation */
 static PyObject *bound_model;            /* the ContextVar of the model a request used */
 static PyObject *unmatched;              /* routes.UNMATCHED */
 static PyObject *instrumentation_failed; /* f(record, stage, error) */

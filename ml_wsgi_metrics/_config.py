@@ -25,7 +25,8 @@ from ._prediction_ids import REJECT_REASONS, IdSigner
 from ._recorders import Inc
 from ._replay import FILE_NAME, ReplayStore
 from ._retired import Retirements, version_key
-from .metrics import ModelMetrics, child_adder, forget_model, shared
+from ._series import child_adder
+from .metrics import ModelMetrics, forget_model, shared
 from .multiprocess import (
     ENV_VAR,
     active_directory,

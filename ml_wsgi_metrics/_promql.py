@@ -5,16 +5,14 @@ Every selector of the generated rules is a :class:`Selector`; every metric and r
 name comes from :class:`Names`. A dashboard or any other generator that must read the same series
 imports these rather than writing PromQL by hand::
 
-    names = Names("svc")                       # the metrics' namespace, "" for none
-    model = Selector(model="churn", version="3")
-    psi = model.series(names.record("feature_psi:1h"))
+    names = Names("svc")                            # the metrics' namespace, "" for none
+    model = model_selector("churn", "3")            # or ("$model", "$version") in Grafana
+    model.series(names.record("feature_psi:1h"))
     # svc:feature_psi:1h{model="churn",version="3"}
-    bins = model.one_of("feature", ["tenure", "charges"]).range(
-        names.metric("model_feature_bin_total"), "1h"
-    )
-    # svc_model_feature_bin_total{model="churn",version="3",feature=~"tenure|charges"}[1h]
-    sum_by((*MODEL, "feature"), f"increase({bins})")
-    # sum by (model, version, feature) (increase(...[1h]))
+    features = model.one_of("feature", ["tenure", "charges"])
+    sum_by((*MODEL, "feature"), increase(features, names.metric("model_feature_bin_total"), "1h"))
+    # sum by (model, version, feature) (increase(svc_model_feature_bin_total{model="churn",
+    #   version="3",feature=~"tenure|charges"}[1h]))
 
 Label values are escaped as PromQL strings, so values from Grafana variables (``"$model"``) pass
 through unchanged.

@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import multiprocess
+from . import _settings, multiprocess
 from ._retired import without_retired
 from .process import WorkerProcessCollector
 
@@ -129,9 +129,9 @@ class MetricsProtection:
         """The given settings, else ``$ML_WSGI_METRICS_TOKEN`` and
         ``$ML_WSGI_METRICS_ALLOWED_NETWORKS``."""
         if token is None:
-            token = os.environ.get("ML_WSGI_METRICS_TOKEN")
+            token = _settings.TOKEN.get()
         if allowed_networks is None:
-            allowed_networks = os.environ.get("ML_WSGI_METRICS_ALLOWED_NETWORKS")
+            allowed_networks = _settings.ALLOWED_NETWORKS.get()
         return cls(token, allowed_networks)
 
     @property

@@ -44,7 +44,7 @@ from itsdangerous import BadPayload, BadSignature, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import _context, _retired
+from . import _context, _retired, _settings
 from ._replay import FILE_NAME, ReplayStore
 from ._retired import Retirements, version_key
 from .metrics import (
@@ -89,11 +89,11 @@ __all__ = [
 ]
 
 #: Environment variable supplying the default ``secret_key``.
-SECRET_KEY_ENV = "ML_WSGI_METRICS_SECRET_KEY"
+SECRET_KEY_ENV = _settings.SECRET_KEY.name
 #: The ``class`` label of predictions recorded without a predicted class.
 NO_CLASS = "__none__"
 #: Environment variable supplying the default ``live_versions``.
-LIVE_VERSIONS_ENV = "ML_WSGI_METRICS_LIVE_VERSIONS"
+LIVE_VERSIONS_ENV = _settings.LIVE_VERSIONS.name
 #: The ``reason`` label values of ``model_feedback_rejected_total``.
 REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model", "replayed", "retired")
 
@@ -103,7 +103,7 @@ _MAX_TOKEN_LENGTH = 4096
 _TOKEN = re.compile(r"\.?[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{1,12}\.[A-Za-z0-9_-]{27}")
 _INF = math.inf
 _NAN = math.nan
-_DEFAULT_LIVE_VERSIONS = 2
+_DEFAULT_LIVE_VERSIONS = _settings.LIVE_VERSIONS.default
 _SYNC_INTERVAL = 1.0  # seconds between two reads of the retired-versions record by the verbs
 _monotonic = time.monotonic
 
@@ -567,7 +567,7 @@ class _Config:
     @property
     def serializer(self) -> URLSafeTimedSerializer:
         if self._serializer is None:
-            key = self.secret_key or os.environ.get(SECRET_KEY_ENV)
+            key = self.secret_key or _settings.SECRET_KEY.get()
             if not key:
                 raise ValueError(
                     f"secret_key: prediction ids need a secret key; pass "
@@ -679,7 +679,7 @@ def configure(
     if unknown:
         raise ValueError(f"configure: unknown setting(s) {sorted(unknown)}")
     if namespace is None:
-        namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+        namespace = _settings.NAMESPACE.get()
     config = _Config(
         REGISTRY if registry is None else registry,
         namespace,
@@ -702,14 +702,7 @@ def configure(
 def _live_versions(setting: Any) -> int:
     """The ``live_versions`` setting, checked (default: the environment, else 2)."""
     if setting is None:
-        setting = os.environ.get(LIVE_VERSIONS_ENV) or _DEFAULT_LIVE_VERSIONS
-        if isinstance(setting, str):
-            try:
-                setting = int(setting)
-            except ValueError:
-                raise ValueError(
-                    f"live_versions: ${LIVE_VERSIONS_ENV} is not an integer: {setting!r}"
-                ) from None
+        setting = _settings.LIVE_VERSIONS.get()
     if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
         raise ValueError(f"live_versions: must be an integer of at least 1, got {setting!r}")
     return setting
@@ -731,7 +724,7 @@ def _current_config() -> _Config:
     if config is None:
         with _config_lock:
             if _config is None:
-                namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+                namespace = _settings.NAMESPACE.get()
                 live = _live_versions(None)
                 _config = _Config(
                     REGISTRY, namespace, {}, None, 30 * 86400.0, {}, live_versions=live

@@ -147,7 +147,7 @@ PURE_PYTHON = Setting(
     False,
     _flag,
     "a flag",
-    "any value: the pure-Python request record instead of the C one (read at import)",
+    "any non-empty value: the pure-Python request record, not the C one (read at import)",
 )
 PRIVATE_DIRECTORY = Setting(
     "ML_WSGI_METRICS_PRIVATE_DIRECTORY",

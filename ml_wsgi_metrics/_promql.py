@@ -1,5 +1,5 @@
-"""PromQL text, written one way: series names, label selectors and the expression shapes the
-generated rules repeat.
+"""PromQL text, written one way: series names, label selectors, the expression shapes the
+generated rules repeat, and the rule file entries that carry them.
 
 Every selector of the generated rules is a :class:`Selector`; every metric and recorded series
 name comes from :class:`Names`. A dashboard or any other generator that must read the same series

@@ -29,12 +29,11 @@ Both records expose ``_iterable``, ``_headers``, ``_series``, ``_metrics`` and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any
 
-from . import _context
+from . import _context, _settings
 from ._context import current as bound_model
 from ._context import reset as reset_bound_model
 from ._errors import report
@@ -246,7 +245,7 @@ class PythonTimedResponse:
 
 
 try:
-    if os.environ.get("ML_WSGI_METRICS_PURE_PYTHON"):
+    if _settings.PURE_PYTHON.get():
         raise ImportError("ML_WSGI_METRICS_PURE_PYTHON is set")
     from . import _speedups as speedups
 except ImportError:

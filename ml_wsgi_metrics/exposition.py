@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import multiprocess
+from . import _settings, multiprocess
 from ._retired import without_retired
 from .process import WorkerProcessCollector
 
@@ -59,7 +59,7 @@ def scrape_registry(registry: CollectorRegistry, namespace: str = "") -> Collect
 def _mapped_to_v4(network: Network) -> Network:
     """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: the form a dual-stack server's clients take."""
     if network.version == 6 and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+        mapped = network.network_address.ipv4_mapped
         if mapped is not None:
             return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
     return network
@@ -99,8 +99,8 @@ def _client_address(environ: dict[str, Any]) -> IPAddress | None:
         address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
     except ValueError:
         return None
-    if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return address.ipv4_mapped  # type: ignore[union-attr]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
     return address
 
 
@@ -129,9 +129,9 @@ class MetricsProtection:
         """The given settings, else ``$ML_WSGI_METRICS_TOKEN`` and
         ``$ML_WSGI_METRICS_ALLOWED_NETWORKS``."""
         if token is None:
-            token = os.environ.get("ML_WSGI_METRICS_TOKEN")
+            token = _settings.TOKEN.get()
         if allowed_networks is None:
-            allowed_networks = os.environ.get("ML_WSGI_METRICS_ALLOWED_NETWORKS")
+            allowed_networks = _settings.ALLOWED_NETWORKS.get()
         return cls(token, allowed_networks)
 
     @property

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import routes
+from . import _settings, routes
 from ._response import METHODS, StartResponse, TimedResponse, instrumentation_failed
 from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
@@ -75,7 +74,7 @@ class MetricsMiddleware:
         if any(not isinstance(path, str) or not path.startswith("/") for path in excluded):
             raise ValueError(f"excluded_paths: every path must start with '/', got {excluded!r}")
         if namespace is None:
-            namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+            namespace = _settings.NAMESPACE.get()
         registry = REGISTRY if registry is None else registry
         self.app = app
         self.metrics: RequestMetrics = shared(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 from . import _context, _settings
 from ._context import current as bound_model
@@ -42,7 +42,14 @@ from ._slots import State as storage_state
 from .metrics import RequestMetrics
 from .routes import REQUEST_KEY, UNMATCHED, mount_prefix
 
-__all__ = ["METHODS", "OTHER_METHOD", "PythonTimedResponse", "TimedResponse", "speedups"]
+__all__ = [
+    "METHODS",
+    "OTHER_METHOD",
+    "PythonTimedResponse",
+    "RequestRecord",
+    "TimedResponse",
+    "speedups",
+]
 
 #: The ``method`` label's closed set; anything else is counted as ``_OTHER``.
 METHODS = frozenset(
@@ -94,6 +101,17 @@ def _request_size(content_length: str) -> int:
         return max(int(content_length), 0)
     except ValueError:
         return 0
+
+
+class RequestRecord(Protocol):
+    """What the middleware calls on a measured request's record (Python or C)."""
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], Any]: ...
+    def set_route(self, route: str, script_name: str | None = None) -> None: ...
+    def failed(self, error: BaseException) -> None: ...
+    def respond(self, iterable: Iterable[bytes], environ: dict[str, Any]) -> Iterable[bytes]: ...
 
 
 class PythonTimedResponse:

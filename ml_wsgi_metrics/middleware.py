@@ -9,7 +9,13 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _settings, routes
-from ._response import METHODS, StartResponse, TimedResponse, instrumentation_failed
+from ._response import (
+    METHODS,
+    RequestRecord,
+    StartResponse,
+    TimedResponse,
+    instrumentation_failed,
+)
 from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
 from .routes import REQUEST_KEY, RouteResolver
@@ -45,7 +51,9 @@ class MetricsMiddleware:
     """
 
     #: The per-request record: the C one when built, else the pure-Python one.
-    response_class: type = TimedResponse
+    response_class: Callable[[RequestMetrics, dict[str, Any], StartResponse], RequestRecord] = (
+        TimedResponse
+    )
 
     def __init__(
         self,
@@ -149,7 +157,7 @@ class MetricsMiddleware:
         return self.app(environ, start_response)
 
     def _name_route(
-        self, path: str, environ: dict[str, Any], timed: TimedResponse
+        self, path: str, environ: dict[str, Any], timed: RequestRecord
     ) -> WSGIApp | MetricsExposition:
         """Name the route before the app runs (scrapes, ``route_resolver``); the app to call."""
         if path == self.metrics_path:

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +45,7 @@ from prometheus_client.mmap_dict import (
     _unpack_integer,
     mmap_key,
 )
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import mark_process_dead
 
 from . import _errors, _retired
 
@@ -664,18 +665,9 @@ class SlotFilesCollector:
     def collect(self) -> Any:
         retry_unavailable()
         _errors.export_kept()
-        files = []
-        for path in slot_files(self._directory):
-            if os.path.islink(path):  # prometheus_client would read what it points to
-                error = OSError(errno.ELOOP, "a symbolic link: not read", path)
-                report_error(f"reading {path}", error, stage="storage_read")
-            else:
-                files.append(path)
-        try:
-            return MultiProcessCollector.merge(files, accumulate=True)
-        except Exception:  # find and leave out the files that do not read
-            readable = [path for path in files if readable_file(path)]
-            return MultiProcessCollector.merge(readable, accumulate=True)
+        from ._merge import merger_for  # numpy: loaded at the first scrape, not at import
+
+        return merger_for(self._directory, SLOT_FILE).families()
 
 
 def activate(directory: str | os.PathLike[str] | None = None) -> str:
@@ -707,6 +699,9 @@ def deactivate() -> None:
     """Close all files and return to the value class in use before :func:`activate`."""
     with _lock:
         _close_files()
+        merge = sys.modules.get(f"{__package__}._merge")  # its merger keeps the files open
+        if merge is not None and _State.directory:
+            merge.forget(_State.directory)
         for value in _State.values:  # values still referenced count on in memory
             value._view, value._index = _private_cell()
             value._memory = None

@@ -56,6 +56,11 @@ class _Flight:
 
 def _combine(layout: Layout) -> MergeResult:
     """Read every file's values and combine them as the layout says."""
+    with np.errstate(all="ignore"):  # inf - inf is NaN, as in Python, without a warning
+        return _combine_values(layout)
+
+
+def _combine_values(layout: Layout) -> MergeResult:
     count = len(layout.accumulator_kinds)
     totals = np.zeros(count)
     seen = np.zeros(count, dtype=bool)

@@ -92,7 +92,8 @@ class _Builder:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.assigned: list[dict[int, list[tuple[int, int]]]] = [{} for _ in layout.files]
+        self.entries: list[list[int]] = [[] for _ in layout.files]  # per file, in file order
+        self.accumulators: list[list[int]] = [[] for _ in layout.files]  # and where each goes
         self.direct: list[tuple[int, int]] = []  # (output, accumulator)
         self.blocks: dict[int, _Block] = {}
 
@@ -100,33 +101,21 @@ class _Builder:
         self.layout.accumulator_kinds.append(kind)
         return len(self.layout.accumulator_kinds) - 1
 
-    def assign(self, file: int, entry: int, accumulator: int) -> None:
-        self.assigned[file].setdefault(accumulator, []).append((entry, accumulator))
-
     def family(self, family: FamilyLayout, raw: list[tuple[str, Labels, int, int]]) -> None:
         kind = _GAUGE_KINDS.get(family.mode, SET) if family.typ == "gauge" else SUM
         family.dynamic = kind == RECENT
         self.layout.needs_timestamps |= family.dynamic
         groups: dict[Labels, dict[tuple[str, Labels], Any]] = {}
         buckets: dict[Labels, dict[float, int]] = {}
+        placed: dict[tuple[str, Labels], int] = {}  # a sample as read -> its accumulator
+        entries, accumulators = self.entries, self.accumulators
         for name, labels, file, entry in raw:
-            if family.typ == "gauge" and family.mode in _GAUGE_KINDS:
-                labels = tuple(label for label in labels if label[0] != "pid")
-            if family.typ == "histogram":
-                le = next((value for label, value in labels if label == "le"), None)
-                if le is not None:
-                    without_le = tuple(label for label in labels if label[0] != "le")
-                    row = buckets.setdefault(without_le, {})
-                    edge = float(le)
-                    if edge not in row:
-                        row[edge] = self.accumulator(SUM)
-                    self.assign(file, entry, row[edge])
-                    continue
-            group = groups.setdefault(labels, {})
-            source = group.get((name, labels))
-            if source is None:
-                source = group[(name, labels)] = self.accumulator(kind)
-            self.assign(file, entry, source)
+            accumulator = placed.get((name, labels))
+            if accumulator is None:
+                accumulator = self.place(family, kind, name, labels, groups, buckets)
+                placed[(name, labels)] = accumulator
+            entries[file].append(entry)
+            accumulators[file].append(accumulator)
         for without_le, row in buckets.items():
             self.cumulate(family.name, groups.setdefault(without_le, {}), without_le, row)
         family.start = len(self.layout.names)
@@ -135,6 +124,33 @@ class _Builder:
                 self.output(name, labels, source)
         family.stop = len(self.layout.names)
         self.layout.families.append(family)
+
+    def place(
+        self,
+        family: FamilyLayout,
+        kind: int,
+        name: str,
+        labels: Labels,
+        groups: dict[Labels, dict[tuple[str, Labels], Any]],
+        buckets: dict[Labels, dict[float, int]],
+    ) -> int:
+        """The accumulator of a sample first seen, as ``_accumulate_metrics`` files it."""
+        if family.typ == "gauge" and family.mode in _GAUGE_KINDS:
+            labels = tuple(label for label in labels if label[0] != "pid")
+        if family.typ == "histogram":
+            le = next((value for label, value in labels if label == "le"), None)
+            if le is not None:
+                without_le = tuple(label for label in labels if label[0] != "le")
+                row = buckets.setdefault(without_le, {})
+                edge = float(le)
+                if edge not in row:
+                    row[edge] = self.accumulator(SUM)
+                return row[edge]
+        group = groups.setdefault(labels, {})
+        source = group.get((name, labels))
+        if source is None:
+            source = group[(name, labels)] = self.accumulator(kind)
+        return int(source)
 
     def cumulate(
         self, name: str, group: dict[Any, Any], labels: Labels, row: dict[float, int]
@@ -165,24 +181,37 @@ class _Builder:
 
     def finish(self) -> Layout:
         layout = self.layout
-        kinds = layout.accumulator_kinds
-        for assigned in self.assigned:
-            steps: dict[tuple[int, int], list[tuple[int, int]]] = {}
-            for pairs in assigned.values():  # a key twice in one file: a later round
-                for round_, pair in enumerate(pairs):
-                    steps.setdefault((kinds[pair[1]], round_), []).append(pair)
-            layout.steps.append(
-                [
-                    (kind, _ints([e for e, _ in pairs]), _ints([a for _, a in pairs]))
-                    for (kind, _), pairs in sorted(steps.items(), key=lambda item: item[0][1])
-                ]
-            )
+        kinds = _ints(layout.accumulator_kinds)
+        for entries, accumulators in zip(self.entries, self.accumulators, strict=True):
+            file_entries, file_accumulators = _ints(entries), _ints(accumulators)
+            rounds = _occurrence(file_accumulators)  # a key twice in a file: a later round
+            steps = []
+            for round_ in range(int(rounds.max(initial=-1)) + 1):
+                for kind in (SUM, MIN, MAX, SET, RECENT):
+                    chosen = (rounds == round_) & (kinds[file_accumulators] == kind)
+                    if chosen.any():
+                        steps.append((kind, file_entries[chosen], file_accumulators[chosen]))
+            layout.steps.append(steps)
         pairs = self.direct
         layout.direct = (_ints([o for o, _ in pairs]), _ints([a for _, a in pairs]))
         layout.blocks = [
             (_ints(b.accumulators), _ints(b.outputs), _ints(b.counts)) for b in self.blocks.values()
         ]
         return layout
+
+
+def _occurrence(values: IntArray) -> IntArray:
+    """For each element, how many equal ones come before it."""
+    if len(np.unique(values)) == len(values):
+        return np.zeros(len(values), dtype=np.int64)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    positions = np.arange(len(values))
+    starts = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+    first = np.maximum.accumulate(np.where(starts, positions, 0))
+    occurrence = np.empty(len(values), dtype=np.int64)
+    occurrence[order] = positions - first
+    return occurrence
 
 
 def build(files: Sequence[SlotIndex]) -> Layout:

@@ -57,6 +57,18 @@ def _line_of(value: float) -> str:
     return go_float(value) + "\n"
 
 
+def _format_into(pieces: list[str], positions: IntArray, values: FloatArray) -> None:
+    """``pieces[position] = value's text``; whole numbers below 1e6 (most counts) the quick way,
+    to the same text as ``floatToGoString`` (``12.0``)."""
+    whole = (values >= 0) & (values < 1e6) & (values == np.floor(values)) & ~np.signbit(values)
+    texts = map("{}.0\n".format, values[whole].astype(np.int64).tolist())
+    for position, text in zip(positions[whole].tolist(), texts, strict=True):
+        pieces[position] = text
+    rest = ~whole
+    for position, value in zip(positions[rest].tolist(), values[rest].tolist(), strict=True):
+        pieces[position] = _line_of(value)
+
+
 class Rendering:
     """One format's text of one layout: pieces (headers, then per sample its prefix and its
     value) kept between scrapes. Not thread-safe: the merger renders under its lock."""
@@ -109,15 +121,11 @@ class Rendering:
             changed = np.flatnonzero(~self.skipped)
         else:
             changed = np.flatnonzero((bits != self.shown) & ~self.skipped)
-        pieces = self.pieces
-        for position, value in zip(
-            self.positions[changed].tolist(), values[changed].tolist(), strict=True
-        ):
-            pieces[position] = _line_of(value)
+        _format_into(self.pieces, self.positions[changed], values[changed])
         self.shown = bits.copy()
         for number, order in orders.items():
             self._render_whole(self.layout.families[number], values, order)
-        return "".join(pieces)
+        return "".join(self.pieces)
 
     def _render_whole(self, family: FamilyLayout, values: FloatArray, order: Sequence[int]) -> None:
         """A family whose samples vary: all its lines in the first sample's place."""

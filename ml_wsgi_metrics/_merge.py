@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 from prometheus_client.metrics_core import Metric
 
 from . import _errors, _retired
 from ._merge_layout import MIN, RECENT, SET, SUM, Layout, build
-from ._merge_render import BoolArray, Encoder, Rendering, metric_families
-from ._slot_index import FloatArray, IndexCache
+from ._merge_render import Encoder, Rendering, metric_families
+from ._slot_index import IndexCache
+
+if TYPE_CHECKING:
+    from ._slot_index import BoolArray, FloatArray, IntArray
 
 __all__ = ["MergeResult", "Merger", "forget", "merger_for"]
 
@@ -97,9 +99,7 @@ def _combine_values(layout: Layout) -> MergeResult:
     return MergeResult(layout, merged, _recent_orders(layout, seen, first_set))
 
 
-def _recent_orders(
-    layout: Layout, seen: BoolArray, first_set: npt.NDArray[np.int64]
-) -> dict[int, list[int]]:
+def _recent_orders(layout: Layout, seen: BoolArray, first_set: IntArray) -> dict[int, list[int]]:
     """``mostrecent`` families' samples: those ever set, in the order they were first set."""
     orders = {}
     outputs, sources = layout.direct

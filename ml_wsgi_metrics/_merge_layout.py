@@ -12,12 +12,15 @@ cumulative bucket of a histogram). A scrape then only reads values and runs the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client.utils import floatToGoString
 
-from ._slot_index import IntArray, Key, SlotIndex
+from ._slot_index import Key, SlotIndex
+
+if TYPE_CHECKING:
+    from ._slot_index import IntArray
 
 __all__ = ["MAX", "MIN", "RECENT", "SET", "SUM", "FamilyLayout", "Layout", "build", "go_float"]
 

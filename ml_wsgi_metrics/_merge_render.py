@@ -10,20 +10,22 @@ prometheus_client's ``floatToGoString``) and joins the pieces.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from ._merge_layout import FamilyLayout, Layout, go_float
-from ._slot_index import FloatArray, IntArray
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from ._slot_index import BoolArray, FloatArray, IntArray
 
 __all__ = ["Encoder", "Rendering", "metric_families"]
 
 Encoder = Callable[[Any], bytes]  # prometheus_client's generate_latest (either format)
-BoolArray = npt.NDArray[np.bool_]
 
 _EOF = "# EOF\n"
 

@@ -17,10 +17,10 @@ import json
 import os
 import stat
 import struct
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from . import _errors
 
@@ -36,8 +36,12 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 #: A parsed key: metric name, sample name, labels sorted by name, help text.
 Key = tuple[str, str, tuple[tuple[str, str], ...], str]
 
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
+if TYPE_CHECKING:  # numpy.typing is not imported at run time (it loads numpy.ma)
+    import numpy.typing as npt
+
+    FloatArray = npt.NDArray[np.float64]
+    IntArray = npt.NDArray[np.int64]
+    BoolArray = npt.NDArray[np.bool_]
 
 
 class Unreadable(ValueError):
@@ -82,7 +86,11 @@ class KeyParser:
         if parsed is None:
             try:
                 metric_name, name, labels, help_text = json.loads(key)
-                labels_key = tuple(sorted(labels.items()))
+                labels_key = tuple(
+                    (sys.intern(label), sys.intern(value))
+                    for label, value in sorted(labels.items())
+                )  # interned: workers' keys share names and values
+                metric_name, name = sys.intern(metric_name), sys.intern(name)
             except (ValueError, TypeError, AttributeError) as error:
                 raise Unreadable(f"corrupt key {key[:200]!r}: {error!r}") from error
             parsed = self._parsed[key] = (metric_name, name, labels_key, help_text)
@@ -99,7 +107,6 @@ class SlotIndex:
 
     __slots__ = (
         "_fd",
-        "_word_array",
         "inode",
         "keys",
         "mode",
@@ -120,8 +127,7 @@ class SlotIndex:
         self.inode = inode
         self.used = 8
         self.keys: list[Key] = []
-        self.words: list[int] = []
-        self._word_array: IntArray | None = None
+        self.words: IntArray = np.zeros(0, dtype=np.int64)  # each value's word in the file
 
     def refresh(self, parse: KeyParser) -> None:
         """Parse the entries added since the last call. Raises :class:`Unreadable`, ``OSError``."""
@@ -130,7 +136,7 @@ class SlotIndex:
             return  # being created: no entries yet
         used = _INT.unpack_from(header.ljust(8, b"\0"))[0]
         if used <= 0:  # prometheus_client reads no entries then
-            self.used, self.keys, self.words, self._word_array = 8, [], [], None
+            self.used, self.keys, self.words = 8, [], self.words[:0]
             return
         if used < self.used or used % 8:
             raise Unreadable(f"corrupt header: {used} bytes used")
@@ -141,9 +147,8 @@ class SlotIndex:
             keys, words = _parse_entries(data, self.used)
             parsed = [parse(key) for key in keys]  # all or nothing
             self.keys += parsed
-            self.words += words
+            self.words = np.concatenate((self.words, np.asarray(words, dtype=np.int64)))
             self.used = used
-            self._word_array = None
 
     def values(self, count: int, timestamps: bool) -> tuple[FloatArray, FloatArray | None]:
         """The first ``count`` entries' values (and timestamps), read now."""
@@ -151,9 +156,7 @@ class SlotIndex:
         if len(data) < self.used:
             raise Unreadable(f"{self.name} shrank to {len(data)} bytes")
         doubles = np.frombuffer(data, dtype="<f8", count=self.used // 8)
-        if self._word_array is None:
-            self._word_array = np.asarray(self.words, dtype=np.int64)
-        words = self._word_array[:count]
+        words = self.words[:count]
         return doubles[words], doubles[words + 1] if timestamps else None
 
     def close(self) -> None:

@@ -39,6 +39,10 @@ __all__ = [
 
 log = logging.getLogger("ml_wsgi_metrics")
 
+#: Fast compression: at level 9 (gzip's default) 5 MB of text take longer than merging them;
+#: level 1 is about 8x faster for about a third more bytes.
+GZIP_LEVEL = 1
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -240,7 +244,7 @@ class MetricsExposition:
         output = exposition_bytes(self._registry, encoder, self._namespace)
         headers = [("Content-Type", content_type)]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-            output = gzip.compress(output)
+            output = gzip.compress(output, compresslevel=GZIP_LEVEL)
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(output))))
         start_response("200 OK", headers)

@@ -22,7 +22,7 @@ import numpy as np
 from prometheus_client.metrics_core import Metric
 
 from . import _errors, _retired
-from ._merge_layout import MIN, RECENT, SET, SUM, Layout, build
+from ._merge_layout import MIN, RECENT, SET, SUM, Layout, build, signature
 from ._merge_render import Encoder, Rendering, metric_families
 from ._slot_index import IndexCache
 
@@ -157,12 +157,13 @@ class Merger:
         with self._lock:
             try:
                 files = self._files.current()
-                signature = tuple((f.name, f.inode, len(f.keys)) for f in files)
                 layout = self._layout
-                if layout is None or layout.signature != signature:
-                    layout = self._layout = build(files)
+                if layout is None or layout.signature != signature(files):
+                    if len(self._files.parse) > 2 * sum(len(f.ids) for f in files) + 1024:
+                        self._files.reset()  # most keys parsed so far are gone: start afresh
+                        files = self._files.current()
+                    layout = self._layout = build(files, self._files.parse.keys)
                     self._renderings.clear()
-                    self._files.parse.forget_all_but(sum(len(f.keys) for f in files))
                 result = _combine(layout)
             finally:
                 self._files.release()

@@ -48,11 +48,11 @@ class Unreadable(ValueError):
     """A file whose key region is not prometheus_client's layout."""
 
 
-def _parse_entries(data: bytes, start: int) -> tuple[list[str], list[int]]:
+def _parse_entries(data: bytes, start: int) -> tuple[list[bytes], list[int]]:
     """Keys and value word indexes of the entries in ``data``, the file's bytes from ``start``
     (a multiple of 8) to the end of its key region, walked as prometheus_client's
     ``_read_all_values`` walks them (same padding, same bounds)."""
-    keys: list[str] = []
+    keys: list[bytes] = []
     words: list[int] = []
     unpack = _INT.unpack_from
     end = len(data)
@@ -63,43 +63,44 @@ def _parse_entries(data: bytes, start: int) -> tuple[list[str], list[int]]:
             if length < 0 or length + pos > end:
                 raise Unreadable(f"an entry at {start + pos} runs beyond the key region")
             pos += 4
-            keys.append(data[pos : pos + length].decode("utf-8"))
+            keys.append(data[pos : pos + length])
             pos += length + (8 - (length + 4) % 8)
             if pos + 16 > end:
                 raise Unreadable(f"a value at {start + pos} lies beyond the key region")
             words.append((start + pos) // 8)
             pos += 16
-    except (UnicodeDecodeError, struct.error) as error:
+    except struct.error as error:
         raise Unreadable(f"corrupt entry at {start + pos}: {error!r}") from error
     return keys, words
 
 
 class KeyParser:
-    """Parses keys (prometheus_client's ``mmap_key`` JSON) once for all files: workers' files
-    mostly hold the same keys."""
+    """Parses keys (prometheus_client's ``mmap_key`` JSON) once for all files, and numbers
+    them: workers' files mostly hold the same keys."""
 
     def __init__(self) -> None:
-        self._parsed: dict[str, Key] = {}
+        self._ids: dict[bytes, int] = {}  # by the key's bytes: most are known, not decoded
+        self.keys: list[Key] = []  # by id
 
-    def __call__(self, key: str) -> Key:
-        parsed = self._parsed.get(key)
-        if parsed is None:
+    def __call__(self, key: bytes) -> int:
+        """The id of ``key`` (UTF-8 JSON). Raises :class:`Unreadable`."""
+        key_id = self._ids.get(key)
+        if key_id is None:
             try:
-                metric_name, name, labels, help_text = json.loads(key)
+                metric_name, name, labels, help_text = json.loads(key.decode("utf-8"))
                 labels_key = tuple(
                     (sys.intern(label), sys.intern(value))
                     for label, value in sorted(labels.items())
                 )  # interned: workers' keys share names and values
                 metric_name, name = sys.intern(metric_name), sys.intern(name)
-            except (ValueError, TypeError, AttributeError) as error:
+            except (ValueError, TypeError, AttributeError) as error:  # UnicodeDecodeError too
                 raise Unreadable(f"corrupt key {key[:200]!r}: {error!r}") from error
-            parsed = self._parsed[key] = (metric_name, name, labels_key, help_text)
-        return parsed
+            key_id = self._ids[key] = len(self.keys)
+            self.keys.append((metric_name, name, labels_key, help_text))
+        return key_id
 
-    def forget_all_but(self, live: int) -> None:
-        """Start afresh when most parsed keys are no longer in any file."""
-        if len(self._parsed) > 2 * live + 1024:
-            self._parsed.clear()
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class SlotIndex:
@@ -107,8 +108,9 @@ class SlotIndex:
 
     __slots__ = (
         "_fd",
+        "families",
+        "ids",
         "inode",
-        "keys",
         "mode",
         "name",
         "pid",
@@ -126,7 +128,8 @@ class SlotIndex:
         self._fd = fd
         self.inode = inode
         self.used = 8
-        self.keys: list[Key] = []
+        self.ids: IntArray = np.zeros(0, dtype=np.int64)  # each entry's key id
+        self.families: dict[str, str] = {}  # metric name -> help, in first-appearance order
         self.words: IntArray = np.zeros(0, dtype=np.int64)  # each value's word in the file
 
     def refresh(self, parse: KeyParser) -> None:
@@ -136,7 +139,7 @@ class SlotIndex:
             return  # being created: no entries yet
         used = _INT.unpack_from(header.ljust(8, b"\0"))[0]
         if used <= 0:  # prometheus_client reads no entries then
-            self.used, self.keys, self.words = 8, [], self.words[:0]
+            self.used, self.ids, self.words, self.families = 8, self.ids[:0], self.words[:0], {}
             return
         if used < self.used or used % 8:
             raise Unreadable(f"corrupt header: {used} bytes used")
@@ -145,8 +148,12 @@ class SlotIndex:
             if len(data) < used - self.used:
                 raise Unreadable(f"corrupt header: {used} bytes used of a shorter file")
             keys, words = _parse_entries(data, self.used)
-            parsed = [parse(key) for key in keys]  # all or nothing
-            self.keys += parsed
+            ids = [parse(key) for key in keys]  # all or nothing
+            parsed = parse.keys
+            for key_id in dict.fromkeys(ids):
+                metric_name, _, _, help_text = parsed[key_id]
+                self.families.setdefault(metric_name, help_text)
+            self.ids = np.concatenate((self.ids, np.asarray(ids, dtype=np.int64)))
             self.words = np.concatenate((self.words, np.asarray(words, dtype=np.int64)))
             self.used = used
 
@@ -185,6 +192,11 @@ class IndexCache:
         self._names = names  # a compiled pattern: only the files this package writes
         self._cache: dict[str, SlotIndex] = {}
         self._transient: list[SlotIndex] = []  # beyond MAX_OPEN: closed by release()
+        self.parse = KeyParser()
+
+    def reset(self) -> None:
+        """Forget every file and key: all are parsed again at the next listing."""
+        self.close()
         self.parse = KeyParser()
 
     def current(self) -> list[SlotIndex]:

@@ -8,6 +8,7 @@ its caches (keys, layout, rendered lines) meet files that grow, are replaced or 
 
 from __future__ import annotations
 
+import gzip
 import math
 import multiprocessing
 import random
@@ -23,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from support import wait_until
 
-from ml_wsgi_metrics import _errors, _merge, _retired, multiprocess
+from ml_wsgi_metrics import MetricsMiddleware, _errors, _merge, _retired, multiprocess
 from ml_wsgi_metrics.exposition import exposition_bytes, scrape_registry
 
 MODES = (
@@ -258,3 +259,24 @@ def test_concurrent_scrapes_share_one_merge(
     assert results == [expected] * 8
     merger.text(text_format)
     assert merger.merges == 2  # a scrape after that merge runs its own
+
+
+@pytest.mark.parametrize("accept", [None, "application/openmetrics-text; version=1.0.0"])
+def test_the_endpoint_serves_the_merge_in_either_format_gzipped_or_not(
+    accept: str | None, multiprocess_dir: Path, call: Callable[..., Any], hello: Any
+) -> None:
+    app = MetricsMiddleware(hello, registry=CollectorRegistry())
+    run_process(work, 1, slot="w0")
+    encoder = openmetrics if accept else text_format
+    expected = theirs(multiprocess_dir, encoder).removesuffix(b"# EOF\n")
+    headers = {"Accept": accept} if accept else {}
+
+    plain = call(app, "/metrics", headers=headers)
+    zipped = call(app, "/metrics", headers={**headers, "Accept-Encoding": "gzip"})
+    head = call(app, "/metrics", "HEAD", headers=headers)
+
+    assert plain.code == zipped.code == head.code == 200
+    assert plain.body.startswith(expected)  # then this process's own metrics' samples
+    assert plain.body.endswith(b"# EOF\n") is bool(accept)
+    assert gzip.decompress(zipped.body) == plain.body
+    assert head.body == b"" and head.header("Content-Length") == str(len(plain.body))

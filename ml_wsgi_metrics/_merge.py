@@ -14,8 +14,10 @@ waits for it and uses its result.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -113,6 +115,17 @@ def _recent_orders(layout: Layout, seen: BoolArray, first_set: IntArray) -> dict
     return orders
 
 
+#: Formats kept rendered at once (text, OpenMetrics, their escaping variants).
+MAX_RENDERINGS = 8
+
+
+def _encoder_key(encoder: Encoder) -> Hashable:
+    """The same for equal encoders: ``choose_encoder`` makes a new ``partial`` at every call."""
+    if isinstance(encoder, functools.partial):
+        return (encoder.func, encoder.args, tuple(sorted(encoder.keywords.items())))
+    return encoder
+
+
 class Merger:
     """Merges one directory's slot files; one per directory and process (:func:`merger_for`)."""
 
@@ -179,10 +192,13 @@ class Merger:
         """The merged families less retired versions' samples, encoded as ``encoder`` does
         (OpenMetrics: without ``# EOF``, which ends the whole exposition)."""
         result = self.merge()
+        key = _encoder_key(encoder)
         with self._lock:
-            rendering = self._renderings.get(encoder)
+            rendering = self._renderings.get(key)
             if rendering is None or rendering.layout is not result.layout:
-                rendering = self._renderings[encoder] = Rendering(result.layout, encoder)
+                if len(self._renderings) >= MAX_RENDERINGS:
+                    self._renderings.clear()
+                rendering = self._renderings[key] = Rendering(result.layout, encoder)
             rendering.hide(self._retired_samples(result.layout))
             text = rendering.render(result.values, result.orders)
         return text.encode("utf-8")

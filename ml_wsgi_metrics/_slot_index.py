@@ -28,7 +28,7 @@ __all__ = ["IndexCache", "Key", "KeyParser", "SlotIndex", "Unreadable"]
 
 #: Files kept open (and indexed) at most; others are parsed at every scrape (a directory of
 #: prometheus_client's own per-pid files may hold thousands).
-MAX_OPEN = 512
+MAX_OPEN = 256
 
 _INT = struct.Struct("<i")
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK

@@ -261,7 +261,13 @@ def test_concurrent_scrapes_share_one_merge(
     assert merger.merges == 2  # a scrape after that merge runs its own
 
 
-@pytest.mark.parametrize("accept", [None, "application/openmetrics-text; version=1.0.0"])
+PROMETHEUS_ACCEPT = (  # what Prometheus 2.42 sends
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize("accept", [None, PROMETHEUS_ACCEPT])
 def test_the_endpoint_serves_the_merge_in_either_format_gzipped_or_not(
     accept: str | None, multiprocess_dir: Path, call: Callable[..., Any], hello: Any
 ) -> None:
@@ -280,3 +286,5 @@ def test_the_endpoint_serves_the_merge_in_either_format_gzipped_or_not(
     assert plain.body.endswith(b"# EOF\n") is bool(accept)
     assert gzip.decompress(zipped.body) == plain.body
     assert head.body == b"" and head.header("Content-Length") == str(len(plain.body))
+    merger = _merge.merger_for(str(multiprocess_dir), multiprocess.SLOT_FILE)
+    assert len(merger._renderings) == 1  # each scrape's new encoder renders the same way

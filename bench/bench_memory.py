@@ -10,9 +10,12 @@ the service's model needs anyway). The *bare* worker serves its requests without
 signals for 20 features x 11 bins (counts and reference shares), 10 score bins, a confusion
 matrix and a latency histogram, plus three other workers' files of the same series. After the
 requests, it answers three ``/metrics`` scrapes (so the merge's caches are built). Both then
-report ``Rss`` and ``Pss`` from ``/proc/self/smaps_rollup``; the gain is the difference.
+report ``Rss``, private memory (``Private_Clean`` + ``Private_Dirty``) and ``Pss`` from
+``/proc/self/smaps_rollup``; the gains are the differences, in MiB. RSS counts every page the
+worker maps and is the one gated; PSS shares library pages among the processes mapping them, so
+on a machine running other Python processes it moves with them (printed, not gated).
 
-Exits 1 when the ML worker gains more than 10 MiB. A worker that imports no numpy of its own
+Exits 1 when the ML worker's RSS gains more than 10 MiB. A worker that imports no numpy of its own
 (the *plain* rows) also pays for numpy at its first scrape (the merge uses it): printed, not
 gated; serving scrapes from the master's port (``metrics_port``) keeps it out of workers.
 """
@@ -40,7 +43,8 @@ def memory_kib() -> dict[str, int]:
         for line in rollup.read().splitlines()[1:]:
             name, _, value = line.partition(":")
             fields[name] = int(value.split()[0])
-    return {"rss": fields["Rss"], "pss": fields["Pss"]}
+    private = fields["Private_Clean"] + fields["Private_Dirty"]
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "private": private}
 
 
 def flask_app() -> Any:
@@ -152,16 +156,17 @@ def main() -> int:
         variant, ml, directory = args.child
         print(json.dumps(child(variant, ml == "1", directory)))
         return 0
-    print(f"{'worker':<8} {'bare RSS':>9} {'ours RSS':>9} {'gain RSS':>9} {'gain PSS':>9}  (MiB)")
+    print(
+        f"{'worker':<8} {'bare RSS':>9} {'ours RSS':>9} {'gain RSS':>9} {'private':>9} {'PSS':>9}"
+    )
     worst = 0.0
     for ml in (True, False):
         bare, ours = measure("bare", ml), measure("instrumented", ml)
-        rss, pss = ((ours[k] - bare[k]) / 1024 for k in ("rss", "pss"))
-        name = "ML" if ml else "plain"
-        mib = (bare["rss"] / 1024, ours["rss"] / 1024, rss, pss)
-        print(f"{name:<8} " + " ".join(f"{value:>9.1f}" for value in mib))
+        rss, private, pss = ((ours[k] - bare[k]) / 1024 for k in ("rss", "private", "pss"))
+        mib = (bare["rss"] / 1024, ours["rss"] / 1024, rss, private, pss)
+        print(f"{'ML' if ml else 'plain':<8} " + " ".join(f"{value:>9.1f}" for value in mib))
         if ml:
-            worst = max(rss, pss)
+            worst = rss
     if worst > LIMIT_MIB:
         print(f"FAIL: the ML worker gains {worst:.1f} MiB, over {LIMIT_MIB:.0f} MiB")
         return 1

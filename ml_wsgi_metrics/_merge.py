@@ -1,4 +1,4 @@
-"""The merge behind ``/metrics`` in multiprocess mode: exact, about 20-100x faster, shared.
+"""The merge behind ``/metrics`` in multiprocess mode: exact, fast, shared by concurrent scrapes.
 
 The result is what prometheus_client's ``MultiProcessCollector`` gives over the same files, in
 the same order, sample for sample and bit for bit: files are read in the directory's order (that

@@ -84,7 +84,7 @@ def exposition_bytes(
 def _mapped_to_v4(network: Network) -> Network:
     """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: the form a dual-stack server's clients take."""
     if network.version == 6 and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+        mapped = network.network_address.ipv4_mapped
         if mapped is not None:
             return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
     return network
@@ -124,8 +124,8 @@ def _client_address(environ: dict[str, Any]) -> IPAddress | None:
         address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
     except ValueError:
         return None
-    if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return address.ipv4_mapped  # type: ignore[union-attr]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
     return address
 
 

@@ -1,13 +1,14 @@
 """Helpers of the fleet tests: an agent-mode Prometheus beside each instance, the central
-Prometheus that receives their remote writes and evaluates the rules, a real Alertmanager, and
-a webhook that records what Alertmanager delivers.
+Prometheus that receives their remote writes and evaluates the rules, and a real
+Alertmanager; the webhook that records what Alertmanager delivers is the fleet demo's.
 
 Each server runs the repository's own file (``prometheus/agent.yml``,
 ``prometheus/central.yml``, ``alertmanager.yml``) with the test's addresses and short
-intervals put in; the rest (job, external labels, grouping, receivers) is the file's. They
-build on :mod:`support` (its ``PrometheusServer`` and process handling)::
+intervals put in by the fleet demo's builders (:mod:`service.fleet_demo`); the rest (job,
+external labels, grouping, receivers) is the file's. They build on :mod:`support` (its
+``PrometheusServer`` and process handling)::
 
-    with WebhookReceiver() as webhook, AlertmanagerServer(webhook.url) as alertmanager, \\
+    with Webhook() as webhook, AlertmanagerServer(webhook.url) as alertmanager, \\
          CentralServer(rule_files=[rules], alertmanager=alertmanager.address) as central, \\
          AgentServer(service.address, central=central.url, host="web-1", storage=tmp) as agent:
         central.query('sum by (host) (http_requests_total)')
@@ -15,19 +16,25 @@ build on :mod:`support` (its ``PrometheusServer`` and process handling)::
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-import yaml
-from support import REPO, PrometheusServer, _Process, free_port, http_request, wait_until
+from support import PrometheusServer, _Process, free_port, http_request
+
+from service.fleet_demo import (
+    AGENT_FILE,
+    ALERTMANAGER_FILE,
+    CENTRAL_FILE,
+    Webhook,
+    agent_config,
+    alertmanager_config,
+    central_config,
+)
 
 __all__ = [
     "AGENT_FILE",
@@ -37,25 +44,14 @@ __all__ = [
     "AgentServer",
     "AlertmanagerServer",
     "CentralServer",
-    "WebhookReceiver",
-    "load_yaml",
+    "Webhook",
 ]
 
-AGENT_FILE = REPO / "prometheus" / "agent.yml"
-CENTRAL_FILE = REPO / "prometheus" / "central.yml"
-ALERTMANAGER_FILE = REPO / "alertmanager.yml"
 #: Debian's ``prometheus-alertmanager`` (the Makefile installs it).
 ALERTMANAGER = "prometheus-alertmanager"
 #: The agents' remote-write queue in tests: one shard and batches larger than a scrape, so a
 #: scrape mostly reaches the central server in one request, sent within a quarter second.
 TEST_QUEUE = {"max_shards": 1, "max_samples_per_send": 10000, "batch_send_deadline": "250ms"}
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file of the repository, as a dict."""
-    loaded = yaml.safe_load(path.read_text())
-    assert isinstance(loaded, dict), f"{path} is not a YAML mapping"
-    return loaded
 
 
 class AgentServer(PrometheusServer):
@@ -91,15 +87,7 @@ class AgentServer(PrometheusServer):
         ]
 
     def _config(self) -> dict[str, Any]:
-        config = load_yaml(AGENT_FILE)
-        config["global"].update(
-            scrape_interval=self.scrape_interval, scrape_timeout=self.scrape_interval
-        )
-        (job,) = config["scrape_configs"]
-        job["static_configs"] = [{"targets": self.targets}]
-        (remote,) = config["remote_write"]
-        remote.update(url=f"{self.central}/api/v1/write", queue_config=TEST_QUEUE)
-        return config
+        return agent_config(self.targets[0], self.central, self.scrape_interval, TEST_QUEUE)
 
 
 class CentralServer(PrometheusServer):
@@ -125,13 +113,7 @@ class CentralServer(PrometheusServer):
         self.alertmanager = alertmanager
 
     def _config(self) -> dict[str, Any]:
-        config = load_yaml(CENTRAL_FILE)
-        config["global"]["evaluation_interval"] = self.evaluation_interval
-        config["rule_files"] = self.rule_files
-        (manager,) = config["alerting"]["alertmanagers"]
-        manager["static_configs"] = [{"targets": [self.alertmanager]}]
-        assert not config.get("scrape_configs"), "the central server scrapes nothing"
-        return config
+        return central_config(self.rule_files, self.alertmanager, self.evaluation_interval)
 
 
 class AlertmanagerServer(_Process):
@@ -152,18 +134,11 @@ class AlertmanagerServer(_Process):
         self._made_directory = False
         super().__init__(self.directory / "alertmanager.log", startup_timeout=30.0)
 
-    def _config(self) -> dict[str, Any]:
-        config = load_yaml(ALERTMANAGER_FILE)
-        config["route"].update(group_wait=self.group_wait, group_interval=self.group_interval)
-        (receiver,) = config["receivers"]
-        (webhook,) = receiver["webhook_configs"]
-        webhook["url"] = self.webhook
-        return config
-
     def _start(self) -> None:
         self.directory.mkdir(mode=0o700)
         self._made_directory = True
-        (self.directory / "alertmanager.yml").write_text(json.dumps(self._config(), indent=2))
+        config = alertmanager_config(self.webhook, self.group_wait, self.group_interval)
+        (self.directory / "alertmanager.yml").write_text(json.dumps(config, indent=2))
         super()._start()
 
     def _command(self) -> list[str]:
@@ -193,61 +168,3 @@ class AlertmanagerServer(_Process):
         finally:
             if self._made_directory:
                 shutil.rmtree(self.directory, ignore_errors=True)
-
-
-class WebhookReceiver:
-    """An HTTP server on 127.0.0.1 that records the JSON of every POST (Alertmanager's
-    webhook notifications), in a thread, for a ``with``."""
-
-    def __init__(self, path: str = "/alerts") -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._received: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == receiver.path:
-                    with receiver._lock:
-                        receiver._received.append(json.loads(body))
-                self.send_response(200 if self.path == receiver.path else 404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # quiet
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{path}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def received(self) -> list[dict[str, Any]]:
-        """Every notification so far, in arrival order."""
-        with self._lock:
-            return list(self._received)
-
-    def wait_for(
-        self, condition: Callable[[dict[str, Any]], bool], timeout: float, message: str
-    ) -> dict[str, Any]:
-        """The first notification that meets ``condition``, waiting up to ``timeout`` s."""
-        return wait_until(
-            lambda: next((n for n in self.received() if condition(n)), None),
-            timeout,
-            interval=0.1,
-            message=f"{message}; received: {self.received()}",
-        )
-
-    def __enter__(self) -> WebhookReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()

@@ -33,6 +33,7 @@ from typing import Any
 import joblib
 import pandas as pd
 import pytest
+import yaml
 from e2e_support import (
     MODEL,
     ServiceServer,
@@ -59,10 +60,9 @@ from fleet_support import (
     AgentServer,
     AlertmanagerServer,
     CentralServer,
-    WebhookReceiver,
-    load_yaml,
+    Webhook,
 )
-from support import FEEDBACK_TOKEN, REPO, bearer, http_request, wait_until
+from support import FEEDBACK_TOKEN, REPO, bearer, http_request, parse_samples, wait_until
 
 from ml_wsgi_metrics import UNMATCHED
 from ml_wsgi_metrics.profile import ReferenceProfile
@@ -100,7 +100,7 @@ class Fleet:
     agents: list[AgentServer]
     central: CentralServer
     alertmanager: AlertmanagerServer
-    webhook: WebhookReceiver
+    webhook: Webhook
     stack: ExitStack
 
     def agent(self, index: int) -> AgentServer:
@@ -136,7 +136,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for i in range(HOSTS)
     ]
     with ExitStack() as stack:
-        webhook = stack.enter_context(WebhookReceiver())
+        webhook = stack.enter_context(Webhook())
         alertmanager = AlertmanagerServer(webhook.url)
         central = CentralServer(rule_files=[rules], alertmanager=alertmanager.address)
         fleet = Fleet(root, models, profiles, services, [], central, alertmanager, webhook, stack)
@@ -323,7 +323,8 @@ def test_the_fleet_files_pass_promtool_and_amtool() -> None:
     assert "SUCCESS: 1 rule files found" in checked and "churn_rules.yml" in checked
     _check("amtool", "check-config", str(ALERTMANAGER_FILE))
 
-    agent, central, manager = map(load_yaml, (AGENT_FILE, CENTRAL_FILE, ALERTMANAGER_FILE))
+    files = (AGENT_FILE, CENTRAL_FILE, ALERTMANAGER_FILE)
+    agent, central, manager = (yaml.safe_load(file.read_text()) for file in files)
     assert agent["global"]["external_labels"] == {"host": "${FLEET_HOST}"}
     assert [job["job_name"] for job in agent["scrape_configs"]] == ["flask_app"]
     assert [r["url"] for r in agent["remote_write"]] == ["http://127.0.0.1:9090/api/v1/write"]
@@ -350,6 +351,31 @@ def test_request_totals_from_the_central_server_equal_what_was_sent(scenario: Sc
     assert set(instances) == {(f"host-{i}", s.address) for i, s in enumerate(fleet.services)}
     rows = fleet.central.values("sum by (version) (model_predictions_total)", "version")
     assert rows == {(UNDRIFTED,): 900.0, (DRIFTED,): 900.0}
+
+
+#: The series Prometheus adds to every target's own: up, scrape_duration_seconds,
+#: scrape_samples_scraped, scrape_samples_post_metric_relabeling, scrape_series_added.
+SCRAPE_SERIES = 5
+
+
+def test_every_host_writes_its_own_series_to_the_central_server(scenario: Scenario) -> None:
+    """Each host's agent writes exactly its instance's series (and the scrape's own) under
+    its ``host`` label; prints the central server's series count for the three hosts."""
+    central = scenario.fleet.central
+    expected = {
+        (f"host-{i}",): float(len(parse_samples(http_request(s.url + "/metrics")[1].decode())))
+        + SCRAPE_SERIES
+        for i, s in enumerate(scenario.fleet.services)
+    }
+    written = 'count by (host) ({__name__=~".+", host!=""})'
+    assert central.values(written, "host") == expected
+    assert central.value('count({__name__=~".+", host=""})') is not None  # the rules' output
+    recorded = central.value('count({__name__=~".+", host=""})')
+    print(
+        f"\ncentral series, three hosts: {sum(expected.values()):.0f} written by the agents "
+        f"({', '.join(f'{n:.0f}' for n in expected.values())}), {recorded:.0f} recorded by the "
+        "rules (two model versions)"
+    )
 
 
 def _pooled_psi(fleet: Fleet, sent: Sent, version: str) -> dict[str, float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.server
 import json
 import os
@@ -354,10 +355,13 @@ class Fleet:
         )
 
     def start(self, stack: ExitStack) -> None:
-        for server in self.servers:
-            stack.push(server.__exit__)
+        """Start every server at once; ``stack`` stops them all at once."""
+        stack.callback(self._each, lambda server: server.__exit__(None, None, None))
+        self._each(lambda server: server.__enter__())
+
+    def _each(self, action: Callable[[_Server], Any]) -> None:
         with ThreadPoolExecutor(len(self.servers)) as pool:
-            list(pool.map(lambda server: server.__enter__(), self.servers))
+            list(pool.map(action, self.servers))
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query on the central server."""
@@ -436,12 +440,19 @@ def _shown(notification: dict[str, Any]) -> str:
     return json.dumps(shown | {"alerts": alerts}, indent=2)
 
 
-def _is_drift(status: str) -> Callable[[dict[str, Any]], bool]:
-    def matches(notification: dict[str, Any]) -> bool:
-        names = {alert["labels"].get("alertname") for alert in notification["alerts"]}
-        return notification["status"] == status and "ModelFeatureDrift" in names
+def _drifted_features(notification: dict[str, Any], status: str) -> set[str]:
+    """The features of the ``ModelFeatureDrift`` alerts of a notification of ``status``."""
+    if notification["status"] != status:
+        return set()
+    return {
+        alert["labels"]["feature"]
+        for alert in notification["alerts"]
+        if alert["labels"].get("alertname") == "ModelFeatureDrift"
+    }
 
-    return matches
+
+def _resolves(feature: str, notification: dict[str, Any]) -> bool:
+    return feature in _drifted_features(notification, "resolved")
 
 
 def run(models_dir: Path, out: Callable[[str], Any]) -> int:
@@ -474,15 +485,15 @@ def run(models_dir: Path, out: Callable[[str], Any]) -> int:
             f"http://{fleet.alertmanager}; webhook {webhook.url}"
         )
 
-        requests = int(RATE * 12)
+        requests = int(RATE * 8)
         say(f"undrifted: {requests} requests to each instance ...")
         with _Traffic(fleet, requests, drifted=False) as traffic:
             say(f"undrifted done: {traffic.wait()} rows scored")
-        requests = int(RATE * 25)
+        requests = int(RATE * 20)
         say(f"drifted (MonthlyCharges +10-20 %, more month-to-month): {requests} each ...")
         with _Traffic(fleet, requests, drifted=True) as traffic:
             say(f"drifted done: {traffic.wait()} rows scored")
-        webhook.wait_for(_is_drift("firing"), 60, "no drift notification")
+        webhook.wait_for(lambda n: bool(_drifted_features(n, "firing")), 60, "no drift alert")
         psi = fleet.query(f"topk(3, ml:feature_psi:{WINDOW})")
         say(
             "central PSI now: "
@@ -490,9 +501,12 @@ def run(models_dir: Path, out: Callable[[str], Any]) -> int:
         )
 
         say(f"undrifted again until the drift leaves the {WINDOW} window and resolves ...")
+        fired = set().union(*(_drifted_features(n, "firing") for n in webhook.received()))
         with _Traffic(fleet, int(RATE * 120), drifted=False) as traffic:
-            webhook.wait_for(_is_drift("resolved"), 120, "no resolved notification")
-        say(f"resolved; {traffic.wait()} more rows scored")
+            for feature in sorted(fired):
+                resolved = functools.partial(_resolves, feature)
+                webhook.wait_for(resolved, 120, f"the drift of {feature} never resolved")
+        say(f"resolved: {', '.join(sorted(fired))}; {traffic.wait()} more rows scored")
         (series,) = fleet.query('count({__name__=~".+"})')
         say(
             f"{len(webhook.received())} notifications delivered; the central server holds "

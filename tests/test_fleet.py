@@ -320,7 +320,7 @@ def test_the_fleet_files_pass_promtool_and_amtool() -> None:
     alerts Alertmanager, which groups by model, version and feature into a webhook."""
     _check("promtool", "check", "config", "--agent", str(AGENT_FILE))
     checked = _check("promtool", "check", "config", str(CENTRAL_FILE))
-    assert "SUCCESS: 1 rule files found" in checked and "churn_rules.yml" in checked
+    assert "rule files found" in checked and "churn_rules.yml" in checked
     _check("amtool", "check-config", str(ALERTMANAGER_FILE))
 
     files = (AGENT_FILE, CENTRAL_FILE, ALERTMANAGER_FILE)

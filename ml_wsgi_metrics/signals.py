@@ -296,6 +296,8 @@ def _class_indexes(model: CompiledModel, classes: Any, rows: int) -> tuple[list[
     looked up once); :data:`NONE` for rows without a class."""
     if classes is None:
         return [], np.full(rows, NONE, dtype=np.intp)
+    if isinstance(classes, np.ndarray):
+        classes = classes.tolist()
     try:
         distinct = dict.fromkeys(classes)
     except TypeError:  # a 0-d array given as one row's class: looked up by its text

@@ -113,17 +113,17 @@ class NumericSeries:
 
     def record(self, value: float) -> int | None:
         """Count one value; returns its bin, or ``None`` when missing."""
-        if value != value or value == _INF or value == -_INF:
+        if not -_INF < value < _INF:  # NaN or infinite
             self.missing(1)
             return None
         index = bisect_left(self.edges, value)
         self.bins[index](1)
-        if value > 0:
-            self.positive(value)
+        if value:
             self.squares(value * value)
-        elif value < 0:
-            self.negative(-value)
-            self.squares(value * value)
+            if value > 0:
+                self.positive(value)
+            else:
+                self.negative(-value)
         if value < self.low or value > self.high:
             self.oor(1)
         return index
@@ -246,7 +246,8 @@ def record_row(
     value = None if score is None else to_float(score)
     with storage_lock():  # one lock for all the updates (slot values add unlocked)
         for feature in model.numeric:
-            feature.record(to_float(get(feature.name)))
+            raw = get(feature.name)
+            feature.record(raw if raw.__class__ is float else to_float(raw))
         for categorical in model.categorical:
             categorical.record(get(categorical.name))
         if value is not None:

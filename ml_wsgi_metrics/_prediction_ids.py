@@ -77,7 +77,9 @@ class InvalidPredictionId(ValueError):
 def _key_list(secret_key: Any) -> list[bytes]:
     """The secret keys as bytes, oldest first (a list rotates keys: newest last)."""
     keys = list(secret_key) if isinstance(secret_key, list | tuple) else [secret_key]
-    return [k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in keys]
+    if not all(isinstance(k, str | bytes) for k in keys):
+        raise ValueError("secret_key: a str or bytes, or a list of them (newest last)")
+    return [k.encode("utf-8") if isinstance(k, str) else k for k in keys]
 
 
 def _mac_key(secret: bytes) -> bytes:

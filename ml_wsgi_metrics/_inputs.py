@@ -112,6 +112,9 @@ def numeric_matrix(inputs: Any, column: Column, names: list[str], rows: int) -> 
     """The ``(rows, len(names))`` float matrix of the named columns (absent: all NaN)."""
     if hasattr(inputs, "reindex"):  # DataFrame: one conversion for all numeric columns
         try:
+            if list(inputs.columns) == names:  # exactly the features: no copy of the frame
+                exact: FloatArray = inputs.to_numpy(dtype=np.float64, na_value=_NAN)
+                return exact
             converted: FloatArray = inputs.reindex(columns=names).to_numpy(
                 dtype=np.float64, na_value=_NAN
             )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ._inputs import (
     FloatArray,
@@ -51,6 +52,7 @@ __all__ = [
 NO_CLASS = "__none__"
 
 _INF = math.inf
+_COMPARED_EDGES = 16  # up to this many edges, binned by comparisons, not searchsorted
 
 Inc = Callable[[float], None]
 #: Increments per slot to apply: the slots' adders and one amount per slot.
@@ -111,17 +113,17 @@ class NumericSeries:
 
     def record(self, value: float) -> int | None:
         """Count one value; returns its bin, or ``None`` when missing."""
-        if value != value or value == _INF or value == -_INF:
+        if not -_INF < value < _INF:  # NaN or infinite
             self.missing(1)
             return None
         index = bisect_left(self.edges, value)
         self.bins[index](1)
-        if value > 0:
-            self.positive(value)
+        if value:
             self.squares(value * value)
-        elif value < 0:
-            self.negative(-value)
-            self.squares(value * value)
+            if value > 0:
+                self.positive(value)
+            else:
+                self.negative(-value)
         if value < self.low or value > self.high:
             self.oor(1)
         return index
@@ -151,21 +153,41 @@ class NumericBlock:
         )
         self.low = np.asarray([c.low for c in series], dtype=np.float64)
         self.high = np.asarray([c.high for c in series], dtype=np.float64)
+        # Edges as rows of (edge k of every column), +inf past a column's last edge.
+        deepest = max((len(e) for e in self.edges), default=0)
+        self.edge_rows = np.full((deepest, len(series)), _INF)
+        for j, edges in enumerate(self.edges):
+            self.edge_rows[: len(edges), j] = edges
 
-    def amounts(self, matrix: FloatArray) -> FloatArray:
+    def codes(self, matrix: FloatArray) -> npt.NDArray[np.intp]:
+        """Each value's bin slot (NaN: the first bin), as ``bisect_left`` on its edges."""
+        if len(self.edge_rows) <= _COMPARED_EDGES:  # counted edge by edge: all columns at once
+            below = np.zeros(matrix.shape, dtype=np.uint8)
+            for edge_row in self.edge_rows:
+                np.add(below, matrix > edge_row, out=below, casting="unsafe")
+            return np.add(below, self.bin_base, dtype=np.intp)
         codes = np.empty(matrix.shape, dtype=np.intp)
         for j, edges in enumerate(self.edges):
             codes[:, j] = np.searchsorted(edges, matrix[:, j], side="left")
-        codes += self.bin_base
+        return codes + self.bin_base
+
+    def amounts(self, matrix: FloatArray) -> FloatArray:
+        matrix = np.ascontiguousarray(matrix)
+        codes = self.codes(matrix)
         finite = np.isfinite(matrix)
-        np.copyto(codes, self.missing, where=~finite)
+        values = matrix
+        all_finite = bool(finite.all())
+        if not all_finite:
+            np.copyto(codes, self.missing, where=~finite)
+            values = np.where(finite, matrix, 0.0)
         amounts = np.bincount(codes.ravel(), minlength=len(self.incs)).astype(np.float64)
-        values = np.where(finite, matrix, 0.0)
         outside = (values < self.low) | (values > self.high)
-        amounts[self.out_of_range] = (outside & finite).sum(axis=0)
-        amounts[self.positive] = np.where(values > 0, values, 0.0).sum(axis=0)
-        amounts[self.negative] = -np.where(values < 0, values, 0.0).sum(axis=0)
-        amounts[self.squares] = np.square(values).sum(axis=0)
+        if not all_finite:
+            outside &= finite
+        amounts[self.out_of_range] = np.add.reduce(outside, axis=0, dtype=np.intp)
+        amounts[self.positive] = np.maximum(values, 0.0).sum(axis=0)
+        amounts[self.negative] = -np.minimum(values, 0.0).sum(axis=0)
+        amounts[self.squares] = np.einsum("ij,ij->j", values, values)
         return amounts
 
 
@@ -224,7 +246,8 @@ def record_row(
     value = None if score is None else to_float(score)
     with storage_lock():  # one lock for all the updates (slot values add unlocked)
         for feature in model.numeric:
-            feature.record(to_float(get(feature.name)))
+            raw = get(feature.name)
+            feature.record(raw if raw.__class__ is float else to_float(raw))
         for categorical in model.categorical:
             categorical.record(get(categorical.name))
         if value is not None:
@@ -254,10 +277,7 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         score_values = positive_scores(scores if not is_scalar(scores) else [scores]).copy()
         rows = check_rows(rows, len(score_values), "scores")
     if classes is not None:
-        class_values = classes.tolist() if hasattr(classes, "tolist") else classes
-        if is_scalar(class_values):
-            class_values = [class_values]
-        class_values = list(class_values)
+        class_values = _class_values(classes)
         rows = check_rows(rows, len(class_values), "classes")
     rows = 1 if rows is None else rows
 
@@ -267,15 +287,37 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
         updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
-    class_amounts = np.zeros(len(model.classes))
-    if class_values is None:
-        class_amounts[model.class_codes[NO_CLASS]] = rows
-    else:
-        for label, count in Counter(class_values).items():
-            class_amounts[model.class_code(label)] += count
-    updates.append((model.class_incs, class_amounts))
+    updates.append((model.class_incs, _class_amounts(model, class_values, rows)))
     apply_updates(updates)
     return Batch(rows, class_values, score_values)
+
+
+def _class_values(classes: Any) -> Any:
+    """A copy of the predicted classes: a list, or a 1-d array of strings (counted by
+    comparison)."""
+    if isinstance(classes, np.ndarray) and classes.ndim == 1 and classes.dtype.kind == "U":
+        return classes.copy()
+    values = classes.tolist() if hasattr(classes, "tolist") else classes
+    return [values] if is_scalar(values) else list(values)
+
+
+def _class_amounts(model: CompiledModel, values: Any, rows: int) -> FloatArray:
+    """Predictions per class slot; an array of strings is compared with each profile class,
+    then only the rest is counted by hashing."""
+    amounts = np.zeros(len(model.classes))
+    if values is None:
+        amounts[model.class_codes[NO_CLASS]] = rows
+        return amounts
+    if isinstance(values, np.ndarray):
+        rest = np.ones(rows, dtype=bool)
+        for code, label in enumerate(model.profile.classes or ()):
+            match = values == label
+            amounts[code] = np.count_nonzero(match)
+            rest &= ~match
+        values = values[rest].tolist() if amounts.sum() < rows else []
+    for label, count in Counter(values).items():
+        amounts[model.class_code(label)] += count
+    return amounts
 
 
 def _input_updates(

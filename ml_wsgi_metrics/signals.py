@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _config, _context, _settings
@@ -46,7 +46,7 @@ from ._config import LIVE_VERSIONS_ENV, Config, resolve
 from ._feedback import Feedback, count_feedback
 from ._inputs import is_missing, is_scalar
 from ._model import CompiledModel
-from ._prediction_ids import REJECT_REASONS, SECRET_KEY_ENV, InvalidPredictionId
+from ._prediction_ids import NONE, REJECT_REASONS, SECRET_KEY_ENV, IntArray, InvalidPredictionId
 from ._recorders import NO_CLASS, record_batch, record_row
 from .profile import ReferenceProfile
 
@@ -276,19 +276,11 @@ class Prediction:
     def ids(self) -> list[str]:
         """One prediction id per row: a signed token carrying model, version, class, bin, time."""
         if self._ids is None:
-            model = self._compiled
-            classes: list[str | None] = [None] * self.rows
-            if self._classes is not None:
-                labels = [model.classes[model.class_code(c)] for c in self._classes]
-                classes = [None if label == NO_CLASS else label for label in labels]
-            bins: list[int | None] = [None] * self.rows
-            edges = model.score.edges
-            if self._scores is not None and edges:
-                finite = math.isfinite
-                bins = [bisect_left(edges, s) if finite(s) else None for s in self._scores]
-            stamp = round(self._time, 3)
-            signer = self._config.signer
-            self._ids = signer.sign_rows(self.model, self.version, classes, bins, stamp)
+            labels, classes = _class_indexes(self._compiled, self._classes, self.rows)
+            bins = _score_bins(self._compiled, self._scores, self.rows)
+            self._ids = self._config.signer.sign_rows(
+                self.model, self.version, labels, classes, bins, self._time
+            )
         return self._ids
 
     @property
@@ -297,6 +289,36 @@ class Prediction:
         if self.rows != 1:
             raise ValueError(f"id: this prediction has {self.rows} rows; use .ids")
         return self.ids[0]
+
+
+def _class_indexes(model: CompiledModel, classes: Any, rows: int) -> tuple[list[str], IntArray]:
+    """The predicted classes as indexes into a table of the labels they have (each class
+    looked up once); :data:`NONE` for rows without a class."""
+    if classes is None:
+        return [], np.full(rows, NONE, dtype=np.intp)
+    if isinstance(classes, np.ndarray):
+        classes = classes.tolist()
+    try:
+        distinct = dict.fromkeys(classes)
+    except TypeError:  # a 0-d array given as one row's class: looked up by its text
+        classes = [c if isinstance(c, Hashable) else str(c) for c in classes]
+        distinct = dict.fromkeys(classes)
+    table: dict[str, int] = {}
+    index: dict[Any, int] = {}
+    for value in distinct:
+        label = model.classes[model.class_code(value)]
+        index[value] = NONE if label == NO_CLASS else table.setdefault(label, len(table))
+    return list(table), np.fromiter(map(index.__getitem__, classes), np.intp, count=rows)
+
+
+def _score_bins(model: CompiledModel, scores: Any, rows: int) -> IntArray:
+    """Each row's score bin (as recorded); :data:`NONE` without a score or reference bins."""
+    if scores is None or not model.score.edges:
+        return np.full(rows, NONE, dtype=np.intp)
+    values = np.asarray(scores, dtype=np.float64)
+    bins: IntArray = np.searchsorted(model.score_block.edges[0], values, side="left")
+    bins[~np.isfinite(values)] = NONE
+    return bins
 
 
 def record_prediction(

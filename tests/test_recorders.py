@@ -25,6 +25,7 @@ from ml_wsgi_metrics.profile import (
     CategoricalProfile,
     NumericProfile,
     ReferenceProfile,
+    build_profile,
 )
 from ml_wsgi_metrics.signals import NO_CLASS, REJECT_REASONS
 from ml_wsgi_metrics.testing import isolated_signals
@@ -324,3 +325,41 @@ def test_text_in_a_numeric_feature_is_parsed_or_missing(registry: CollectorRegis
     signals.record_prediction(frame)
     assert value(registry, "model_feature_missing_total", feature="delta") == 3
     assert value(registry, "model_feature_sum_total", feature="delta", sign="positive") == 12.5
+
+
+@pytest.mark.parametrize("bins", [10, 30], ids=["edges-compared", "edges-searched"])
+def test_a_batch_records_what_its_rows_record(bins: int) -> None:
+    """Both binnings of a batch (edge by edge up to 16 edges, searchsorted beyond) and the
+    classes given as an array of strings count exactly what one call per row counts."""
+    rng = np.random.default_rng(5)
+    reference = pd.DataFrame({"x": rng.normal(0, 3, 2000), "y": rng.uniform(-1, 9, 2000)})
+    profile = build_profile(
+        reference, model="churn", version="3", scores=rng.random(2000), classes=CLASSES, bins=bins
+    )
+    x = [*rng.normal(0, 4, 300), math.nan, math.inf, -math.inf, 0.0, *profile.features[0].edges]
+    columns = {"x": x, "y": list(rng.uniform(-2, 10, len(x)))}
+    scores = list(rng.random(len(x)))
+    classes = np.asarray(rng.choice(["Yes", "No", "Maybe", NO_CLASS], len(x)))
+    recorded = []
+    for batch in (True, False):
+        with isolated_signals() as registry:
+            signals.register_model(profile)
+            if batch:
+                signals.record_prediction(columns, scores=np.asarray(scores), classes=classes)
+            else:
+                for row, score, label in zip(rows_of(columns), scores, classes, strict=True):
+                    signals.record_prediction(row, scores=score, classes=str(label))
+            recorded.append(
+                {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for m in registry.collect()
+                    for s in m.samples
+                    if not s.name.endswith("_created")
+                }
+            )
+    batch_samples, row_samples = recorded
+    counts = {k: v for k, v in batch_samples.items() if "_sum" not in k[0]}
+    assert counts == {k: v for k, v in row_samples.items() if "_sum" not in k[0]}
+    assert batch_samples == pytest.approx(row_samples, rel=1e-12)  # sums: another order
+    predicted = [v for k, v in counts.items() if k[0] == "model_predictions_total"]
+    assert sum(predicted) == len(x)

@@ -227,9 +227,11 @@ def record_row(
             feature.record(to_float(get(feature.name)))
         for categorical in model.categorical:
             categorical.record(get(categorical.name))
+        code = model.class_code(predicted)
         if value is not None:
             model.score.record(value)
-        model.class_incs[model.class_code(predicted)](1)
+            model.expected.record(value, code)
+        model.class_incs[code](1)
     return value
 
 
@@ -268,12 +270,17 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
     if score_values is not None:
         updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
     class_amounts = np.zeros(len(model.classes))
+    codes: dict[Any, int] = {}  # each distinct predicted class's index
     if class_values is None:
         class_amounts[model.class_codes[NO_CLASS]] = rows
     else:
         for label, count in Counter(class_values).items():
-            class_amounts[model.class_code(label)] += count
+            codes[label] = code = model.class_code(label)
+            class_amounts[code] += count
     updates.append((model.class_incs, class_amounts))
+    if score_values is not None:
+        expected = model.expected.amount(score_values, classes, codes)
+        updates.append(([model.expected.inc], np.array([expected])))
     apply_updates(updates)
     return Batch(rows, class_values, score_values)
 

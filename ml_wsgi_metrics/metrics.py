@@ -596,6 +596,19 @@ class ModelMetrics:
             multiprocess_mode="max",
             **common,
         )
+        self.expected_correct = counter(
+            "model_expected_correct",
+            "Predicted-class probability summed over predictions with a finite score: the "
+            "correct predictions a calibrated model expects.",
+            model,
+        )
+        self.reference_estimated_accuracy = Gauge(
+            "model_reference_estimated_accuracy",
+            "Mean predicted-class probability on held-out data, from the profile.",
+            model,
+            multiprocess_mode="max",
+            **common,
+        )
         self.confusion = counter(
             "model_confusion",
             "Ground truth received, by predicted and actual class.",

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._expected import estimate_accuracy
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -33,6 +35,7 @@ __all__ = [
     "NumericProfile",
     "ReferenceProfile",
     "build_profile",
+    "estimate_accuracy",
     "positive_scores",
 ]
 
@@ -175,6 +178,9 @@ class ReferenceProfile:
     """The reference of one model version: features, score, classes and row count ``rows``.
 
     ``accuracy`` (optional) is the model's held-out accuracy; the accuracy-drop alert uses it.
+    ``estimated_accuracy`` (optional) is its mean predicted-class probability on the same rows
+    (:func:`estimate_accuracy`), what live estimated accuracy is compared with; the gap between
+    the two says how well calibrated the model is.
     """
 
     model: str
@@ -184,6 +190,7 @@ class ReferenceProfile:
     score: NumericProfile | None = None
     classes: tuple[str, ...] | None = None
     accuracy: float | None = None
+    estimated_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "version"):
@@ -205,8 +212,10 @@ class ReferenceProfile:
                 raise _fail("classes", "must be non-empty strings")
             if len(set(self.classes)) != len(self.classes):
                 raise _fail("classes", "must be unique")
-        if self.accuracy is not None and not (0 <= self.accuracy <= 1):
-            raise _fail("accuracy", f"must be in [0, 1], got {self.accuracy!r}")
+        for name in ("accuracy", "estimated_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value <= 1):
+                raise _fail(name, f"must be in [0, 1], got {value!r}")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -227,6 +236,7 @@ class ReferenceProfile:
             "rows": self.rows,
             "classes": list(self.classes) if self.classes is not None else None,
             "accuracy": self.accuracy,
+            "estimated_accuracy": self.estimated_accuracy,
             "score": self.score.to_dict() if self.score is not None else None,
             "features": [f.to_dict() for f in self.features],
         }
@@ -245,6 +255,7 @@ class ReferenceProfile:
             features = tuple(_feature_from_dict(f) for f in _list(data, "features"))
             score = data.get("score")
             classes = data.get("classes")
+            estimate = data.get("estimated_accuracy")  # absent from older profiles
             return cls(
                 model=data["model"],
                 version=data["version"],
@@ -253,6 +264,7 @@ class ReferenceProfile:
                 score=_numeric_from_dict(score) if score is not None else None,
                 classes=tuple(_list(data, "classes")) if classes is not None else None,
                 accuracy=_number(data["accuracy"]) if data.get("accuracy") is not None else None,
+                estimated_accuracy=_number(estimate) if estimate is not None else None,
             )
         except KeyError as missing:
             raise _fail("keys", f"missing key {missing}") from None
@@ -425,6 +437,7 @@ def build_profile(
     classes: list[str] | None = None,
     bins: int = 10,
     accuracy: float | None = None,
+    estimated_accuracy: float | None = None,
     max_categories: int = MAX_CATEGORIES,
     min_category_share: float = MIN_CATEGORY_SHARE,
 ) -> ReferenceProfile:
@@ -433,6 +446,8 @@ def build_profile(
     Numeric dtypes (bool excluded) are binned at the reference quantiles ``1/bins .. (bins-1)/
     bins``; object, string, category and bool columns are categorical. NaN, None and
     infinities are missing. ``classes`` are the model's class labels (as strings).
+    ``accuracy`` and ``estimated_accuracy`` are measured on held-out rows, the second with
+    :func:`estimate_accuracy`.
     """
     import pandas as pd
 
@@ -477,6 +492,7 @@ def build_profile(
         score=score,
         classes=_class_labels(classes) if classes is not None else None,
         accuracy=accuracy,
+        estimated_accuracy=estimated_accuracy,
     )
 
 

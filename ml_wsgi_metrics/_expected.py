@@ -3,7 +3,8 @@
 Owns how one prediction's expected correctness is read from its score and predicted class
 (the predicted class's probability, as NannyML's CBPE has it), for the recording path
 (:class:`ExpectedCorrect`, one add per call) and for a profile's held-out estimate
-(:func:`estimate_accuracy`): the same rule in both, so live and reference agree.
+(:func:`mean_expected`, behind :func:`ml_wsgi_metrics.profile.estimate_accuracy`): one rule
+for both, so live and reference agree.
 
 The score is a probability, clipped to ``[0, 1]``; non-finite scores count nowhere. With a
 profile of two classes the score is the second class's probability (scikit-learn's
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["EITHER", "NEGATIVE", "POSITIVE", "ExpectedCorrect", "estimate_accuracy", "kinds"]
+__all__ = ["EITHER", "NEGATIVE", "POSITIVE", "ExpectedCorrect", "kinds", "mean_expected"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -89,17 +90,9 @@ class ExpectedCorrect:
         return sum(_sum(clipped[finite & (row_kinds == k)], k) for k in present)
 
 
-def estimate_accuracy(
-    scores: Any, predicted: Any = None, *, classes: Sequence[str] | None = None
-) -> float:
-    """The mean predicted-class probability of rows (a profile's held-out estimate): what a
-    calibrated model expects its accuracy to be on them, read as the recording path reads it.
-
-    :param scores: one probability per row (the second class's, for two ``classes``).
-    :param predicted: the predicted class per row (compared as strings), or ``None``.
-    :param classes: the profile's classes.
-    """
-    values = np.asarray(scores, dtype=np.float64).ravel()
+def mean_expected(values: FloatArray, predicted: Any, classes: Sequence[str] | None) -> float:
+    """The mean expected correctness of rows with a finite score (see
+    :func:`ml_wsgi_metrics.profile.estimate_accuracy`)."""
     labels = tuple(classes or ())
     other = len(labels)  # the index of any other label, or of none
     expected = ExpectedCorrect(kinds((*labels, ""), labels), other, lambda amount: None)

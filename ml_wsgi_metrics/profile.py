@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._expected import estimate_accuracy
+from ._expected import mean_expected
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -366,6 +366,20 @@ def positive_scores(scores: Any) -> np.ndarray:
     if array.ndim != 1:
         raise ValueError(f"scores: expected one score per row, got shape {array.shape}")
     return array
+
+
+def estimate_accuracy(
+    scores: Any, predicted: Any = None, *, classes: Sequence[str] | None = None
+) -> float:
+    """The mean predicted-class probability of rows, read as live predictions are: what a
+    calibrated model expects its accuracy on them to be (a profile's ``estimated_accuracy``,
+    from held-out rows).
+
+    :param scores: as :func:`~ml_wsgi_metrics.signals.record_prediction` takes them.
+    :param predicted: the predicted class per row (compared as strings), or ``None``.
+    :param classes: the profile's classes.
+    """
+    return mean_expected(positive_scores(scores), predicted, classes)
 
 
 def round_edges(quantiles: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         "min_labels": (int, "no accuracy alert with fewer labelled predictions"),
         "min_accuracy": (float, "fixed accuracy threshold (default: from the profile)"),
         "accuracy_drop": (float, "smallest accuracy drop that alerts"),
+        "estimate_drop": (
+            float,
+            "smallest estimated-accuracy drop (below the held-out estimate) that alerts",
+        ),
         "error_ratio": (float, "5xx share of requests that alerts"),
         "min_requests": (int, "no error-rate alert with fewer requests in ops-window"),
         "max_prediction_latency": (float, "p95 prediction latency (seconds) that alerts"),

@@ -1,5 +1,4 @@
-"""gunicorn and Prometheus as child processes: the demo's servers, and the tests' (the test
-helpers in ``tests/support.py`` build on these classes).
+"""gunicorn and Prometheus as child processes: what ``python -m service.demo`` starts.
 
 Each server runs in its own process group (a new session: a Ctrl-C in the terminal reaches
 only the parent, which then stops the children), binds 127.0.0.1 only, logs to a file, is
@@ -12,6 +11,12 @@ its log in the error's notes.
                     log_path=tmp / "prometheus.log") as prometheus:
         prometheus.wait_for_targets(["127.0.0.1:8000"])
         prometheus.query("sum by (route) (rate(http_requests_total[1m]))")
+
+The tests start the same servers: ``tests/support.py`` builds its ``GunicornServer``,
+``UwsgiServer`` and ``PrometheusServer`` on these classes and adds what only tests need (free
+ports, a clean environment, temporary files, worker pids). The launcher lives here, beside the
+demo, because the demo runs from a checkout without the tests, while the tests depend on the
+service anyway.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ __all__ = [
     "free_port",
     "http_request",
     "port_is_free",
+    "prometheus_config",
     "wait_until",
+    "write_config",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +86,40 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(message or f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def prometheus_config(
+    targets: Sequence[str],
+    *,
+    job: str,
+    scrape_interval: str,
+    evaluation_interval: str | None = None,
+    scrape_timeout: str | None = None,
+    metrics_path: str = "/metrics",
+    rule_files: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A Prometheus configuration scraping ``targets`` as one job: the dict to write with
+    :func:`write_config`."""
+    interval = {"scrape_interval": scrape_interval}
+    if scrape_timeout is not None:
+        interval["scrape_timeout"] = scrape_timeout
+    interval["evaluation_interval"] = evaluation_interval or scrape_interval
+    return {
+        "global": interval,
+        "rule_files": list(rule_files),
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "metrics_path": metrics_path,
+                "static_configs": [{"targets": list(targets)}],
+            }
+        ],
+    }
+
+
+def write_config(path: str | os.PathLike[str], config: Mapping[str, Any]) -> None:
+    """Write a Prometheus configuration as YAML (JSON is YAML: no YAML library needed)."""
+    Path(path).write_text(json.dumps(config, indent=2) + "\n")
 
 
 class _Received:
@@ -393,15 +434,6 @@ class Prometheus(_Process):
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
-
-    def value(self, promql: str) -> float | None:
-        """The single value of an instant query, or ``None`` when it returns nothing."""
-        result = self.query(promql)
-        if not result:
-            return None
-        if len(result) != 1:
-            raise ValueError(f"{promql!r} returned {len(result)} series")
-        return float(result[0]["value"][1])
 
     def values(self, promql: str, *labels: str) -> dict[tuple[str, ...], float]:
         """An instant query's values keyed by the given labels' values."""

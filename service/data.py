@@ -170,24 +170,53 @@ def _calibrated_intercept(logit: np.ndarray, rate: float) -> float:
 
 
 def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFrame:
-    """A synthetic churn table with the Telco schema; the same ``seed`` gives the same frame."""
+    """A synthetic churn table with the Telco schema; the same ``seed`` gives the same frame.
+
+    Each step below draws from ``rng`` in turn (the order is part of the seed's contract).
+    """
     if n_rows < 1:
         raise ValueError(f"n_rows must be at least 1, got {n_rows}")
     rng = np.random.default_rng(seed)
-    n = n_rows
+    draws = _people(rng, n_rows)
+    draws |= _contract(rng, draws)
+    draws |= _services(rng, draws)
+    draws |= _billing(rng, draws)
+    draws["churn"] = _churn(rng, draws)
+    return _frame(rng, draws)
 
+
+#: Arrays of one generated table, one value per customer, by name.
+_Draws = dict[str, np.ndarray]
+
+
+def _people(rng: np.random.Generator, n: int) -> _Draws:
+    """Gender, seniors, partners and dependents."""
     male = rng.random(n) < 0.505
     senior = rng.random(n) < 0.162
     partner = rng.random(n) < 0.483
     dependents = rng.random(n) < np.where(partner, 0.53, 0.10) * np.where(senior, 0.5, 1.0)
+    return {"male": male, "senior": senior, "partner": partner, "dependents": dependents}
 
-    # Contract from a latent loyalty score: families sign longer contracts, seniors shorter.
-    loyalty = 0.6 * partner + 0.4 * dependents - 0.4 * senior + rng.normal(0.0, 1.0, n)
+
+def _contract(rng: np.random.Generator, draws: _Draws) -> _Draws:
+    """Contract (0 month-to-month, 1 one year, 2 two year) and tenure: contract from a latent
+    loyalty score, families sign longer contracts, seniors shorter."""
+    n = len(draws["senior"])
+    loyalty = (
+        0.6 * draws["partner"]
+        + 0.4 * draws["dependents"]
+        - 0.4 * draws["senior"]
+        + rng.normal(0.0, 1.0, n)
+    )
     cuts = np.quantile(loyalty, [0.55, 0.76])
-    contract = np.searchsorted(cuts, loyalty, side="right")  # 0 M2M, 1 one year, 2 two year
-    tenure = _tenure(rng, contract)
-    long_stay = tenure / 72 - 0.45
+    contract = np.searchsorted(cuts, loyalty, side="right")
+    return {"contract": contract, "tenure": _tenure(rng, contract)}
 
+
+def _services(rng: np.random.Generator, draws: _Draws) -> _Draws:
+    """Phone lines, internet (0 DSL, 1 fiber, 2 none) and the add-ons."""
+    contract, tenure, senior = draws["contract"], draws["tenure"], draws["senior"]
+    n = len(tenure)
     phone = rng.random(n) < 0.903
     extra_lines = phone & (rng.random(n) < 0.28 + 0.4 * tenure / 72)
 
@@ -202,7 +231,7 @@ def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFra
     )
     weights = np.exp(scores)
     weights[~phone] = (1.0, 0.0, 0.0)
-    internet = _choice(rng, weights)  # 0 DSL, 1 fiber, 2 none
+    internet = _choice(rng, weights)
     fiber, has_internet = internet == 1, internet != 2
 
     # Add-ons share a per-customer engagement factor and grow with tenure; fiber customers
@@ -216,12 +245,19 @@ def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFra
         "StreamingTV": (-0.6, 0.9),
         "StreamingMovies": (-0.6, 0.95),
     }
-    addons: dict[str, np.ndarray] = {}
+    services = {"phone": phone, "extra_lines": extra_lines, "internet": internet}
+    services |= {"fiber": fiber, "has_internet": has_internet}
     for name, (base, fiber_shift) in addon_base.items():
-        p = _sigmoid(base + fiber_shift * fiber + 2.0 * long_stay + engagement)
-        addons[name] = has_internet & (rng.random(n) < p)
+        p = _sigmoid(base + fiber_shift * fiber + 2.0 * (tenure / 72 - 0.45) + engagement)
+        services[name] = has_internet & (rng.random(n) < p)
+    return services
 
-    paperless = rng.random(n) < 0.50 + 0.22 * fiber - 0.25 * ~has_internet + 0.05 * senior
+
+def _billing(rng: np.random.Generator, draws: _Draws) -> _Draws:
+    """Paperless billing, payment method, monthly charges and the total (text, as in the CSV)."""
+    contract, tenure = draws["contract"], draws["tenure"]
+    n, fiber, has_internet = len(tenure), draws["fiber"], draws["has_internet"]
+    paperless = rng.random(n) < 0.50 + 0.22 * fiber - 0.25 * ~has_internet + 0.05 * draws["senior"]
     payment_probs = np.array(
         [
             [0.49, 0.22, 0.15, 0.14],  # month-to-month
@@ -231,13 +267,13 @@ def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFra
     )[contract]
     payment_probs[~has_internet] *= (0.7, 1.5, 1.0, 1.0)  # phone-only customers mail checks
     payment = _choice(rng, payment_probs)
-    echeck = payment == 0
 
+    internet = draws["internet"]
     charges = (
-        _PRICE_PHONE * phone
-        + _PRICE_EXTRA_LINES * extra_lines
+        _PRICE_PHONE * draws["phone"]
+        + _PRICE_EXTRA_LINES * draws["extra_lines"]
         + np.select([internet == 0, internet == 1], list(_PRICE_INTERNET.values()), 0.0)
-        + sum(_PRICE_ADDON[name] * addons[name] for name in _ADDONS)
+        + sum(_PRICE_ADDON[name] * draws[name] for name in _ADDONS)
         + rng.uniform(-1.75, 3.75, n)
     )
     monthly = np.round(np.clip(np.round(charges * 20) / 20, _MIN_CHARGE, _MAX_CHARGE), 2)
@@ -245,44 +281,53 @@ def generate(n_rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> pd.DataFra
     drift = 1 + rng.normal(0.0, 0.05, n) * (tenure > 1)
     total = np.round(np.round(tenure * monthly * np.clip(drift, 0.85, 1.15) * 20) / 20, 2)
     total_text = pd.Series(total).astype(str).where(tenure > 0, " ").to_numpy()
+    return {"paperless": paperless, "payment": payment, "monthly": monthly, "total": total_text}
 
+
+def _churn(rng: np.random.Generator, draws: _Draws) -> np.ndarray:
+    """Who churns: a logistic model of the columns plus noise, calibrated to the churn rate."""
+    tenure = draws["tenure"]
     logit = (
-        np.array([0.0, -1.0, -2.0])[contract]
+        np.array([0.0, -1.0, -2.0])[draws["contract"]]
         - 0.6 * (np.log1p(tenure) - 3.0)
-        + 0.9 * fiber
-        - 0.5 * ~has_internet
-        + 0.6 * echeck
-        + 0.35 * paperless
-        + 0.3 * senior
-        - 0.4 * addons["OnlineSecurity"]
-        - 0.4 * addons["TechSupport"]
-        + 0.15 * addons["StreamingTV"]
-        + 0.15 * addons["StreamingMovies"]
-        - 0.15 * partner
-        - 0.15 * dependents
-        + 0.012 * (monthly - 65.0)
-        + rng.normal(0.0, 0.8, n)  # what no column records (service quality, competitors...)
+        + 0.9 * draws["fiber"]
+        - 0.5 * ~draws["has_internet"]
+        + 0.6 * (draws["payment"] == 0)
+        + 0.35 * draws["paperless"]
+        + 0.3 * draws["senior"]
+        - 0.4 * draws["OnlineSecurity"]
+        - 0.4 * draws["TechSupport"]
+        + 0.15 * draws["StreamingTV"]
+        + 0.15 * draws["StreamingMovies"]
+        - 0.15 * draws["partner"]
+        - 0.15 * draws["dependents"]
+        + 0.012 * (draws["monthly"] - 65.0)
+        + rng.normal(0.0, 0.8, len(tenure))  # what no column records (quality, competitors...)
     )
     churn_p = _sigmoid(logit + _calibrated_intercept(logit, _CHURN_RATE))
-    churn = rng.random(n) < churn_p
+    return np.asarray(rng.random(len(tenure)) < churn_p)
 
+
+def _frame(rng: np.random.Generator, draws: _Draws) -> pd.DataFrame:
+    """The table, in the CSV's columns and encodings."""
+    phone, has_internet = draws["phone"], draws["has_internet"]
     columns: dict[str, object] = {
-        "customerID": _customer_ids(rng, n),
-        "gender": np.where(male, "Male", "Female"),
-        "SeniorCitizen": senior.astype(np.int64),
-        "Partner": _yes_no(partner),
-        "Dependents": _yes_no(dependents),
-        "tenure": tenure,
+        "customerID": _customer_ids(rng, len(draws["tenure"])),
+        "gender": np.where(draws["male"], "Male", "Female"),
+        "SeniorCitizen": draws["senior"].astype(np.int64),
+        "Partner": _yes_no(draws["partner"]),
+        "Dependents": _yes_no(draws["dependents"]),
+        "tenure": draws["tenure"],
         "PhoneService": _yes_no(phone),
-        "MultipleLines": np.where(phone, _yes_no(extra_lines), "No phone service"),
-        "InternetService": np.asarray(CATEGORIES["InternetService"])[internet],
-        **{name: np.where(has_internet, _yes_no(addons[name]), _NO_INTERNET) for name in _ADDONS},
-        "Contract": np.asarray(_CONTRACTS)[contract],
-        "PaperlessBilling": _yes_no(paperless),
-        "PaymentMethod": np.asarray(_PAYMENTS)[payment],
-        "MonthlyCharges": monthly,
-        "TotalCharges": total_text,
-        "Churn": _yes_no(churn),
+        "MultipleLines": np.where(phone, _yes_no(draws["extra_lines"]), "No phone service"),
+        "InternetService": np.asarray(CATEGORIES["InternetService"])[draws["internet"]],
+        **{name: np.where(has_internet, _yes_no(draws[name]), _NO_INTERNET) for name in _ADDONS},
+        "Contract": np.asarray(_CONTRACTS)[draws["contract"]],
+        "PaperlessBilling": _yes_no(draws["paperless"]),
+        "PaymentMethod": np.asarray(_PAYMENTS)[draws["payment"]],
+        "MonthlyCharges": draws["monthly"],
+        "TotalCharges": draws["total"],
+        "Churn": _yes_no(draws["churn"]),
     }
     return pd.DataFrame(columns).astype(SCHEMA)
 

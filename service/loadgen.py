@@ -39,48 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from ml_wsgi_metrics import UNMATCHED
-from service.data import TARGET, load_data
-from service.pipeline import load_config
+from service.loadplan import DEFAULT_DRIFT, JSON, Drift, Request, dumps, load_rows, plan_requests
 
 __all__ = ["Drift", "Summary", "load_rows", "main", "run"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-JSON = "application/json"
-#: Share of each kind of request (a ``GET /predict`` replaces every ``page_every``-th).
-MIX: dict[str, float] = {"single": 0.62, "batch": 0.2, "index": 0.03, "bad": 0.09, "unknown": 0.06}
-#: Bad requests: kind -> (method, path, route label). Bodies are made in :func:`_bad_request`.
-BAD_KINDS: dict[str, tuple[str, str, str]] = {
-    "malformed_json": ("POST", "/predict", "/predict"),
-    "wrong_content_type": ("POST", "/predict", "/predict"),
-    "missing_column": ("POST", "/predict", "/predict"),
-    "nan_value": ("POST", "/predict", "/predict"),
-    "empty_batch": ("POST", "/predict", "/predict"),
-    "forged_feedback": ("POST", "/feedback", "/feedback"),
-    "method_not_allowed": ("PUT", "/predict", UNMATCHED),  # no route matches a refused method
-}
-UNKNOWN_PATHS = ("/admin", "/wp-login.php", "/predict/v2", "/.env", "/api/v1/predict")
 FEEDBACK_BATCH = 100
 #: Where :func:`run` reads the token it presents to ``POST /feedback`` by default.
 FEEDBACK_TOKEN_ENV = "CHURN_FEEDBACK_TOKEN"
-
-
-@dataclass(frozen=True)
-class Drift:
-    """How drifted rows differ: MonthlyCharges times ``U(*charges)``, and a share of one- and
-    two-year contracts turned month-to-month."""
-
-    charges: tuple[float, float] = (1.10, 1.20)
-    contract_share: float = 0.3
-
-    def apply(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        row = dict(row)
-        row["MonthlyCharges"] = round(row["MonthlyCharges"] * rng.uniform(*self.charges), 2)
-        if row["Contract"] != "Month-to-month" and rng.random() < self.contract_share:
-            row["Contract"] = "Month-to-month"
-        return row
 
 
 @dataclass
@@ -153,93 +120,6 @@ class Summary:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
-    route: str
-    kind: str
-    body: bytes | None = None
-    content_type: str | None = None
-    rows: tuple[int, ...] = ()  # indices of the data rows sent
-    drifted: bool = False
-
-
-def load_rows(
-    config_path: str | None = None,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The configured data set as request rows (JSON types, no label) and their labels."""
-    config = load_config(config_path)
-    frame = load_data(config.data_path, n_rows=config.n_rows, seed=config.seed)
-    return _rows_of(frame)
-
-
-def _rows_of(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], list[str]]:
-    labels = frame[TARGET].astype(str).tolist()
-    rows = json.loads(frame.drop(columns=[TARGET]).to_json(orient="records"))
-    return rows, labels
-
-
-def _dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def _bad_request(kind: str, row: dict[str, Any]) -> tuple[bytes | None, str | None]:
-    if kind == "malformed_json":
-        return b'{"rows": [{"gender": "Female",', JSON
-    if kind == "wrong_content_type":
-        return _dumps(row), "text/plain"
-    if kind == "missing_column":
-        return _dumps({k: v for k, v in row.items() if k != "tenure"}), JSON
-    if kind == "nan_value":
-        return _dumps({**row, "MonthlyCharges": float("nan")}), JSON  # a NaN token
-    if kind == "empty_batch":
-        return b'{"rows": []}', JSON
-    if kind == "forged_feedback":
-        forged = "WyJjaHVybl9sb2dyZWciXQ.aAaAaA." + "x" * 27
-        return _dumps({"id": forged, "actual": "Yes"}), JSON
-    return None, None  # method_not_allowed
-
-
-def _plan(
-    count: int,
-    rows: Sequence[dict[str, Any]],
-    rng: np.random.Generator,
-    drift_from: int | None,
-    drift: Drift,
-    page_every: int,
-) -> list[_Request]:
-    """Every request of the run, decided up front from ``rng`` (the same seed, the same run)."""
-    kinds = rng.choice(list(MIX), size=count, p=np.array(list(MIX.values())) / sum(MIX.values()))
-    plan = []
-    for i, kind in enumerate(kinds.tolist()):
-        drifted = drift_from is not None and i >= drift_from
-        if page_every and not drifted and i % page_every == 0:
-            plan.append(_Request("GET", "/predict", "/predict", "page"))
-            continue
-        if kind in ("single", "batch"):
-            size = 1 if kind == "single" else int(rng.integers(2, 11))
-            picked = tuple(int(r) for r in rng.integers(0, len(rows), size))
-            sent = [drift.apply(rows[r], rng) if drifted else rows[r] for r in picked]
-            payload: Any = sent[0] if kind == "single" else {"rows": sent}
-            plan.append(
-                _Request(
-                    "POST", "/predict", "/predict", kind, _dumps(payload), JSON, picked, drifted
-                )
-            )
-        elif kind == "index":
-            plan.append(_Request("GET", "/", "/", kind))
-        elif kind == "unknown":
-            path = UNKNOWN_PATHS[int(rng.integers(len(UNKNOWN_PATHS)))]
-            plan.append(_Request("GET", path, UNMATCHED, kind))
-        else:
-            bad = list(BAD_KINDS)[int(rng.integers(len(BAD_KINDS)))]
-            method, path, route = BAD_KINDS[bad]
-            body, content_type = _bad_request(bad, rows[int(rng.integers(len(rows)))])
-            plan.append(_Request(method, path, route, f"bad:{bad}", body, content_type))
-    return plan
-
-
 def _send(
     base: urllib.parse.SplitResult,
     method: str,
@@ -297,7 +177,7 @@ def run(
     concurrency: int = 8,
     *,
     drift_from: int | None = None,
-    drift: Drift = Drift(),
+    drift: Drift = DEFAULT_DRIFT,
     flip: float = 0.0,
     feedback_delay: float = 2.0,
     feedback_rate: float = 1.0,
@@ -333,120 +213,193 @@ def run(
     if not 0.0 <= flip <= 1.0 or not 0.0 <= feedback_rate <= 1.0:
         raise ValueError("flip and feedback_rate are probabilities")
     rows, labels = data if data is not None else load_rows()
-    token = feedback_token if feedback_token is not None else os.environ.get(FEEDBACK_TOKEN_ENV)
     rng = np.random.default_rng(seed)
-    plan = _plan(requests, rows, rng, drift_from, drift, page_every)
+    plan = plan_requests(requests, rows, rng, drift_from, drift, page_every)
     gets_label = rng.random(sum(len(r.rows) for r in plan)) < feedback_rate
     flips = rng.random(len(gets_label)) < flip
-    offsets = list(itertools.accumulate((len(r.rows) for r in plan), initial=0))
+    labelling = _Labelling(labels, gets_label, flips, flip_everywhere=drift_from is None)
+    token = feedback_token if feedback_token is not None else os.environ.get(FEEDBACK_TOKEN_ENV)
+    traffic = _Traffic(
+        base,
+        plan,
+        labelling,
+        token=token,
+        rate=rate,
+        feedback_delay=feedback_delay,
+        timeout=timeout,
+        max_seconds=max_seconds,
+        stop=stop if stop is not None else threading.Event(),
+    )
+    return traffic.run(concurrency)
 
-    summary, lock = Summary(), threading.Lock()
-    stop = stop if stop is not None else threading.Event()
-    queue = _Feedback()
-    next_index = itertools.count()
-    started = time.monotonic()
-    deadline = started + max_seconds
-    senders_done = threading.Event()
 
-    def record(request: _Request, status: str) -> None:
-        with lock:
-            summary.requests[(request.method, request.route, status)] += 1
+class _Labelling:
+    """The label each predicted row gets: whether it gets one, and whether it is flipped,
+    decided up front per row of the plan (in plan order)."""
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        gets_label: np.ndarray,
+        flips: np.ndarray,
+        *,
+        flip_everywhere: bool,
+    ) -> None:
+        self.labels = labels
+        self.gets_label = gets_label
+        self.flips = flips
+        self.flip_everywhere = flip_everywhere
+
+    def labels_of(
+        self, request: Request, first: int, ids: Sequence[str]
+    ) -> tuple[list[tuple[str, str]], int]:
+        """``(id, actual)`` to post for the rows of ``request`` (whose first row is row
+        ``first`` of the plan), and how many of them are flipped."""
+        wanted, flipped_count = [], 0
+        for k, (row, prediction_id) in enumerate(zip(request.rows, ids, strict=True)):
+            if not self.gets_label[first + k]:
+                continue
+            actual = self.labels[row]
+            flipped = bool(self.flips[first + k]) and (request.drifted or self.flip_everywhere)
+            if flipped:
+                actual = "No" if actual == "Yes" else "Yes"
+            wanted.append((prediction_id, actual))
+            flipped_count += flipped
+        return wanted, flipped_count
+
+
+class _Traffic:
+    """One run: client threads send the plan, one thread posts the labels as they fall due;
+    :attr:`summary` collects the answers (under :attr:`lock`)."""
+
+    def __init__(
+        self,
+        base: urllib.parse.SplitResult,
+        plan: Sequence[Request],
+        labelling: _Labelling,
+        *,
+        token: str | None,
+        rate: float | None,
+        feedback_delay: float,
+        timeout: float,
+        max_seconds: float,
+        stop: threading.Event,
+    ) -> None:
+        self.base, self.plan, self.labelling = base, plan, labelling
+        self.token, self.rate, self.timeout = token, rate, timeout
+        self.feedback_delay = feedback_delay
+        self.stop = stop
+        self.offsets = list(itertools.accumulate((len(r.rows) for r in plan), initial=0))
+        self.summary, self.lock = Summary(), threading.Lock()
+        self.queue = _Feedback()
+        self.next_index = itertools.count()
+        self.started = time.monotonic()
+        self.deadline = self.started + max_seconds
+        self.senders_done = threading.Event()
+
+    def run(self, concurrency: int) -> Summary:
+        clients = [threading.Thread(target=self.client, daemon=True) for _ in range(concurrency)]
+        sender = threading.Thread(target=self.feedback_sender, daemon=True)
+        try:
+            for thread in [*clients, sender]:
+                thread.start()
+            for thread in clients:
+                while thread.is_alive():  # short joins: Ctrl-C reaches the main thread
+                    thread.join(0.2)
+            self.senders_done.set()
+            while sender.is_alive():
+                sender.join(0.2)
+        finally:
+            self.stop.set()
+            for thread in [*clients, sender]:
+                thread.join(self.timeout + 1)
+        self.summary.feedback_dropped = len(self.queue)
+        self.summary.seconds = time.monotonic() - self.started
+        return self.summary
+
+    def record(self, request: Request, status: str) -> None:
+        with self.lock:
+            self.summary.requests[(request.method, request.route, status)] += 1
             if request.kind != "feedback":
-                summary.kinds[request.kind] += 1
+                self.summary.kinds[request.kind] += 1
             if status == "error":
-                summary.errors += 1
+                self.summary.errors += 1
 
-    def client() -> None:
-        while not stop.is_set():
-            i = next(next_index)
-            if i >= len(plan) or time.monotonic() > deadline:
+    def client(self) -> None:
+        """Send the plan's next request until none is left (or time is up, or stopped)."""
+        while not self.stop.is_set():
+            i = next(self.next_index)
+            if i >= len(self.plan) or time.monotonic() > self.deadline:
                 return
-            if rate:
-                wait = started + i / rate - time.monotonic()
-                if wait > 0 and stop.wait(wait):
+            if self.rate:
+                wait = self.started + i / self.rate - time.monotonic()
+                if wait > 0 and self.stop.wait(wait):
                     return
-            request = plan[i]
+            request = self.plan[i]
+            token = self.token if request.path == "/feedback" else None
             try:
                 status, body = _send(
-                    base,
+                    self.base,
                     request.method,
                     request.path,
                     request.body,
                     request.content_type,
-                    timeout,
-                    token if request.path == "/feedback" else None,
+                    self.timeout,
+                    token,
                 )
             except OSError:
-                record(request, "error")
+                self.record(request, "error")
                 continue
-            record(request, str(status))
-            if status != 200:
-                continue
-            if request.kind == "page":
-                with lock:
-                    summary.pages += 1
-            elif request.rows:
-                answer = json.loads(body)
-                ids = [p["id"] for p in answer["predictions"]]
-                wanted, sent = [], []
-                for k, (row, prediction_id) in enumerate(zip(request.rows, ids, strict=True)):
-                    j = offsets[i] + k
-                    if not gets_label[j]:
-                        continue
-                    actual = labels[row]
-                    flipped = bool(flips[j]) and (request.drifted or drift_from is None)
-                    if flipped:
-                        actual = "No" if actual == "Yes" else "Yes"
-                    wanted.append((prediction_id, actual))
-                    sent.append(flipped)
-                queue.put(time.monotonic() + feedback_delay, wanted)
-                with lock:
-                    summary.rows += len(ids)
-                    summary.drifted_rows += len(ids) if request.drifted else 0
-                    summary.versions[f"{answer['model']} {answer['version']}"] += len(ids)
-                    summary.feedback_flipped += sum(sent)
+            self.record(request, str(status))
+            if status == 200:
+                self.answered(i, request, body)
 
-    def feedback_sender() -> None:
-        feedback = _Request("POST", "/feedback", "/feedback", "feedback")
-        while not stop.is_set():
-            items = queue.due(time.monotonic(), FEEDBACK_BATCH)
-            if not items:
-                if senders_done.is_set() and not len(queue):
-                    return
-                if time.monotonic() > deadline:
-                    return
-                stop.wait(0.05)
-                continue
-            body = _dumps({"feedback": [{"id": i, "actual": a} for i, a in items]})
-            try:
-                status, answer = _send(base, "POST", "/feedback", body, JSON, timeout, token)
-            except OSError:
-                record(feedback, "error")
-                continue
-            record(feedback, str(status))
-            with lock:
-                summary.feedback_items += len(items)
-                if status == 200:
-                    summary.feedback_accepted += int(json.loads(answer).get("accepted", 0))
+    def answered(self, i: int, request: Request, body: bytes) -> None:
+        """Count a 200: a results page, or scored rows whose labels are queued."""
+        if request.kind == "page":
+            with self.lock:
+                self.summary.pages += 1
+            return
+        if not request.rows:
+            return
+        answer = json.loads(body)
+        ids = [p["id"] for p in answer["predictions"]]
+        wanted, flipped = self.labelling.labels_of(request, self.offsets[i], ids)
+        self.queue.put(time.monotonic() + self.feedback_delay, wanted)
+        with self.lock:
+            self.summary.rows += len(ids)
+            self.summary.drifted_rows += len(ids) if request.drifted else 0
+            self.summary.versions[f"{answer['model']} {answer['version']}"] += len(ids)
+            self.summary.feedback_flipped += flipped
 
-    clients = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    sender = threading.Thread(target=feedback_sender, daemon=True)
-    try:
-        for thread in [*clients, sender]:
-            thread.start()
-        for thread in clients:
-            while thread.is_alive():  # short joins: Ctrl-C reaches the main thread
-                thread.join(0.2)
-        senders_done.set()
-        while sender.is_alive():
-            sender.join(0.2)
-    finally:
-        stop.set()
-        for thread in [*clients, sender]:
-            thread.join(timeout + 1)
-    summary.feedback_dropped = len(queue)
-    summary.seconds = time.monotonic() - started
-    return summary
+    def feedback_sender(self) -> None:
+        """Post the labels due, in batches, until the clients are done and none is left."""
+        while not self.stop.is_set():
+            items = self.queue.due(time.monotonic(), FEEDBACK_BATCH)
+            if items:
+                self.post_feedback(items)
+                continue
+            if self.senders_done.is_set() and not len(self.queue):
+                return
+            if time.monotonic() > self.deadline:
+                return
+            self.stop.wait(0.05)
+
+    def post_feedback(self, items: Sequence[tuple[str, str]]) -> None:
+        feedback = Request("POST", "/feedback", "/feedback", "feedback")
+        body = dumps({"feedback": [{"id": i, "actual": a} for i, a in items]})
+        try:
+            status, answer = _send(
+                self.base, "POST", "/feedback", body, JSON, self.timeout, self.token
+            )
+        except OSError:
+            self.record(feedback, "error")
+            return
+        self.record(feedback, str(status))
+        with self.lock:
+            self.summary.feedback_items += len(items)
+            if status == 200:
+                self.summary.feedback_accepted += int(json.loads(answer).get("accepted", 0))
 
 
 def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -> int:

@@ -1,21 +1,8 @@
 """Train, evaluate and publish a versioned churn model, driven by ``service/config.json``.
 
-Layout of the models directory (one directory per model name)::
-
-    <models_dir>/<name>/LATEST          # "3": the published version, replaced atomically
-    <models_dir>/<name>/<version>/      # "1", "2", ... never rewritten once published
-        model.joblib                    # the fitted scikit-learn Pipeline
-        metrics.json                    # held-out metrics, sizes, timings, the config used
-        profile.json                    # reference profile for drift monitoring
-
-Versions are reserved with an atomic ``mkdir`` and ``LATEST`` only moves forward (under a file
-lock), so concurrent trainings get distinct versions and a server that re-reads ``LATEST``
-sees complete versions only. ``LATEST`` is read as a version number only (a ValueError
-otherwise), so it can never point a loader outside ``<name>/``; but loading a version runs its
-pickle: the models directory must be writable by the service's user only. Old versions are
-pruned after a training (:func:`prune_versions`): the one ``LATEST`` names and the newest
-complete ones stay, never one being written. Relative paths in the config file resolve against
-its directory.
+A training splits the data, fits, evaluates on the held-out part, builds the reference profile
+and publishes a new version (:mod:`service.published`: the models directory's layout, ``LATEST``
+and pruning). Relative paths in the config file resolve against its directory.
 
 Command line: ``python -m service.pipeline [--config F] [--data CSV] [--models-dir D] [--keep N]``.
 """
@@ -23,18 +10,14 @@ Command line: ``python -m service.pipeline [--config F] [--data CSV] [--models-d
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import json
 import logging
 import os
-import re
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +36,36 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from ml_wsgi_metrics import signals
 from ml_wsgi_metrics.profile import build_profile, estimate_accuracy
 from service.data import COLUMNS, DEFAULT_ROWS, DEFAULT_SEED, TARGET, load_data, preprocess
+from service.published import (
+    LATEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    NEGATIVE_CLASS,
+    POSITIVE_CLASS,
+    PROFILE_FILE,
+    LoadedModel,
+    classify,
+    latest_version,
+    load_latest,
+    prune_versions,
+    publish,
+    reserve_version,
+    write_atomic,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
+    # a published version's names, from service.published
+    "LATEST_FILE",
+    "MODEL_FILE",
+    "NEGATIVE_CLASS",
+    "POSITIVE_CLASS",
+    "PROFILE_FILE",
     "Config",
     "LoadedModel",
     "TrainResult",
+    "build_model",
+    "classify",
     "held_out_split",
     "latest_version",
     "load_config",
@@ -72,15 +79,6 @@ log = logging.getLogger("service")
 
 #: The config file shipped with the service.
 DEFAULT_CONFIG = Path(__file__).with_name("config.json")
-
-MODEL_FILE = "model.joblib"
-METRICS_FILE = "metrics.json"
-PROFILE_FILE = "profile.json"
-LATEST_FILE = "LATEST"
-#: A version: a positive integer without leading zeros, at most 9 digits.
-_VERSION = re.compile(r"[1-9][0-9]{0,8}")
-#: The model predicts the raw data's labels: ``predict`` returns these strings.
-POSITIVE_CLASS, NEGATIVE_CLASS = "Yes", "No"
 
 
 @dataclass(frozen=True)
@@ -156,30 +154,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A published model version, ready to score raw rows."""
-
-    name: str
-    version: str
-    path: Path
-    model: Pipeline
-    profile_path: Path
-    feature_columns: list[str]
-    classes: list[str]
-    metrics: dict[str, Any]
-
-    @property
-    def positive_class(self) -> str:
-        return POSITIVE_CLASS
-
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        """Positive-class probabilities for raw rows (preprocessed as in training)."""
-        features = preprocess(frame[self.feature_columns])
-        column = self.classes.index(self.positive_class)
-        return self.model.predict_proba(features)[:, column]
-
-
 def build_model(config: Config) -> Pipeline:
     """The unfitted Pipeline: scaled numbers, one-hot categories, logistic regression."""
     columns = ColumnTransformer(
@@ -197,137 +171,10 @@ def build_model(config: Config) -> Pipeline:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _dump(model: Pipeline) -> bytes:
     buffer = io.BytesIO()
     joblib.dump(model, buffer)
     return buffer.getvalue()
-
-
-def _read_latest(root: Path) -> str | None:
-    """The version ``LATEST`` names (``None``: none published); ValueError unless a number."""
-    try:
-        text = (root / LATEST_FILE).read_text(encoding="ascii", errors="replace").strip()
-    except FileNotFoundError:
-        return None
-    if not text:
-        return None
-    if not _VERSION.fullmatch(text):
-        raise ValueError(f"{root / LATEST_FILE}: not a version number: {text[:40]!r}")
-    return text
-
-
-def _published(root: Path) -> int:
-    """The published version number, 0 when none (or ``LATEST`` is not a number: replaced)."""
-    try:
-        return int(_read_latest(root) or 0)
-    except ValueError:
-        return 0
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """The model's lock, across processes: reserving, publishing and pruning versions take it."""
-    with open(root / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _lock_directory(path: Path, *, wait: bool) -> int | None:
-    """An open descriptor holding an exclusive lock on a version directory, or ``None`` when
-    another holds it (``wait=False``). A trainer holds its version's until it is published."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _versions(root: Path) -> list[str]:
-    """The version directories' names, oldest first."""
-    names = [
-        p.name
-        for p in root.iterdir()
-        if p.name.isascii() and p.name.isdigit() and p.is_dir() and not p.is_symlink()
-    ]
-    return sorted(names, key=int)
-
-
-def _reserve_version(root: Path) -> tuple[str, Path, int]:
-    """Claim the next integer version (an atomic ``mkdir``, safe across processes) and lock it
-    for writing: ``(version, directory, the lock's descriptor)``."""
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root):  # a pruner sees the new directory locked, never between mkdir and lock
-        while True:
-            taken = [int(name) for name in _versions(root)]
-            version = str(max([*taken, _published(root)]) + 1)
-            try:
-                (root / version).mkdir()
-            except FileExistsError:
-                continue
-            fd = _lock_directory(root / version, wait=True)
-            assert fd is not None
-            return version, root / version, fd
-
-
-def _publish(root: Path, version: str) -> bool:
-    """Point ``LATEST`` at ``version`` unless a newer version is already published."""
-    with _locked(root):
-        if _published(root) >= int(version):
-            return False
-        _write_atomic(root / LATEST_FILE, f"{version}\n".encode())
-        return True
-
-
-def prune_versions(models_dir: str | os.PathLike[str], name: str, keep: int) -> list[str]:
-    """Remove the version directories of ``name`` that no server registers any more; return
-    the versions removed.
-
-    Kept: the one ``LATEST`` names and the ``keep`` newest complete ones (the model signals'
-    ``live_versions``: a starting worker registers those). A version being written is never
-    removed (its trainer holds a lock on its directory from reservation to publication), and
-    pruning, reserving and publishing take the model's lock, so concurrent trainers, in any
-    process, are safe. Directories left by a trainer that died are removed.
-    """
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise ValueError(f"keep: must be an integer of at least 1, got {keep!r}")
-    root = Path(models_dir) / name
-    removed = []
-    with _locked(root):
-        versions = _versions(root)
-        complete = [v for v in versions if (root / v / METRICS_FILE).exists()]
-        kept = {*complete[-keep:], str(_published(root))}
-        for version in versions:
-            if version in kept:
-                continue
-            fd = _lock_directory(root / version, wait=False)
-            if fd is None:
-                continue  # being written
-            try:
-                shutil.rmtree(root / version)
-            finally:
-                os.close(fd)
-            removed.append(version)
-    return removed
 
 
 def held_out_split(
@@ -377,11 +224,34 @@ def train(
     started = time.perf_counter()
     model.fit(x_train, y_train)
     fit_seconds = time.perf_counter() - started
+    metrics = _evaluate(model, x_test, y_test)
+    metrics |= {
+        "n_train": len(x_train),
+        "n_test": len(x_test),
+        "positive_rate_test": float(np.mean(y_test == POSITIVE_CLASS)),
+        "positive_class": POSITIVE_CLASS,
+        "classes": [str(c) for c in model.classes_],
+        "features": config.features,
+        "fit_seconds": round(fit_seconds, 4),
+        "data": source,
+        "sklearn_version": sklearn.__version__,
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    version, path = _write_version(root, config, model, x_train, metrics)
+    if keep_versions is not None:
+        try:
+            prune_versions(root.parent, config.name, keep_versions)
+        except OSError as error:  # published all the same; the next training prunes again
+            log.warning("could not remove old versions of %s: %r", config.name, error)
+    return TrainResult(name=config.name, version=version, path=path, metrics=metrics)
+
+
+def _evaluate(model: Pipeline, x_test: pd.DataFrame, y_test: np.ndarray) -> dict[str, Any]:
+    """Held-out accuracy, estimated accuracy, ROC AUC, precision, recall and F1 of a model."""
     classes = [str(c) for c in model.classes_]
-    positive = classes.index(POSITIVE_CLASS)
-    test_scores = model.predict_proba(x_test)[:, positive]
+    test_scores = model.predict_proba(x_test)[:, classes.index(POSITIVE_CLASS)]
     predicted = model.predict(x_test)
-    metrics: dict[str, Any] = {
+    return {
         "accuracy": float(accuracy_score(y_test, predicted)),
         # what a calibrated model expects its accuracy to be: live, it needs no labels
         "estimated_accuracy": estimate_accuracy(test_scores, predicted, classes=classes),
@@ -389,20 +259,17 @@ def train(
         "precision": float(precision_score(y_test, predicted, pos_label=POSITIVE_CLASS)),
         "recall": float(recall_score(y_test, predicted, pos_label=POSITIVE_CLASS)),
         "f1": float(f1_score(y_test, predicted, pos_label=POSITIVE_CLASS)),
-        "n_train": len(x_train),
-        "n_test": len(x_test),
-        "positive_rate_test": float(np.mean(y_test == POSITIVE_CLASS)),
-        "positive_class": POSITIVE_CLASS,
-        "classes": classes,
-        "features": config.features,
-        "fit_seconds": round(fit_seconds, 4),
-        "data": source,
-        "sklearn_version": sklearn.__version__,
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
-    train_scores = model.predict_proba(x_train)[:, positive]
-    version, path, writing = _reserve_version(root)
+
+def _write_version(
+    root: Path, config: Config, model: Pipeline, x_train: pd.DataFrame, metrics: dict[str, Any]
+) -> tuple[str, Path]:
+    """Reserve the next version, write its profile, model and metrics, publish it:
+    ``(version, directory)``. A failure leaves no version behind."""
+    classes = [str(c) for c in model.classes_]
+    train_scores = model.predict_proba(x_train)[:, classes.index(POSITIVE_CLASS)]
+    version, path, writing = reserve_version(root)
     metrics["version"] = version
     try:
         # Raw (pre-one-hot) training features: the reference the live inputs are compared with;
@@ -417,50 +284,17 @@ def train(
             estimated_accuracy=metrics["estimated_accuracy"],
         )
         profile.save(path / PROFILE_FILE)
-        _write_atomic(path / MODEL_FILE, _dump(model))
-        _write_atomic(path / METRICS_FILE, json.dumps(metrics, indent=2).encode() + b"\n")
+        write_atomic(path / MODEL_FILE, _dump(model))
+        write_atomic(path / METRICS_FILE, json.dumps(metrics, indent=2).encode() + b"\n")
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # never leave a half-written version behind
         os.close(writing)
         raise
     try:
-        _publish(root, version)
+        publish(root, version)
     finally:
         os.close(writing)
-    if keep_versions is not None:
-        try:
-            prune_versions(root.parent, config.name, keep_versions)
-        except OSError as error:  # published all the same; the next training prunes again
-            log.warning("could not remove old versions of %s: %r", config.name, error)
-    return TrainResult(name=config.name, version=version, path=path, metrics=metrics)
-
-
-def latest_version(models_dir: str | os.PathLike[str], name: str) -> str | None:
-    """The published version of ``name`` (one small file read: cheap enough to poll);
-    ValueError when ``LATEST`` holds anything but a version number."""
-    return _read_latest(Path(models_dir) / name)
-
-
-def load_latest(models_dir: str | os.PathLike[str], name: str) -> LoadedModel:
-    """Load the version ``LATEST`` points at; FileNotFoundError when none is published,
-    ValueError when ``LATEST`` is not a version number (nothing is loaded then)."""
-    root = Path(models_dir) / name
-    version = _read_latest(root)
-    if version is None:
-        raise FileNotFoundError(f"no published model {name!r} in {models_dir} (train one first)")
-    path = root / version
-    model = joblib.load(path / MODEL_FILE)
-    metrics = json.loads((path / METRICS_FILE).read_text())
-    return LoadedModel(
-        name=name,
-        version=version,
-        path=path,
-        model=model,
-        profile_path=path / PROFILE_FILE,
-        feature_columns=[str(c) for c in model.feature_names_in_],
-        classes=[str(c) for c in model.classes_],
-        metrics=metrics,
-    )
+    return version, path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,11 @@
 """Helpers for tests that run real servers: gunicorn, uWSGI, Prometheus, HTTP clients.
 
-The servers are the demo's (:mod:`service._servers`: each in its own process group, bound to
-127.0.0.1 only, polled until it answers, never a fixed sleep, stopped on exit, always: SIGTERM
-to the group, then SIGKILL) with what tests add: a free port each, an environment that never
-inherits the server settings of the one the tests run in, a temporary log or storage removed on
-exit, the workers of a gunicorn.
+The servers are started by the demo's launcher (:mod:`service._servers`: each in its own
+process group, bound to 127.0.0.1 only, polled until it answers, never a fixed sleep, stopped
+on exit, always: SIGTERM to the group, then SIGKILL); this module adds what only tests need: a
+free port each, an environment that never inherits the server settings of the one the tests
+run in, a temporary log or storage removed on exit, the workers of a pre-fork server, exact
+single values of a query.
 
     from support import GunicornServer, PrometheusServer
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
-import json
 import os
 import shutil
 import socket
@@ -42,7 +42,9 @@ from service._servers import (
     _Process,
     free_port,
     http_request,
+    prometheus_config,
     wait_until,
+    write_config,
 )
 
 __all__ = [
@@ -533,29 +535,32 @@ class PrometheusServer(Prometheus):
         )
 
     def _config(self) -> dict[str, Any]:
-        return {  # JSON is YAML: no YAML library needed
-            "global": {
-                "scrape_interval": self.scrape_interval,
-                "evaluation_interval": self.evaluation_interval,
-            },
-            "rule_files": self.rule_files,
-            "scrape_configs": [
-                {
-                    "job_name": self.job,
-                    "metrics_path": self.metrics_path,
-                    "static_configs": [{"targets": self.targets}],
-                }
-            ],
-        }
+        return prometheus_config(
+            self.targets,
+            job=self.job,
+            metrics_path=self.metrics_path,
+            scrape_interval=self.scrape_interval,
+            evaluation_interval=self.evaluation_interval,
+            rule_files=self.rule_files,
+        )
 
     def _start(self) -> None:
         self.directory.mkdir(mode=0o700)
         self._made_directory = True
-        self.config_file.write_text(json.dumps(self._config(), indent=2))
+        write_config(self.config_file, self._config())
         super()._start()
 
     def _ready(self) -> bool:
         return self.targets_up(self.targets)
+
+    def value(self, promql: str) -> float | None:
+        """The single value of an instant query, or ``None`` when it returns nothing."""
+        result = self.query(promql)
+        if not result:
+            return None
+        if len(result) != 1:
+            raise ValueError(f"{promql!r} returned {len(result)} series")
+        return float(result[0]["value"][1])
 
     def _not_ready(self) -> str:
         return f"Prometheus targets not all up: {self.targets}"

@@ -86,6 +86,11 @@ GRAFANA_VARIABLES = {
     "$__range": "5m",
     "$__range_s": "300",
     "$__range_ms": "300000",
+    # the dashboard's own variables, all values selected ("All" is their allValue)
+    "$job": ".*",
+    "$instance": ".*",
+    "$model": ".*",
+    "$version": ".*",
 }
 
 Key = tuple[str, str, str]  # (method, route, status), as http_requests_total labels them

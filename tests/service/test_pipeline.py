@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import service.pipeline as pipeline
+import service.published as published
 from ml_wsgi_metrics.profile import ReferenceProfile
 from service.data import generate
 from service.pipeline import (
@@ -115,7 +116,7 @@ def test_versions_count_up_from_the_highest(tmp_path: Path) -> None:
 
 
 def _reserve(root: Path) -> str:
-    version, _, writing = pipeline._reserve_version(root)
+    version, _, writing = published.reserve_version(root)
     os.close(writing)
     return version
 
@@ -153,8 +154,8 @@ def test_pruning_refuses_a_bad_keep(tmp_path: Path, keep: Any) -> None:
 WRITER = """
 import sys
 from pathlib import Path
-import service.pipeline as pipeline
-version, _, _ = pipeline._reserve_version(Path(sys.argv[1]))
+import service.published as published
+version, _, _ = published.reserve_version(Path(sys.argv[1]))
 print(version, flush=True)
 sys.stdin.read()  # holds the version's lock until the parent closes stdin
 """
@@ -190,8 +191,8 @@ def test_training_prunes_what_no_server_registers(tmp_path: Path) -> None:
 
 
 def test_latest_never_moves_backwards(tmp_path: Path) -> None:
-    assert pipeline._publish(tmp_path, "3")
-    assert not pipeline._publish(tmp_path, "2")
+    assert published.publish(tmp_path, "3")
+    assert not published.publish(tmp_path, "2")
     assert latest_version(tmp_path.parent, tmp_path.name) == "3"
 
 

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from support import ADMIN_TOKEN, FEEDBACK_TOKEN, bearer
 
 import service.app
+import service.views
 from service.pipeline import LATEST_FILE, latest_version, load_latest
 
 NAME = "churn_logreg"
@@ -160,7 +161,7 @@ def test_tokens_are_compared_in_constant_time(
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr(service.app.hmac, "compare_digest", compare_digest)
+    monkeypatch.setattr(service.views.hmac, "compare_digest", compare_digest)
     body = protected_body("/feedback", client, raw_rows[0])
     assert client.post("/feedback", json=body).status_code == 200
     assert compared[0] == (FEEDBACK_TOKEN.encode(), FEEDBACK_TOKEN.encode())  # then the id's

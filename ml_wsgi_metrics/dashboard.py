@@ -1,0 +1,453 @@
+"""Grafana dashboards generated from reference profiles, beside the rules of :mod:`.rules`.
+
+One dashboard serves a fleet and several models: template variables pick the datasource, the
+job, the instances, the models and the versions. Request and worker panels read the raw series,
+which the job and instance variables filter; model panels read the series recorded by the rules
+``python -m ml_wsgi_metrics rules`` writes with the same namespace and windows (exact across
+workers and hosts, so for every instance at once), which the model and version variables filter.
+Each model of the profiles gets a row of its own panels (:data:`MODEL_PANELS`: one function
+each) and a collapsed row with, per feature, PSI against its critical value, then mean and
+standard deviation (numeric) or category shares (categorical).
+
+The JSON is built with plain dicts (:mod:`._grafana`); the README says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._grafana import (
+    Grid,
+    Panel,
+    Query,
+    datasource_variable,
+    line_at,
+    panel,
+    query_variable,
+    ratio,
+    render_json,
+    selector,
+)
+from .profile import CategoricalProfile, FeatureProfile, NumericProfile, ReferenceProfile
+from .rules import RuleSettings, effective_bins
+
+__all__ = ["MODEL_PANELS", "ModelView", "generate_dashboard", "render_json"]
+
+#: The variables' matchers: raw series of the selected job and instances; chosen models.
+HOSTS = {"job": "~$job", "instance": "~$instance"}
+CHOSEN = {"model": "~$model", "version": "~$version"}
+
+
+def _ts(title: str, queries: Sequence[Query], **options: Any) -> Panel:
+    return panel("timeseries", title, queries, **options)
+
+
+@dataclass(frozen=True)
+class _Series:
+    """Series names as the package exports them and as the rules record them."""
+
+    settings: RuleSettings
+
+    def metric(self, name: str) -> str:
+        namespace = self.settings.namespace
+        return f"{namespace}_{name}" if namespace else name
+
+    def raw(self, name: str, **labels: str) -> str:
+        """An exported series of the selected job and instances."""
+        return self.metric(name) + selector(**HOSTS, **labels)
+
+    def recorded(self, name: str, **labels: str) -> str:
+        """A series the rules record (``ml:...``, or ``<namespace>:...``)."""
+        record = f"{self.settings.namespace or 'ml'}:{name}"
+        return record + (selector(**labels) if labels else "")
+
+
+# -- every dashboard: service and models ----------------------------------------------------
+
+
+def _request_panels(s: _Series) -> list[Panel]:
+    ow = s.settings.ops_window
+    requests = s.raw("http_requests_total")
+    client_errors = s.raw("http_requests_total", status="~4..")
+    per_job = f"sum by (job) (rate({requests}[{ow}]))"
+    duration = s.raw("http_request_duration_seconds_bucket")
+
+    def quantile(q: float) -> str:
+        return f"histogram_quantile({q}, sum by (le, route) (rate({duration}[{ow}])))"
+
+    return [
+        _ts(
+            "Request rate by route and status",
+            [(f"sum by (route, status) (rate({requests}[{ow}]))", "{{route}} {{status}}")],
+            unit="reqps",
+        ),
+        _ts(
+            "Error rate",
+            [
+                (s.recorded(f"http_error_ratio:{ow}", job="~$job"), "5xx {{job}}"),
+                (
+                    f"(\n  sum by (job) (rate({client_errors}[{ow}]))\n  or on (job) 0 * "
+                    f"{per_job}\n)\n/ on (job) ({per_job} > 0)",
+                    "4xx {{job}}",
+                ),
+            ],
+            description="Share of requests answered 5xx (the recorded ratio HTTPErrorRateHigh "
+            "reads, per job) and 4xx (the selected instances).",
+            unit="percentunit",
+            defaults=ratio(),
+        ),
+        _ts(
+            "In-progress requests",
+            [(f"sum by (route) ({s.raw('http_requests_in_progress')})", "{{route}}")],
+        ),
+        _ts("Request latency p95 per endpoint", [(quantile(0.95), "{{route}}")], unit="s"),
+        _ts(
+            "Request latency p50 and p99 per endpoint",
+            [(quantile(0.5), "p50 {{route}}"), (quantile(0.99), "p99 {{route}}")],
+            unit="s",
+        ),
+        _ts(
+            "Requests per instance",
+            [(f"sum by (instance) (rate({requests}[{ow}]))", "{{instance}}")],
+            unit="reqps",
+        ),
+    ]
+
+
+def _worker_panels(s: _Series) -> list[Panel]:
+    ow, w = s.settings.ops_window, s.settings.window
+    cpu, restarts = (
+        s.raw("gunicorn_worker_cpu_seconds_total"),
+        s.raw("gunicorn_worker_restarts_total"),
+    )
+    each = "{{instance}} {{worker}}"
+    return [
+        _ts(
+            "Worker memory (RSS)",
+            [(s.raw("gunicorn_worker_resident_memory_bytes"), each)],
+            unit="bytes",
+        ),
+        _ts("Worker CPU", [(f"rate({cpu}[{ow}])", each)], unit="percentunit"),
+        _ts(
+            "Workers alive and restarts",
+            [
+                (f"sum by (instance) ({s.raw('gunicorn_workers')})", "alive {{instance}}"),
+                (f"sum by (instance) (increase({restarts}[{w}]))", "restarts {{instance}}"),
+            ],
+        ),
+    ]
+
+
+def _prediction_panels(s: _Series) -> list[Panel]:
+    ow, mv = s.settings.ops_window, "{{model}} {{version}}"
+    predictions = s.raw("model_predictions_total", **CHOSEN)
+    return [
+        _ts("Total predictions by model", [(f"sum by (model, version) ({predictions})", mv)]),
+        _ts("Prediction rate", [(s.recorded(f"predictions:rate{ow}", **CHOSEN), mv)], unit="ops"),
+        _ts(
+            "Prediction latency p95",
+            [(s.recorded(f"prediction_latency_seconds:p95_{ow}", **CHOSEN), mv)],
+            unit="s",
+        ),
+    ]
+
+
+def _drift_panels(s: _Series) -> list[Panel]:
+    w = s.settings.window
+    psi = s.recorded(f"feature_psi:{w}", **CHOSEN)
+    critical = s.recorded(f"feature_psi_critical:{w}", **CHOSEN)
+    return [
+        _ts(
+            "PSI per feature",
+            [(psi, "{{model}} {{version}} {{feature}}")],
+            description=f"Population stability index over {w} against the reference profile.",
+            width=12,
+        ),
+        _ts(
+            "Drift: PSI / critical value per feature",
+            [
+                (
+                    f"{psi}\n/ on (model, version, feature) {critical}",
+                    "{{model}} {{version}} {{feature}}",
+                )
+            ],
+            description="Above 1: more drift than the rows in the window explain "
+            "(ModelFeatureDrift fires once enough rows came).",
+            width=12,
+            defaults=line_at(1),
+        ),
+        panel(
+            "bargauge",
+            "Score distribution",
+            [
+                (s.recorded(f"score_live_share:{w}", **CHOSEN), "live {{model}} {{bin}}"),
+                (s.recorded("score_reference_share", **CHOSEN), "reference {{model}} {{bin}}"),
+            ],
+            description=f"Share of scores per reference bin over {w}, live and reference.",
+            unit="percentunit",
+            width=24,
+            defaults=ratio(),
+        ),
+    ]
+
+
+def _ground_truth_panels(s: _Series) -> list[Panel]:
+    w, mv = s.settings.window, "{{model}} {{version}}"
+    held_out = s.raw("model_reference_accuracy", **CHOSEN)
+    delay = s.raw("model_label_delay_seconds_bucket", **CHOSEN)
+    rejected = s.raw("model_feedback_rejected_total")
+    alerts = 'count by (alertname) (ALERTS{alertstate="firing"}) or on () vector(0)'
+    return [
+        _ts(
+            "Accuracy",
+            [
+                (s.recorded(f"accuracy:{w}", **CHOSEN), f"accuracy {mv}"),
+                (f"max by (model, version) ({held_out})", f"held-out {mv}"),
+            ],
+            description=f"Accuracy of the labelled predictions over {w}, and the held-out "
+            "accuracy of the profile.",
+            unit="percentunit",
+            defaults=ratio(),
+        ),
+        _ts(
+            "Labels received and rejected",
+            [
+                (s.recorded(f"labels:increase{w}", **CHOSEN), f"labels {mv}"),
+                (f"sum by (reason) (increase({rejected}[{w}]))", "rejected {{reason}}"),
+            ],
+        ),
+        _ts(
+            "Label delay (median)",
+            [(f"histogram_quantile(0.5, sum by (le, model, version) (rate({delay}[{w}])))", mv)],
+            unit="s",
+        ),
+        panel(
+            "stat",
+            "Alerts firing",
+            [(alerts, "{{alertname}}")],
+            width=24,
+            height=5,
+            defaults=line_at(1),
+        ),
+    ]
+
+
+# -- per model of the profiles -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A model of the profiles (every version given) and the series its panels read."""
+
+    name: str
+    profiles: tuple[ReferenceProfile, ...]
+    series: _Series
+
+    @property
+    def window(self) -> str:
+        return self.series.settings.window
+
+    def recorded(self, name: str, **labels: str) -> str:
+        """A recorded series of this model, in the versions the variable selects."""
+        return self.series.recorded(name, model=self.name, version="~$version", **labels)
+
+    def raw(self, name: str) -> str:
+        return self.series.raw(name, model=self.name, version="~$version")
+
+    def features(self) -> list[list[FeatureProfile]]:
+        """Each feature (first seen first), as profiled in each version that has it."""
+        found: dict[str, list[FeatureProfile]] = {}
+        for profile in self.profiles:
+            for feature in profile.features:
+                found.setdefault(feature.name, []).append(feature)
+        return list(found.values())
+
+
+def _psi_queries(
+    view: ModelView, kind: str, profiled: Sequence[FeatureProfile], **labels: str
+) -> list[Query]:
+    """PSI of a feature or the score, and its critical value (recorded for two or more
+    reference bins)."""
+    w = view.window
+    queries = [(view.recorded(f"{kind}_psi:{w}", **labels), "PSI {{version}}")]
+    if any(effective_bins(p.shares) >= 2 for p in profiled):
+        critical = view.recorded(f"{kind}_psi_critical:{w}", **labels)
+        queries.append((critical, "critical {{version}}"))
+    return queries
+
+
+def _model_predictions(view: ModelView) -> list[Panel]:
+    ow, counts = view.series.settings.ops_window, view.raw("model_predictions_total")
+    query = f"sum by (version, class) (rate({counts}[{ow}]))"
+    return [_ts(f"{view.name}: predictions by class", [(query, "{{class}} {{version}}")])]
+
+
+def _model_score(view: ModelView) -> list[Panel]:
+    scores = [p.score for p in view.profiles if p.score is not None]
+    if not scores:
+        return []
+    w = view.window
+    queries = _psi_queries(view, "score", scores)
+    queries += [
+        (view.recorded(f"score_mean:{w}"), "mean {{version}}"),
+        (view.recorded(f"score_stddev:{w}"), "stddev {{version}}"),
+    ]
+    return [_ts(f"{view.name}: score PSI, mean and standard deviation", queries)]
+
+
+def _model_quality(view: ModelView) -> list[Panel]:
+    w = view.window
+    queries = [
+        (view.recorded(f"feature_{what}_ratio:{w}"), what.replace("_", " ") + " {{feature}}")
+        for what in ("missing", "out_of_range", "unseen")
+    ]
+    if any(p.score is not None for p in view.profiles):
+        queries.append((view.recorded(f"score_missing_ratio:{w}"), "missing score"))
+    return [
+        _ts(
+            f"{view.name}: data quality",
+            queries,
+            description="Shares of rows with a feature missing, a number outside the "
+            "reference range, a category outside the vocabulary; scores missing.",
+            unit="percentunit",
+            defaults=ratio(),
+        )
+    ]
+
+
+def _model_accuracy(view: ModelView) -> list[Panel]:
+    if not any(p.classes for p in view.profiles):
+        return []  # no confusion matrix: the rules record no accuracy
+    w = view.window
+    queries = [
+        (view.recorded(f"accuracy:{w}"), "accuracy {{version}}"),
+        (view.recorded(f"precision:{w}"), "precision {{class}} {{version}}"),
+        (view.recorded(f"recall:{w}"), "recall {{class}} {{version}}"),
+    ]
+    if any(p.accuracy is not None for p in view.profiles):
+        held_out = view.raw("model_reference_accuracy")
+        queries.append((f"max by (version) ({held_out})", "held-out {{version}}"))
+    return [
+        _ts(
+            f"{view.name}: accuracy, precision and recall",
+            queries,
+            description=f"From the labels received over {w} (model_confusion_total).",
+            unit="percentunit",
+            defaults=ratio(),
+        )
+    ]
+
+
+#: The panels of each model's row, in order; each function gives zero or more panels.
+MODEL_PANELS: tuple[Callable[[ModelView], list[Panel]], ...] = (
+    _model_predictions,
+    _model_score,
+    _model_quality,
+    _model_accuracy,
+)
+
+
+def _feature_panels(view: ModelView, profiled: Sequence[FeatureProfile]) -> list[Panel]:
+    """PSI against the critical value; mean and stddev, or category shares."""
+    name, w = profiled[0].name, view.window
+    panels = [
+        _ts(
+            f"{name}: PSI and critical value",
+            _psi_queries(view, "feature", profiled, feature=name),
+            description=f"Model {view.name}, feature {name}: PSI over {w}; drift above the "
+            "critical value.",
+            width=12,
+        )
+    ]
+    if any(isinstance(p, NumericProfile) for p in profiled):
+        mean = view.recorded(f"feature_mean:{w}", feature=name)
+        stddev = view.recorded(f"feature_stddev:{w}", feature=name)
+        queries = [(mean, "mean {{version}}"), (stddev, "stddev {{version}}")]
+        panels.append(_ts(f"{name}: mean and standard deviation", queries, width=12))
+    if any(isinstance(p, CategoricalProfile) for p in profiled):
+        live = view.recorded(f"feature_live_share:{w}", feature=name)
+        reference = view.recorded("feature_reference_share", feature=name)
+        queries = [(live, "live {{bin}}"), (reference, "reference {{bin}}")]
+        panels.append(
+            panel("bargauge", f"{name}: category shares", queries, unit="percentunit", width=12)
+        )
+    return panels
+
+
+# -- the dashboard -------------------------------------------------------------------------
+
+
+def _variables(s: _Series) -> list[dict[str, Any]]:
+    requests, predictions = s.metric("http_requests_total"), s.metric("model_predictions_total")
+    return [
+        datasource_variable(),
+        query_variable("job", "Job", f"label_values({requests}, job)"),
+        query_variable(
+            "instance", "Instance", f'label_values({requests}{{job=~"$job"}}, instance)'
+        ),
+        query_variable("model", "Model", f"label_values({predictions}, model)"),
+        query_variable(
+            "version", "Version", f'label_values({predictions}{{model=~"$model"}}, version)'
+        ),
+    ]
+
+
+def _models(profiles: Sequence[ReferenceProfile], series: _Series) -> list[ModelView]:
+    if len({p.key for p in profiles}) != len(profiles):
+        raise ValueError("profiles: the same model version is given twice")
+    grouped: dict[str, list[ReferenceProfile]] = {}
+    for profile in profiles:
+        grouped.setdefault(profile.model, []).append(profile)
+    return [ModelView(name, tuple(group), series) for name, group in grouped.items()]
+
+
+def _panels(profiles: Sequence[ReferenceProfile], series: _Series) -> list[Panel]:
+    grid = Grid()
+    grid.row("Service: traffic, errors, latency (job and instance variables)")
+    grid.add(*_request_panels(series), *_worker_panels(series))
+    grid.row("Models: predictions, drift, ground truth (model and version variables)")
+    grid.add(*_prediction_panels(series), *_drift_panels(series), *_ground_truth_panels(series))
+    for view in _models(profiles, series):
+        grid.row(f"Model {view.name}")
+        grid.add(*(item for make in MODEL_PANELS for item in make(view)))
+        grid.row(f"Model {view.name}: features", collapsed=True)
+        for profiled in view.features():
+            grid.add(*_feature_panels(view, profiled))
+    return grid.panels
+
+
+def generate_dashboard(
+    profiles: Sequence[ReferenceProfile],
+    settings: RuleSettings | None = None,
+    *,
+    uid: str = "ml-wsgi-metrics",
+    title: str = "ML WSGI metrics",
+) -> dict[str, Any]:
+    """The Grafana dashboard (its JSON model) for ``profiles``; ``settings`` as given to the
+    rules (namespace, window, ops window), so the panels read the series they record."""
+    settings = settings or RuleSettings()
+    series = _Series(settings)
+    described = ", ".join(f"{p.model} {p.version}" for p in profiles)
+    return {
+        "uid": uid,
+        "title": title,
+        "description": f"Generated by python -m ml_wsgi_metrics dashboard from the profiles "
+        f"of {described}. Model panels read the series recorded by python -m ml_wsgi_metrics "
+        f"rules (window {settings.window}, ops window {settings.ops_window}).",
+        "tags": ["ml-wsgi-metrics", "gunicorn", "ml"],
+        "editable": True,
+        "graphTooltip": 1,
+        "links": [],
+        "refresh": "10s",
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "timezone": "",
+        "version": 1,
+        "weekStart": "",
+        "annotations": {"list": []},
+        "templating": {"list": _variables(series)},
+        "panels": _panels(profiles, series),
+    }

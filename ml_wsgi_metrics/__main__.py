@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "idle_window": (str, "no predictions for this long raises ModelNoPredictions"),
         "quantile": (float, "chi-square quantile of the drift critical value"),
         "floor": (float, "smallest PSI that counts as drift"),
-        "min_rows": (int, "no drift alert with fewer live rows in the window"),
+        "min_rows": (int, "no drift or estimated-accuracy alert with fewer live rows"),
         "min_labels": (int, "no accuracy alert with fewer labelled predictions"),
         "min_accuracy": (float, "fixed accuracy threshold (default: from the profile)"),
         "accuracy_drop": (float, "smallest accuracy drop that alerts"),

@@ -19,13 +19,14 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import _context, _retired
+from . import _context, _retired, _settings
 from ._model import CompiledModel
 from ._prediction_ids import REJECT_REASONS, IdSigner
 from ._recorders import Inc
 from ._replay import FILE_NAME, ReplayStore
 from ._retired import Retirements, version_key
-from .metrics import ModelMetrics, child_adder, forget_model, shared
+from ._series import child_adder
+from .metrics import ModelMetrics, forget_model, shared
 from .multiprocess import (
     ENV_VAR,
     active_directory,
@@ -38,8 +39,8 @@ from .multiprocess import (
 __all__ = ["LIVE_VERSIONS_ENV", "Config", "current", "install", "live_versions", "reset", "resolve"]
 
 #: Environment variable supplying the default ``live_versions``.
-LIVE_VERSIONS_ENV = "ML_WSGI_METRICS_LIVE_VERSIONS"
-_DEFAULT_LIVE_VERSIONS = 2
+LIVE_VERSIONS_ENV = _settings.LIVE_VERSIONS.name
+_DEFAULT_LIVE_VERSIONS = _settings.LIVE_VERSIONS.default
 _SYNC_INTERVAL = 1.0  # seconds between two reads of the retired-versions record by the verbs
 _monotonic = time.monotonic
 
@@ -226,7 +227,7 @@ def current() -> Config:
     if config is None:
         with _config_lock:
             if _config is None:
-                namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+                namespace = _settings.NAMESPACE.get()
                 live = live_versions(None)
                 _config = Config(
                     REGISTRY, namespace, {}, None, 30 * 86400.0, {}, live_versions=live
@@ -238,14 +239,7 @@ def current() -> Config:
 def live_versions(setting: Any) -> int:
     """The ``live_versions`` setting, checked (default: the environment, else 2)."""
     if setting is None:
-        setting = os.environ.get(LIVE_VERSIONS_ENV) or _DEFAULT_LIVE_VERSIONS
-        if isinstance(setting, str):
-            try:
-                setting = int(setting)
-            except ValueError:
-                raise ValueError(
-                    f"live_versions: ${LIVE_VERSIONS_ENV} is not an integer: {setting!r}"
-                ) from None
+        setting = _settings.LIVE_VERSIONS.get()
     if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
         raise ValueError(f"live_versions: must be an integer of at least 1, got {setting!r}")
     return setting

@@ -6,6 +6,11 @@ Request errors are exported by the request's own metrics. Storage errors are exp
 process's *exporter*, the latest request metrics made in multiprocess mode; until one exists, or
 while one is being exported (the counter's own file may be the broken one), errors are kept and
 exported with the next one, never recursively.
+
+:func:`report` is the channel; two callers adapt it to where they stand:
+``_response.instrumentation_failed(record, stage, error)`` (the request records, C and Python,
+export through the request's own metrics) and ``multiprocess.report_error(where, error)`` (a
+storage error, exported by the process's exporter).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from ._recorders import (
     NumericSlots,
     noop,
 )
-from .metrics import ModelMetrics, child_adder, fast_observer, remove_child
+from ._series import child_adder, fast_observer
+from .metrics import ModelMetrics, remove_child
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile
 
 __all__ = ["Children", "CompiledModel"]
@@ -53,7 +54,7 @@ class CompiledModel:
 
     def __init__(self, profile: ReferenceProfile, metrics: ModelMetrics) -> None:
         self.profile = profile
-        labels = metrics.model_labels(profile.model, profile.version)
+        labels = metrics.model_label_values(profile.model, profile.version)
         self.name, self.version = profile.model, profile.version
         self.children = child = Children()
         self.retired = False

@@ -18,6 +18,8 @@ from typing import Any
 from itsdangerous import BadPayload, BadSignature, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
 
+from . import _settings
+
 __all__ = [
     "REJECT_REASONS",
     "SECRET_KEY_ENV",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 #: Environment variable supplying the default ``secret_key``.
-SECRET_KEY_ENV = "ML_WSGI_METRICS_SECRET_KEY"
+SECRET_KEY_ENV = _settings.SECRET_KEY.name
 #: The ``reason`` label values of ``model_feedback_rejected_total``.
 REJECT_REASONS = ("malformed", "tampered", "expired", "unknown_model", "replayed", "retired")
 
@@ -63,7 +65,7 @@ class IdSigner:
     @property
     def serializer(self) -> URLSafeTimedSerializer:
         if self._serializer is None:
-            key = self.secret_key or os.environ.get(SECRET_KEY_ENV)
+            key = self.secret_key or _settings.SECRET_KEY.get()
             if not key:
                 raise ValueError(
                     f"secret_key: prediction ids need a secret key; pass "

@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import multiprocess
+from . import _errors, multiprocess
 from .middleware import MetricsMiddleware
 from .process import remove_pid_file, remove_pid_files, write_pid_file
 
@@ -58,7 +58,7 @@ def take_slot(identifier: str) -> None:
     try:
         write_pid_file(directory, identifier)
     except OSError as error:  # raising here would fail the worker's boot
-        multiprocess.report_error(f"writing {identifier}.pid", error)
+        _errors.report("storage_write", error, where=f"writing {identifier}.pid")
 
 
 def release_slot(identifier: str) -> None:

@@ -166,6 +166,7 @@ class ReplayStore:
 
     def _open(self) -> sqlite3.Connection:
         options: dict[str, Any] = {"isolation_level": None, "check_same_thread": False}
+        connection: sqlite3.Connection
         if self.path is None:
             connection = sqlite3.connect(":memory:", **options)
         else:

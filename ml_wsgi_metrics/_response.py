@@ -4,24 +4,52 @@ Two implementations behave alike: the C one in ``_speedups`` (built by ``pip ins
 adds less than half of what the Python one adds to a request) and :class:`PythonTimedResponse`,
 used where the extension is not built or ``ML_WSGI_METRICS_PURE_PYTHON=1`` is set. The tests
 run both.
+
+The C record's contract: ``_speedups.pyi`` types what the extension exports (``configure``,
+called below with the Python objects it works with, and ``TimedResponse``). Besides those, the
+C code reads these names by string (``tests/test_speedups.py`` parses ``_speedups.c`` and fails
+when one is missing here or on the Python side):
+
+- on ``_slots.State`` (the storage): ``generation``;
+- on a ``_series.RouteSeries``: ``_generation``, ``refresh``, ``_counts``, ``_add_status``,
+  ``_duration``, ``_request_size``, ``_response_size``, ``_in_progress``: cells
+  ``(store, key)`` and histograms ``(bounds, [bucket cells], sum cell)`` as ``_series`` takes
+  them;
+- on a ``metrics.RequestMetrics``: ``routes``, ``route_series``, ``group_status_codes``,
+  ``count_exception``, ``count_model_request``, ``mount_prefixes``;
+- on any object: ``close`` (the app's iterable), ``__name__`` (an exception's class);
+- values, not attributes: the error stages ``route`` and ``record``, the status ``500``, the
+  exception name ``NoStartResponse``, the grouped status suffix ``xx``, the environ keys
+  ``REQUEST_METHOD``, ``SCRIPT_NAME``, ``CONTENT_LENGTH`` and ``wsgi.file_wrapper``, the
+  ``start_response`` keyword ``exc_info``, and ``""``.
+
+Both records expose ``_iterable``, ``_headers``, ``_series``, ``_metrics`` and
+``_response_size`` to :func:`pass_file` and :func:`instrumentation_failed`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
-from . import _context
+from . import _context, _settings
 from ._context import current as bound_model
 from ._context import reset as reset_bound_model
 from ._errors import report
-from .metrics import RequestMetrics, RouteSeries
-from .multiprocess import _State as storage_state
+from ._series import RouteSeries
+from ._slots import State as storage_state
+from .metrics import RequestMetrics
 from .routes import REQUEST_KEY, UNMATCHED, mount_prefix
 
-__all__ = ["METHODS", "OTHER_METHOD", "PythonTimedResponse", "TimedResponse", "speedups"]
+__all__ = [
+    "METHODS",
+    "OTHER_METHOD",
+    "PythonTimedResponse",
+    "RequestRecord",
+    "TimedResponse",
+    "speedups",
+]
 
 #: The ``method`` label's closed set; anything else is counted as ``_OTHER``.
 METHODS = frozenset(
@@ -73,6 +101,17 @@ def _request_size(content_length: str) -> int:
         return max(int(content_length), 0)
     except ValueError:
         return 0
+
+
+class RequestRecord(Protocol):
+    """What the middleware calls on a measured request's record (Python or C)."""
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], Any]: ...
+    def set_route(self, route: str, script_name: str | None = None) -> None: ...
+    def failed(self, error: BaseException) -> None: ...
+    def respond(self, iterable: Iterable[bytes], environ: dict[str, Any]) -> Iterable[bytes]: ...
 
 
 class PythonTimedResponse:
@@ -161,7 +200,8 @@ class PythonTimedResponse:
         """The iterable to give the server for the app's: this record, or a file wrapper."""
         file_wrapper = environ.get("wsgi.file_wrapper")  # its exact class: the server's sendfile
         if file_wrapper is not None and type(iterable) is file_wrapper:
-            return pass_file(self, iterable)
+            passed: Iterable[bytes] = pass_file(self, iterable)
+            return passed
         self._iterable = iterable
         return self
 
@@ -223,7 +263,7 @@ class PythonTimedResponse:
 
 
 try:
-    if os.environ.get("ML_WSGI_METRICS_PURE_PYTHON"):
+    if _settings.PURE_PYTHON.get():
         raise ImportError("ML_WSGI_METRICS_PURE_PYTHON is set")
     from . import _speedups as speedups
 except ImportError:

@@ -22,6 +22,8 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import _errors
+
 __all__ = [
     "RECORD",
     "Retirements",
@@ -227,11 +229,9 @@ class _LiveFamilies:
         try:
             retirements = read(self._directory)
         except (OSError, ValueError) as error:
-            from .multiprocess import report_error  # multiprocess imports this module
-
-            report_error(f"reading {RECORD}", error)
+            _errors.report("storage_write", error, where=f"reading {RECORD}")
             retirements = _EMPTY
-        families = self._collector.collect()
+        families: Iterable[Any] = self._collector.collect()
         if not retirements:
             return families
         hidden: dict[tuple[str | None, str | None], bool] = {}

@@ -8,7 +8,11 @@
  *
  * A cell is a (store, key) tuple: store[key] += amount adds to a metric value. A store that
  * is a memoryview of doubles (a slot file) is written in place; any other goes through
- * __getitem__/__setitem__.
+ * __getitem__/__setitem__ (see ml_wsgi_metrics/_series.py).
+ *
+ * The contract with the Python side: _speedups.pyi types what this module exports; the
+ * docstring of ml_wsgi_metrics/_response.py lists every name read here by string (the
+ * INTERN()s at the bottom), and tests/test_speedups.py checks that each exists there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,7 +20,7 @@
 #include <time.h>
 
 /* Set by configure(): the Python side this record works with. */
-static PyObject *storage_state;          /* multiprocess._State: .generation */
+static PyObject *storage_state;          /* _slots.State: .generation */
 static PyObject *bound_model;            /* the ContextVar of the model a request used */
 static PyObject *unmatched;              /* routes.UNMATCHED */
 static PyObject *instrumentation_failed; /* f(record, stage, error) */
@@ -29,7 +33,7 @@ static PyObject *request_key;            /* the environ key the record is kept u
 static PyObject *s_generation, *s_cell_generation, *s_refresh, *s_counts, *s_add_status,
     *s_duration, *s_request_size, *s_response_size, *s_in_progress, *s_routes, *s_route_series,
     *s_group_status_codes, *s_count_exception, *s_count_model_request, *s_close, *s_name,
-    *s_route, *s_record, *s_status_500, *s_no_start_response, *s_xx, *s_slash, *s_empty,
+    *s_route, *s_record, *s_status_500, *s_no_start_response, *s_xx, *s_empty,
     *s_request_method, *s_script_name, *s_content_length, *s_file_wrapper, *s_mount_prefixes;
 
 typedef struct {
@@ -788,7 +792,6 @@ PyInit__speedups(void)
     INTERN(s_status_500, "500");
     INTERN(s_no_start_response, "NoStartResponse");
     INTERN(s_xx, "xx");
-    INTERN(s_slash, "/");
     INTERN(s_empty, "");
     INTERN(s_request_method, "REQUEST_METHOD");
     INTERN(s_script_name, "SCRIPT_NAME");

@@ -15,12 +15,11 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
-import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import _prefork, multiprocess
+from . import _prefork, _settings, multiprocess
 from .exposition import MetricsExposition, MetricsProtection, MetricsServer, serve_metrics
 from .metrics import ServerMetrics, shared
 from .middleware import MetricsMiddleware, stacked_middlewares
@@ -71,11 +70,8 @@ def configure(
     Bad options raise ``ValueError`` here, when gunicorn reads its config.
     """
     _prefork.check_middleware_options(middleware_options)
-    if metrics_port is None and os.environ.get("ML_WSGI_METRICS_PORT"):
-        try:
-            metrics_port = int(os.environ["ML_WSGI_METRICS_PORT"])
-        except ValueError:
-            raise ValueError("metrics_port: $ML_WSGI_METRICS_PORT is not an integer") from None
+    if metrics_port is None:
+        metrics_port = _settings.PORT.get()
     if metrics_port is not None and (
         not isinstance(metrics_port, int)
         or isinstance(metrics_port, bool)
@@ -85,9 +81,7 @@ def configure(
     _Settings.middleware = middleware_options
     _Settings.wrap_app = wrap_app
     _Settings.metrics_port = metrics_port
-    _Settings.metrics_address = (
-        metrics_address or os.environ.get("ML_WSGI_METRICS_ADDRESS") or "127.0.0.1"
-    )
+    _Settings.metrics_address = metrics_address or _settings.ADDRESS.get()
 
 
 def _identifier(worker: Any) -> str:
@@ -95,7 +89,7 @@ def _identifier(worker: Any) -> str:
 
 
 def _namespace() -> str:
-    return _Settings.middleware.get("namespace") or os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+    return _Settings.middleware.get("namespace") or _settings.NAMESPACE.get()
 
 
 def on_starting(server: Any) -> None:

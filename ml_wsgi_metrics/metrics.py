@@ -1,5 +1,8 @@
 """Every metric the package exports, defined in one place with the registry injected.
 
+This module owns the definitions only (names, labels, buckets, gauge modes, the validation of
+settings): how a request's values are stored and added to is :mod:`ml_wsgi_metrics._series`'s.
+
 Workers only increment counters and histograms, so every series merges exactly across workers
 and hosts; the few gauges name their multiprocess mode and why. Means, deviations, accuracy,
 drift and quantiles are computed in PromQL after ``sum by``.
@@ -12,28 +15,21 @@ import math
 import re
 import threading
 import warnings
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.values import MutexValue
 
 from . import _errors
 from . import multiprocess as _storage
-from .multiprocess import SlotValue, storage_lock
-
-Cell = tuple[Any, Any]  # (store, key): ``store[key] += amount`` adds to a metric value
+from ._series import RouteSeries
 
 __all__ = [
     "DEFAULT_DURATION_BUCKETS",
     "DEFAULT_SIZE_BUCKETS",
     "ModelMetrics",
     "RequestMetrics",
-    "RouteSeries",
     "ServerMetrics",
-    "child_adder",
-    "fast_observer",
     "forget_model",
     "remove_child",
     "shared",
@@ -54,6 +50,9 @@ DEFAULT_LABEL_DELAY_BUCKETS = (
     7 * 86400,
     30 * 86400,
 )
+
+#: The multiprocess modes of this package's gauges.
+GaugeMode = Literal["livesum", "max", "mostrecent"]
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -90,65 +89,6 @@ def validate_namespace(namespace: str) -> str:
     if namespace and not _METRIC_NAME.match(namespace):
         raise ValueError(f"namespace: {namespace!r} is not a valid metric name prefix")
     return namespace
-
-
-def fast_observer(histogram: Any) -> Callable[[float], None]:
-    """``observe`` for one labelled histogram child, without its per-call checks.
-
-    Writes exactly what ``Histogram.observe`` writes (one bucket and the sum, found by
-    bisection), except that NaN is ignored instead of poisoning the sum.
-    """
-    adders = _HistogramAdders(histogram)
-    if not adders.fast:
-        return adders.observe
-
-    def observe(amount: float) -> None:
-        with storage_lock():
-            adders._observe(amount)
-
-    return observe
-
-
-def _adder(value: Any) -> Callable[[float], None]:
-    """Add to a stored value: unlocked for slot values (the caller holds the storage lock)."""
-    return value.add_unlocked if isinstance(value, SlotValue) else value.inc
-
-
-def child_adder(child: Any) -> Callable[[float], None]:
-    """Add to a counter or gauge child's stored value, without its per-call checks.
-
-    Slot values (multiprocess mode) are added to unlocked: the caller holds
-    :func:`~ml_wsgi_metrics.multiprocess.storage_lock` around all the updates of one call.
-    """
-    value = getattr(child, "_value", None)
-    return _adder(value) if hasattr(value, "inc") else child.inc
-
-
-class _HistogramAdders:
-    """Adders to the stored values of one labelled histogram child, for updates under one lock.
-
-    Adders, unlike cells, stay valid when the storage moves (a fork, a slot): the signals API
-    keeps them for the life of a registered model.
-    """
-
-    __slots__ = ("_bounds", "_buckets", "_sum", "fast", "observe")
-
-    def __init__(self, child: Any) -> None:
-        try:
-            self._bounds = tuple(child._upper_bounds)
-            self._buckets = [_adder(bucket) for bucket in child._buckets]
-            self._sum = _adder(child._sum)
-            self.observe = self._observe
-            self.fast = True
-        except AttributeError:  # prometheus_client internals changed: take the public path
-            self.observe = child.observe
-            self.fast = False
-
-    def _observe(self, amount: float) -> None:
-        if amount != amount:  # NaN: in no bucket, and never in the sum
-            return
-        self._buckets[bisect_left(self._bounds, amount)](1)
-        self._sum(amount)
 
 
 _M = TypeVar("_M")
@@ -188,140 +128,33 @@ def forget_model(registry: CollectorRegistry | None, model: tuple[str, str]) -> 
             forget(model)
 
 
-class _IncStore:
-    """A store whose ``store[key] += amount`` calls ``inc(amount)``: for unknown value classes."""
+class _Define:
+    """Makes metrics with one namespace and registry (and the labels every metric has)."""
 
-    __slots__ = ("_inc",)
-
-    def __init__(self, inc: Callable[[float], object]) -> None:
-        self._inc = inc
-
-    def __getitem__(self, key: object) -> float:
-        return 0.0
-
-    def __setitem__(self, key: object, amount: float) -> None:
-        self._inc(amount)
-
-
-_NOWHERE = _IncStore(lambda amount: None)
-
-
-def value_cell(value: Any) -> Cell:
-    """``(store, key)`` such that ``store[key] += amount`` adds to a stored metric value.
-
-    A slot value (multiprocess) is a double in its mapped file; prometheus_client's in-memory
-    value (single process) is its ``_value`` attribute; anything else, prometheus_client's own
-    file-backed value included (``PROMETHEUS_MULTIPROC_DIR`` without this package's storage),
-    is reached through its ``inc``, which writes the file. Use it under
-    :func:`~ml_wsgi_metrics.multiprocess.storage_lock`.
-    """
-    if isinstance(value, SlotValue):
-        return value.cell()
-    if type(value) is MutexValue:
-        attributes = getattr(value, "__dict__", None)
-        if attributes is not None and type(attributes.get("_value")) is float:
-            return attributes, "_value"
-    return _IncStore(value.inc), 0
-
-
-def _histogram_cells(child: Any) -> tuple[tuple[float, ...], list[Cell], Cell]:
-    """Upper bounds, bucket cells and the sum's cell of one labelled histogram child."""
-    try:
-        bounds = tuple(child._upper_bounds)
-        return bounds, [value_cell(bucket) for bucket in child._buckets], value_cell(child._sum)
-    except AttributeError:  # prometheus_client internals changed: observe through its API
-        return (), [(_NOWHERE, 0)], (_IncStore(child.observe), 0)
-
-
-class RouteSeries:
-    """The series of one (method, route): everything a request adds to, under one lock.
-
-    Values are held as cells (``store[key] += amount``: an item assignment, no call), taken
-    again whenever the storage moves (a fork, a worker given its slot).
-    """
-
-    __slots__ = ("_counts", "_duration", "_generation", "_histograms", "_in_progress",
-                 "_in_progress_child", "_lock", "_request_size", "_requests", "_response_size",
-                 "_statuses", "labels")  # fmt: skip
-
-    def __init__(self, metrics: RequestMetrics, labels: tuple[str, ...]) -> None:
-        self.labels = labels
-        self._requests = metrics.requests
-        self._statuses: dict[str, Any] = {}
-        self._counts: dict[str, Cell] = {}
-        self._histograms = tuple(
-            histogram.labels(*labels)
-            for histogram in (metrics.duration, metrics.request_size, metrics.response_size)
-        )
-        self._in_progress_child = metrics.in_progress.labels(*labels)
-        self._lock = storage_lock()
-        with self._lock:
-            self._take_cells()
-
-    def _take_cells(self) -> None:
-        """(Re)take every cell from the stored values; the lock is held."""
-        generation = _storage._State.generation  # a move while taking them: taken again next
-        self._duration, self._request_size, self._response_size = (
-            _histogram_cells(child) for child in self._histograms
-        )
-        self._in_progress = value_cell(self._in_progress_child._value)
-        self._counts = {status: value_cell(c._value) for status, c in self._statuses.items()}
-        self._generation = generation
-
-    def refresh(self) -> None:
-        """Take the cells again (the C record calls this when the storage has moved)."""
-        with self._lock:
-            self._take_cells()
-
-    def _add_status(self, status: str) -> Cell:
-        """Create the counter of a status first seen; return its cell."""
-        child = self._requests.labels(*self.labels, status)  # not under the storage lock
-        with self._lock:
-            self._statuses[status] = child
-            cell = self._counts[status] = value_cell(child._value)
-            return cell
-
-    def started(self) -> None:
-        """A request of this route is now in progress."""
-        with self._lock:
-            if self._generation != _storage._State.generation:
-                self._take_cells()
-            store, key = self._in_progress
-            store[key] += 1
-
-    def finished(
-        self,
-        status: str,
-        duration: float,
-        request_size: int,
-        response_size: int,
-        was_started: bool,
+    def __init__(
+        self, namespace: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()
     ) -> None:
-        """Record one finished request (requests without a body observe no request size)."""
-        if status not in self._statuses:
-            self._add_status(status)
-        with self._lock:
-            # started() took fresh cells: the storage moves only between requests (fork, slot).
-            if not was_started and self._generation != _storage._State.generation:
-                self._take_cells()
-            store, key = self._counts[status]
-            store[key] += 1
-            bounds, buckets, (store, key) = self._duration
-            store[key] += duration
-            store, key = buckets[bisect_left(bounds, duration)]
-            store[key] += 1
-            if request_size:
-                bounds, buckets, (store, key) = self._request_size
-                store[key] += request_size
-                store, key = buckets[bisect_left(bounds, request_size)]
-                store[key] += 1
-            bounds, buckets, (store, key) = self._response_size
-            store[key] += response_size
-            store, key = buckets[bisect_left(bounds, response_size)]
-            store[key] += 1
-            if was_started:
-                store, key = self._in_progress
-                store[key] -= 1
+        self._common: dict[str, Any] = {
+            "namespace": namespace,
+            "registry": registry,
+        }
+        self._labels = labels
+
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, documentation, (*self._labels, *labels), **self._common)
+
+    def gauge(
+        self, name: str, documentation: str, labels: tuple[str, ...], mode: GaugeMode
+    ) -> Gauge:
+        """A gauge: its ``mode`` says how workers' values merge (see each definition)."""
+        labelnames = (*self._labels, *labels)
+        return Gauge(name, documentation, labelnames, multiprocess_mode=mode, **self._common)
+
+    def histogram(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        labelnames = (*self._labels, *labels)
+        return Histogram(name, documentation, labelnames, buckets=buckets, **self._common)
 
 
 class RequestMetrics:
@@ -342,64 +175,38 @@ class RequestMetrics:
         namespace = validate_namespace(namespace)
         self.group_status_codes = group_status_codes
         self.const_labels = validate_const_labels(const_labels, (*self.LABELS, "status"))
-        const = tuple(self.const_labels)
         self._const_values = tuple(self.const_labels.values())
-        common = {"namespace": namespace, "registry": registry}
-        route_labels = (*const, *self.LABELS)
-        self.requests = Counter(
+        define = _Define(namespace, registry, tuple(self.const_labels))
+        route = self.LABELS
+        self.requests = define.counter(
             "http_requests",
             "HTTP requests finished, by route template and status code.",
-            (*route_labels, "status"),
-            **common,
+            (*route, "status"),
         )
-        self.duration = Histogram(
+        self.duration = define.histogram(
             "http_request_duration_seconds",
             "Time from the request's arrival until the server closed the response.",
-            route_labels,
-            buckets=validate_buckets("duration_buckets", duration_buckets),
-            **common,
+            route,
+            validate_buckets("duration_buckets", duration_buckets),
         )
         # livesum: each worker counts its own requests; a dead worker's share disappears.
-        self.in_progress = Gauge(
+        self.in_progress = define.gauge(
             "http_requests_in_progress",
             "Requests being handled now, summed over live workers.",
-            route_labels,
-            multiprocess_mode="livesum",
-            **common,
+            route,
+            "livesum",
         )
         sizes = validate_buckets("size_buckets", size_buckets)
-        self.request_size = Histogram(
+        self.request_size = define.histogram(
             "http_request_size_bytes",
             "Request body sizes (Content-Length; 0 without a body).",
-            route_labels,
-            buckets=sizes,
-            **common,
+            route,
+            sizes,
         )
-        self.response_size = Histogram(
-            "http_response_size_bytes",
-            "Response body sizes, as sent.",
-            route_labels,
-            buckets=sizes,
-            **common,
+        self.response_size = define.histogram(
+            "http_response_size_bytes", "Response body sizes, as sent.", route, sizes
         )
-        self.exceptions = Counter(
-            "http_request_exceptions",
-            "Exceptions raised by the application (also counted as status 500).",
-            (*route_labels, "exception"),
-            **common,
-        )
-        self.model_requests = Counter(
-            "http_model_requests",
-            "Requests that used a model (bound with the signals API), by model version.",
-            (*route_labels, "status", "model", "version"),
-            **common,
-        )
-        self.instrumentation_errors = Counter(
-            "ml_wsgi_metrics_instrumentation_errors",
-            "Errors inside the instrumentation itself; the application was not affected.",
-            (*const, "stage"),
-            **common,
-        )
+        self._define_counts(define)
         self.routes: dict[tuple[str, str], RouteSeries] = {}  # by (method, route)
         #: The mount prefixes a route label may keep (the wrapped apps' mounts, a closed set).
         self.mount_prefixes: set[str] = set()
@@ -408,6 +215,24 @@ class RequestMetrics:
         fallback = _storage.merged_directory()
         if fallback is not None and _storage.active_directory() is None:
             _storage.check_directory(fallback)  # prometheus_client's own files: same rules
+
+    def _define_counts(self, define: _Define) -> None:
+        """The counters beside the request series: exceptions, model versions, own errors."""
+        self.exceptions = define.counter(
+            "http_request_exceptions",
+            "Exceptions raised by the application (also counted as status 500).",
+            (*self.LABELS, "exception"),
+        )
+        self.model_requests = define.counter(
+            "http_model_requests",
+            "Requests that used a model (bound with the signals API), by model version.",
+            (*self.LABELS, "status", "model", "version"),
+        )
+        self.instrumentation_errors = define.counter(
+            "ml_wsgi_metrics_instrumentation_errors",
+            "Errors inside the instrumentation itself; the application was not affected.",
+            ("stage",),
+        )
 
     def _export_storage_errors(self) -> None:
         """Export this process's storage errors here from now on, each stage's series made at
@@ -476,21 +301,16 @@ class ServerMetrics:
     ) -> None:
         namespace = validate_namespace(namespace)
         labels = validate_const_labels(const_labels, ())
-        common = {"namespace": namespace, "registry": registry, "labelnames": tuple(labels)}
+        define = _Define(namespace, registry, tuple(labels))
         # mostrecent: one master writes it; the latest value is the truth.
-        self.workers = Gauge(
-            "gunicorn_workers",
-            "Worker processes alive, as the master sees them.",
-            multiprocess_mode="mostrecent",
-            **common,
+        self.workers = define.gauge(
+            "gunicorn_workers", "Worker processes alive, as the master sees them.", (), "mostrecent"
         )
-        self.worker_restarts = Counter(
-            "gunicorn_worker_restarts", "Worker processes that exited and were replaced.", **common
+        self.worker_restarts = define.counter(
+            "gunicorn_worker_restarts", "Worker processes that exited and were replaced."
         )
-        self.worker_timeouts = Counter(
-            "gunicorn_worker_timeouts",
-            "Workers the master killed for missing the timeout.",
-            **common,
+        self.worker_timeouts = define.counter(
+            "gunicorn_worker_timeouts", "Workers the master killed for missing the timeout."
         )
         values = tuple(labels.values())
         self.workers_alive = self.workers.labels(*values) if values else self.workers
@@ -521,111 +341,109 @@ class ModelMetrics:
         namespace = validate_namespace(namespace)
         reserved = (*self.MODEL, "class", "feature", "bin", "sign", "predicted", "actual", "reason")
         self.const_labels = validate_const_labels(const_labels, reserved)
-        const = tuple(self.const_labels)
-        model = (*const, *self.MODEL)
-        feature = (*model, "feature")
-        common = {"namespace": namespace, "registry": registry}
-
-        def counter(name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
-            return Counter(name, documentation, labels, **common)
-
-        self.predictions = counter(
+        define = _Define(namespace, registry, tuple(self.const_labels))
+        model = self.MODEL
+        self.predictions = define.counter(
             "model_predictions",
             "Predictions made (one per row), by predicted class.",
             (*model, "class"),
         )
-        self.prediction_latency = Histogram(
+        self.prediction_latency = define.histogram(
             "model_prediction_latency_seconds",
             "Time the model took per prediction call (a batch is one call).",
             model,
-            buckets=validate_buckets("latency_buckets", latency_buckets),
-            **common,
+            validate_buckets("latency_buckets", latency_buckets),
         )
-        self.feature_bin = counter(
+        self._define_inputs(define, (*model, "feature"))
+        self._define_scores(define)
+        self.confusion = define.counter(
+            "model_confusion",
+            "Ground truth received, by predicted and actual class.",
+            (*model, "predicted", "actual"),
+        )
+        self.label_delay = define.histogram(
+            "model_label_delay_seconds",
+            "Time from a prediction to its ground truth.",
+            model,
+            validate_buckets("label_delay_buckets", label_delay_buckets),
+        )
+        self.feedback_rejected = define.counter(
+            "model_feedback_rejected",
+            "Feedback refused: tampered, expired or malformed prediction ids.",
+            ("reason",),
+        )
+
+    def _define_inputs(self, define: _Define, feature: tuple[str, ...]) -> None:
+        self.feature_bin = define.counter(
             "model_feature_bin",
             "Input values per reference bin; categorical bins are categories.",
             (*feature, "bin"),
         )
-        self.feature_missing = counter(
+        self.feature_missing = define.counter(
             "model_feature_missing", "Missing input values (None, NaN, infinities).", feature
         )
-        self.feature_out_of_range = counter(
+        self.feature_out_of_range = define.counter(
             "model_feature_out_of_range",
             "Numeric inputs outside the reference [min, max].",
             feature,
         )
-        self.feature_unseen = counter(
+        self.feature_unseen = define.counter(
             "model_feature_unseen", "Categorical inputs not in the reference vocabulary.", feature
         )
-        self.feature_sum = counter(
+        self.feature_sum = define.counter(
             "model_feature_sum",
             "Sum of numeric inputs, split by sign so it only grows.",
             (*feature, "sign"),
         )
-        self.feature_sum_squares = counter(
+        self.feature_sum_squares = define.counter(
             "model_feature_sum_squares", "Sum of squared numeric inputs.", feature
         )
-        self.feature_reference_share = Gauge(
+        self.feature_reference_share = define.gauge(
             "model_feature_reference_share",
             "Share of the reference (training) rows in each bin.",
             (*feature, "bin"),
-            multiprocess_mode="max",
-            **common,
+            "max",
         )
-        self.score_bin = counter(
+
+    def _define_scores(self, define: _Define) -> None:
+        model = self.MODEL
+        self.score_bin = define.counter(
             "model_score_bin", "Prediction scores per reference bin.", (*model, "bin")
         )
-        self.score_missing = counter("model_score_missing", "Missing or non-finite scores.", model)
-        self.score_sum = counter(
+        self.score_missing = define.counter(
+            "model_score_missing", "Missing or non-finite scores.", model
+        )
+        self.score_sum = define.counter(
             "model_score_sum", "Sum of prediction scores, split by sign.", (*model, "sign")
         )
-        self.score_sum_squares = counter(
+        self.score_sum_squares = define.counter(
             "model_score_sum_squares", "Sum of squared prediction scores.", model
         )
-        self.score_reference_share = Gauge(
+        self.score_reference_share = define.gauge(
             "model_score_reference_share",
             "Share of the reference scores in each bin.",
             (*model, "bin"),
-            multiprocess_mode="max",
-            **common,
+            "max",
         )
-        self.reference_accuracy = Gauge(
+        self.reference_accuracy = define.gauge(
             "model_reference_accuracy",
             "Accuracy of the model version on held-out data, from its profile.",
             model,
-            multiprocess_mode="max",
-            **common,
+            "max",
         )
-        self.expected_correct = counter(
+        self.expected_correct = define.counter(
             "model_expected_correct",
             "Predicted-class probability summed over predictions with a finite score: the "
             "correct predictions a calibrated model expects.",
             model,
         )
-        self.reference_estimated_accuracy = Gauge(
+        self.reference_estimated_accuracy = define.gauge(
             "model_reference_estimated_accuracy",
             "Mean predicted-class probability on held-out data, from the profile.",
             model,
-            multiprocess_mode="max",
-            **common,
-        )
-        self.confusion = counter(
-            "model_confusion",
-            "Ground truth received, by predicted and actual class.",
-            (*model, "predicted", "actual"),
-        )
-        self.label_delay = Histogram(
-            "model_label_delay_seconds",
-            "Time from a prediction to its ground truth.",
-            model,
-            buckets=validate_buckets("label_delay_buckets", label_delay_buckets),
-            **common,
-        )
-        self.feedback_rejected = counter(
-            "model_feedback_rejected",
-            "Feedback refused: tampered, expired or malformed prediction ids.",
-            (*const, "reason"),
+            "max",
         )
 
-    def model_labels(self, model: str, version: str) -> tuple[str, ...]:
+    def model_label_values(self, model: str, version: str) -> tuple[str, ...]:
+        """The label values of a model version's series: the constant labels', then its own."""
         return (*self.const_labels.values(), model, version)

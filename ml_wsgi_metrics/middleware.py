@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import routes
-from ._response import METHODS, StartResponse, TimedResponse, instrumentation_failed
+from . import _settings, routes
+from ._response import (
+    METHODS,
+    RequestRecord,
+    StartResponse,
+    TimedResponse,
+    instrumentation_failed,
+)
 from .exposition import MetricsExposition
 from .metrics import DEFAULT_DURATION_BUCKETS, DEFAULT_SIZE_BUCKETS, RequestMetrics, shared
 from .routes import REQUEST_KEY, RouteResolver
@@ -46,7 +51,9 @@ class MetricsMiddleware:
     """
 
     #: The per-request record: the C one when built, else the pure-Python one.
-    response_class: type = TimedResponse
+    response_class: Callable[[RequestMetrics, dict[str, Any], StartResponse], RequestRecord] = (
+        TimedResponse
+    )
 
     def __init__(
         self,
@@ -75,7 +82,7 @@ class MetricsMiddleware:
         if any(not isinstance(path, str) or not path.startswith("/") for path in excluded):
             raise ValueError(f"excluded_paths: every path must start with '/', got {excluded!r}")
         if namespace is None:
-            namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+            namespace = _settings.NAMESPACE.get()
         registry = REGISTRY if registry is None else registry
         self.app = app
         self.metrics: RequestMetrics = shared(
@@ -150,7 +157,7 @@ class MetricsMiddleware:
         return self.app(environ, start_response)
 
     def _name_route(
-        self, path: str, environ: dict[str, Any], timed: TimedResponse
+        self, path: str, environ: dict[str, Any], timed: RequestRecord
     ) -> WSGIApp | MetricsExposition:
         """Name the route before the app runs (scrapes, ``route_resolver``); the app to call."""
         if path == self.metrics_path:

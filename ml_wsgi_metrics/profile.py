@@ -6,6 +6,10 @@ rounded, duplicates removed), the share of reference rows in each of the ``len(e
 (bin ``i`` is ``(edges[i-1], edges[i]]``), min/max, mean, standard deviation and missing rate;
 for each categorical feature its vocabulary and shares; the same numeric summary for the score.
 Live bin counts are compared with these shares in PromQL (PSI), see :mod:`ml_wsgi_metrics.rules`.
+
+This module owns the format (the classes, their checks, JSON in and out) and
+:func:`build_profile`; the statistics of a training column are computed in
+:mod:`ml_wsgi_metrics._profiling`.
 """
 
 from __future__ import annotations
@@ -15,12 +19,19 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._expected import mean_expected
+from ._profiling import (
+    categorical_fields,
+    is_categorical,
+    numeric_fields,
+    positive_scores,
+    round_edges,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,6 +48,7 @@ __all__ = [
     "build_profile",
     "estimate_accuracy",
     "positive_scores",
+    "round_edges",
 ]
 
 FORMAT = "ml-wsgi-metrics/profile"
@@ -109,18 +121,7 @@ class NumericProfile:
         return tuple(str(i) for i in range(len(self.edges) + 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "edges": list(self.edges),
-            "shares": list(self.shares),
-            "count": self.count,
-            "missing_rate": self.missing_rate,
-            "min": self.min,
-            "max": self.max,
-            "mean": self.mean,
-            "std": self.std,
-        }
+        return _as_dict(self)
 
 
 @dataclass(frozen=True)
@@ -159,18 +160,19 @@ class CategoricalProfile:
         return (*self.categories, UNSEEN)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "categories": list(self.categories),
-            "shares": list(self.shares),
-            "count": self.count,
-            "missing_rate": self.missing_rate,
-            "folded": self.folded,
-        }
+        return _as_dict(self)
 
 
 FeatureProfile = NumericProfile | CategoricalProfile
+
+
+def _as_dict(feature: FeatureProfile) -> dict[str, Any]:
+    """The JSON form: name, kind, then the other fields in order, tuples as lists."""
+    data: dict[str, Any] = {"name": feature.name, "kind": feature.kind}
+    for name in (f.name for f in fields(feature)):
+        value = getattr(feature, name)
+        data.setdefault(name, list(value) if isinstance(value, tuple) else value)
+    return data
 
 
 @dataclass(frozen=True)
@@ -353,19 +355,7 @@ def _feature_from_dict(data: Any) -> FeatureProfile:
     raise _fail("features", f"unknown feature kind {kind!r} (numeric or categorical)")
 
 
-# -- building ------------------------------------------------------------------------------
-
-
-def positive_scores(scores: Any) -> np.ndarray:
-    """Scores as a float vector: a ``(n, 2)`` ``predict_proba`` result gives its column 1."""
-    array = np.asarray(scores, dtype=np.float64)
-    if array.ndim == 2 and array.shape[1] == 2:
-        return array[:, 1]
-    if array.ndim == 2 and array.shape[1] == 1:
-        return array[:, 0]
-    if array.ndim != 1:
-        raise ValueError(f"scores: expected one score per row, got shape {array.shape}")
-    return array
+# -- building (the numbers come from _profiling) -------------------------------------------
 
 
 def estimate_accuracy(
@@ -380,66 +370,6 @@ def estimate_accuracy(
     :param classes: the profile's classes.
     """
     return mean_expected(positive_scores(scores), predicted, classes)
-
-
-def round_edges(quantiles: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Edges rounded to 4 significant digits of the reference range, duplicates removed.
-
-    A range of 100 gives 0.1 steps; of 1 (probabilities) 0.001; a constant feature keeps its
-    value. Rounding only moves edges: the shares are computed afterwards, with these edges.
-    """
-    span = high - low
-    scale = span if span > 0 else max(abs(low), 1.0)
-    decimals = 3 - math.floor(math.log10(scale))
-    return np.unique(np.round(quantiles, decimals))
-
-
-def _numeric_profile(name: str, values: np.ndarray, bins: int) -> NumericProfile:
-    total = len(values)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        raise ValueError(f"build_profile: feature {name!r} has no finite values")
-    low, high = float(finite.min()), float(finite.max())
-    quantiles = np.quantile(finite, np.arange(1, bins) / bins)
-    edges = round_edges(quantiles, low, high)
-    counts = np.bincount(np.searchsorted(edges, finite, side="left"), minlength=len(edges) + 1)
-    return NumericProfile(
-        name=name,
-        edges=tuple(float(e) for e in edges),
-        shares=tuple((counts / finite.size).tolist()),
-        count=int(finite.size),
-        missing_rate=float(1 - finite.size / total),
-        min=low,
-        max=high,
-        mean=float(finite.mean()),
-        std=float(finite.std()),
-    )
-
-
-def _categorical_profile(
-    name: str, column: pd.Series, max_categories: int, min_share: float
-) -> CategoricalProfile:
-    total = len(column)
-    present = column[~column.isna()]
-    if present.empty:
-        raise ValueError(f"build_profile: feature {name!r} has no non-missing values")
-    labels = present.astype(object).map(str)
-    if (labels == UNSEEN).any():
-        raise ValueError(f"build_profile: feature {name!r} uses the reserved value {UNSEEN!r}")
-    counts = labels.value_counts(sort=False)
-    # Most frequent first, ties by name: the same data always gives the same vocabulary.
-    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    m = len(labels)
-    kept = [(c, n) for c, n in ordered[:max_categories] if n / m >= min_share]
-    kept_rows = sum(n for _, n in kept)
-    return CategoricalProfile(
-        name=name,
-        categories=tuple(c for c, _ in kept),
-        shares=(*(n / m for _, n in kept), (m - kept_rows) / m),
-        count=m,
-        missing_rate=float(1 - m / total),
-        folded=len(ordered) - len(kept),
-    )
 
 
 def build_profile(
@@ -473,23 +403,10 @@ def build_profile(
         raise ValueError(f"build_profile: bins must be an integer >= 2, got {bins!r}")
     if max_categories < 1 or not (0 <= min_category_share < 1):
         raise ValueError("build_profile: max_categories >= 1 and 0 <= min_category_share < 1")
-    profiles: list[FeatureProfile] = []
-    for name in features.columns:
-        column = features[name]
-        dtype = column.dtype
-        if pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
-            if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(
-                dtype
-            ):
-                raise ValueError(
-                    f"build_profile: feature {name!r} has dtype {dtype}: convert it to numbers"
-                )
-            profiles.append(
-                _categorical_profile(str(name), column, max_categories, min_category_share)
-            )
-        else:
-            values = column.to_numpy(dtype=np.float64, na_value=np.nan)
-            profiles.append(_numeric_profile(str(name), values, bins))
+    profiles = [
+        _feature_profile(str(name), features[name], bins, max_categories, min_category_share)
+        for name in features.columns
+    ]
     score = None
     if scores is not None:
         values = positive_scores(scores)
@@ -508,6 +425,20 @@ def build_profile(
         accuracy=accuracy,
         estimated_accuracy=estimated_accuracy,
     )
+
+
+def _feature_profile(
+    name: str, column: pd.Series, bins: int, max_categories: int, min_share: float
+) -> FeatureProfile:
+    if is_categorical(name, column):
+        return CategoricalProfile(
+            name, **categorical_fields(name, column, max_categories, min_share, UNSEEN)
+        )
+    return _numeric_profile(name, column.to_numpy(dtype=np.float64, na_value=np.nan), bins)
+
+
+def _numeric_profile(name: str, values: np.ndarray, bins: int) -> NumericProfile:
+    return NumericProfile(name, **numeric_fields(name, values, bins))
 
 
 def _class_labels(classes: Iterable[Any]) -> tuple[str, ...]:

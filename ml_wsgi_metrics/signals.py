@@ -41,7 +41,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import _config, _context
+from . import _config, _context, _settings
 from ._config import LIVE_VERSIONS_ENV, Config, resolve
 from ._feedback import Feedback, count_feedback
 from ._inputs import is_missing, is_scalar
@@ -110,7 +110,7 @@ def configure(
     """
     _check_settings(max_feedback_age, max_clock_skew, replay_capacity, metric_settings)
     if namespace is None:
-        namespace = os.environ.get("ML_WSGI_METRICS_NAMESPACE", "")
+        namespace = _settings.NAMESPACE.get()
     config = Config(
         REGISTRY if registry is None else registry,
         namespace,

@@ -32,7 +32,7 @@ try:
 except ImportError as error:
     raise ImportError("ml_wsgi_metrics.uwsgi runs inside uWSGI: uwsgi --ini uwsgi.ini") from error
 
-from . import _prefork, multiprocess
+from . import _prefork, _settings, multiprocess
 from .middleware import MetricsMiddleware
 
 __all__ = ["APP_ENV_VAR", "PRIVATE_DIRECTORY_ENV_VAR", "configure", "load_app", "post_fork"]
@@ -43,7 +43,7 @@ log = logging.getLogger("ml_wsgi_metrics")
 APP_ENV_VAR = "WSGI_APP"
 
 #: Names the private directory the master made, if no directory was given.
-PRIVATE_DIRECTORY_ENV_VAR = "ML_WSGI_METRICS_PRIVATE_DIRECTORY"
+PRIVATE_DIRECTORY_ENV_VAR = _settings.PRIVATE_DIRECTORY.name
 
 
 class _Settings:
@@ -115,7 +115,7 @@ def _activate() -> str:
     ``$ML_WSGI_METRICS_PRIVATE_DIRECTORY`` for ``uwsgi.ini``'s exit command to remove. A
     reloaded master (the same process, exec'ed) finds it there and makes it again.
     """
-    private = os.environ.get(PRIVATE_DIRECTORY_ENV_VAR)
+    private = _settings.PRIVATE_DIRECTORY.get()
     given = os.environ.get(multiprocess.ENV_VAR)
     if given and given != private:
         return multiprocess.activate(given)

@@ -18,9 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import require_speedups, require_tool
 
-from ml_wsgi_metrics import _errors, _response, middleware, multiprocess
+from ml_wsgi_metrics import _errors, _response, _slots, middleware, multiprocess
+from ml_wsgi_metrics._series import RouteSeries
 from ml_wsgi_metrics.exposition import scrape_registry
-from ml_wsgi_metrics.metrics import RouteSeries
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -217,7 +217,7 @@ class StorageClock:
 def storage_clock(monkeypatch: pytest.MonkeyPatch) -> StorageClock:
     """``storage_clock.advance(seconds)``: time passes for the storage's retries only."""
     clock = StorageClock()
-    monkeypatch.setattr(multiprocess, "time", clock)
+    monkeypatch.setattr(_slots, "time", clock)
     return clock
 
 

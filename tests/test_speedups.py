@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,9 +18,10 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from support import require_speedups
 
-from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, multiprocess
+from ml_wsgi_metrics import UNMATCHED, MetricsMiddleware, _response, _slots, multiprocess
 from ml_wsgi_metrics._response import PythonTimedResponse
 from ml_wsgi_metrics.exposition import scrape_registry
+from ml_wsgi_metrics.metrics import RequestMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +128,7 @@ def test_storage_closed_under_the_record_fails_open(
     registry = CollectorRegistry()
     app = MetricsMiddleware(hello, registry=registry, route_resolver=lambda e: "/r")
     assert call(app, "/r").body == b"hello"
-    for handle in multiprocess._State.files.values():  # closed without telling anyone
+    for handle in _slots.State.files.values():  # closed without telling anyone
         handle.close()
     with caplog.at_level(logging.DEBUG, logger="ml_wsgi_metrics"):
         assert call(app, "/r").body == b"hello"
@@ -160,3 +164,96 @@ def test_records_follow_the_storage_when_it_moves(
     assert sample(registry, "http_requests_in_progress", **labels) == 0
     assert sample(registry, "ml_wsgi_metrics_instrumentation_errors_total", stage="route") == 0
     assert sorted(p.name for p in multiprocess_dir.glob("*_w3.db"))
+
+
+# -- the contract between _speedups.c and the Python side -------------------------------------
+
+C_SOURCE = (REPO / "ml_wsgi_metrics" / "_speedups.c").read_text()
+STUB = ast.parse((REPO / "ml_wsgi_metrics" / "_speedups.pyi").read_text())
+#: Every name the C code makes from a literal, by its C variable.
+INTERNED = dict(re.findall(r'INTERN\((s_\w+), "([^"]*)"\)', C_SOURCE))
+#: (object expression, C variable) of every attribute read or method called by name.
+READS = re.findall(
+    r"(?:PyObject_GetAttr|PyObject_CallMethod\w*|add_to_series_cell|observe)\(\s*([^,()]+|"
+    r"\(PyObject \*\)Py_TYPE\(\w+\)),\s*(s_\w+)",
+    C_SOURCE,
+)
+#: What each object expression of the C code is on the Python side (None: any object).
+OWNERS = {
+    "series": "route series",
+    "self->metrics": "request metrics",
+    "storage_state": "storage state",
+    "iterable": None,
+    "type": None,
+    "(PyObject *)Py_TYPE(error)": None,
+}
+#: Names the C code compares against (keyword arguments).
+COMPARED = re.findall(r'PyUnicode_CompareWithASCIIString\([^"]*"([^"]*)"\)', C_SOURCE)
+MEMBERS = re.findall(r'\{"(\w+)", T_\w+, offsetof\(Record', C_SOURCE)
+METHODS = re.findall(r'\{"(\w+)", \(PyCFunction\)', C_SOURCE)
+
+
+def python_owners() -> dict[str, Any]:
+    metrics = RequestMetrics(CollectorRegistry())
+    return {
+        "route series": metrics.route_series("GET", "/contract"),
+        "request metrics": metrics,
+        "storage state": _slots.State,
+    }
+
+
+def test_the_c_source_is_parsed_whole() -> None:
+    """The patterns below find what the C code reads (an empty parse would pass anything)."""
+    assert len(INTERNED) == C_SOURCE.count("INTERN(s_") == 27
+    assert {variable for _, variable in READS} <= set(INTERNED)
+    assert (len(READS), COMPARED, len(MEMBERS), len(METHODS)) == (20, ["exc_info"], 5, 5)
+
+
+def test_every_name_the_c_record_reads_exists_on_the_python_side() -> None:
+    owners = python_owners()
+    missing = []
+    for expression, variable in READS:
+        assert expression in OWNERS, f"classify what {expression!r} is in OWNERS"
+        owner = OWNERS[expression]
+        if owner is not None and not hasattr(owners[owner], INTERNED[variable]):
+            missing.append(f"{owner}.{INTERNED[variable]}")
+    assert missing == []
+
+
+def test_every_value_the_c_record_uses_is_the_python_records() -> None:
+    """Labels, stages and environ keys made from literals are the Python record's too."""
+    read = {variable for _, variable in READS}
+    source = Path(_response.__file__).read_text()
+    parameters = inspect.signature(PythonTimedResponse.start_response).parameters
+    values = [text for variable, text in INTERNED.items() if variable not in read]
+    assert [v for v in values if f'"{v}"' not in source] == []
+    assert [name for name in COMPARED if name not in parameters] == []
+
+
+def test_the_contract_docstring_lists_every_name_the_c_code_reads() -> None:
+    documented = set(re.findall(r"``([^`]*)``", _response.__doc__ or ""))
+    named = {name or '""' for name in (*INTERNED.values(), *COMPARED, *MEMBERS)}
+    assert sorted(named - documented) == []
+
+
+def test_the_record_exposes_what_the_python_helpers_read() -> None:
+    assert set(MEMBERS) <= set(PythonTimedResponse.__slots__)
+    c_record = require_speedups().TimedResponse
+    assert [name for name in (*MEMBERS, *METHODS) if not hasattr(c_record, name)] == []
+
+
+def test_the_stub_types_exactly_what_the_extension_exports() -> None:
+    speedups = require_speedups()
+    functions = {n.name: n for n in STUB.body if isinstance(n, ast.FunctionDef)}
+    (record,) = (n for n in STUB.body if isinstance(n, ast.ClassDef))
+    typed = {
+        node.target.id if isinstance(node, ast.AnnAssign) else node.name  # type: ignore[union-attr]
+        for node in record.body
+        if isinstance(node, (ast.AnnAssign, ast.FunctionDef))
+    }
+    exported = {name for name in vars(speedups) if not name.startswith("__")}
+    assert exported == {*functions, record.name} == {"configure", "TimedResponse"}
+    arity = re.search(r'PyArg_UnpackTuple\(args, "configure", (\d+), \1', C_SOURCE)
+    assert arity is not None
+    assert len(functions["configure"].args.posonlyargs) == int(arity.group(1))
+    assert {*MEMBERS, *METHODS, "__init__", "__iter__", "__next__"} == typed

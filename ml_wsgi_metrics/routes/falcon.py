@@ -25,7 +25,7 @@ class _RouteNamer:
     __slots__ = ()
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
     ) -> None:
         template = req.uri_template
         if template is not None:  # a custom router may not report it
@@ -42,7 +42,7 @@ def handles(app: Any) -> bool:
     return isinstance(app, falcon.App) and not isinstance(app, falcon.asgi.App)
 
 
-def install(app: falcon.App) -> None:
+def install(app: falcon.App[Any, Any]) -> None:
     """Append the naming middleware with ``app.add_middleware`` (once)."""
     if not any(isinstance(mw, _RouteNamer) for mw in app._unprepared_middleware):
         app.add_middleware(_RouteNamer())

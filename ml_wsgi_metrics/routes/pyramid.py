@@ -25,7 +25,7 @@ class _RouteNamingMapper:
         self.mapper = mapper
 
     def __call__(self, request: Any) -> dict[str, Any]:
-        info = self.mapper(request)
+        info: dict[str, Any] = self.mapper(request)
         route = info["route"]
         if route is not None:
             pattern = route.pattern

@@ -1,0 +1,202 @@
+"""PromQL text, written one way: series names, label selectors, the expression shapes the
+generated rules repeat, and the rule file entries that carry them.
+
+Every selector of the generated rules is a :class:`Selector`; every metric and recorded series
+name comes from :class:`Names`. A dashboard or any other generator that must read the same series
+imports these rather than writing PromQL by hand::
+
+    names = Names("svc")                            # the metrics' namespace, "" for none
+    model = model_selector("churn", "3")            # or ("$model", "$version") in Grafana
+    model.series(names.record("feature_psi:1h"))
+    # svc:feature_psi:1h{model="churn",version="3"}
+    features = model.one_of("feature", ["tenure", "charges"])
+    sum_by((*MODEL, "feature"), increase(features, names.metric("model_feature_bin_total"), "1h"))
+    # sum by (model, version, feature) (increase(svc_model_feature_bin_total{model="churn",
+    #   version="3",feature=~"tenure|charges"}[1h]))
+
+Label values are escaped as PromQL strings, so values from Grafana variables (``"$model"``) pass
+through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "MODEL",
+    "Names",
+    "Rule",
+    "Selector",
+    "alerting_rule",
+    "alternation",
+    "increase",
+    "label_list",
+    "max_by",
+    "model_selector",
+    "number",
+    "on",
+    "positive",
+    "rate",
+    "recording_rule",
+    "string",
+    "sum_by",
+]
+
+#: The labels that identify one model version on every model series.
+MODEL = ("model", "version")
+
+_REGEX_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")
+
+
+def string(value: str) -> str:
+    """A PromQL string literal (JSON escapes are a subset of what PromQL reads)."""
+    return json.dumps(value)
+
+
+def alternation(values: Iterable[str]) -> str:
+    """An RE2 alternation matching exactly ``values``."""
+    return "|".join(_REGEX_SPECIAL.sub(r"\\\1", value) for value in values)
+
+
+def number(value: float) -> str:
+    """A float literal that reads back as the same float."""
+    return repr(float(value))
+
+
+class Selector:
+    """Label matchers, rendered in the order given: ``{model="churn",version="3"}``.
+
+    ``Selector(**labels)`` matches labels by equality; :meth:`where`, :meth:`one_of` and
+    :meth:`matching` return a new selector with more matchers. No matchers render as nothing,
+    so ``Selector().series(name)`` is the bare ``name``.
+    """
+
+    __slots__ = ("_matchers",)
+
+    def __init__(self, /, **labels: str) -> None:
+        self._matchers = tuple((label, "=", value) for label, value in labels.items())
+
+    def _with(self, *matchers: tuple[str, str, str]) -> Selector:
+        selector = Selector()
+        selector._matchers = (*self._matchers, *matchers)
+        return selector
+
+    def where(self, /, **labels: str) -> Selector:
+        """More equality matchers."""
+        return self._with(*((label, "=", value) for label, value in labels.items()))
+
+    def matching(self, label: str, pattern: str) -> Selector:
+        """A regular-expression matcher: ``label=~"pattern"``."""
+        return self._with((label, "=~", pattern))
+
+    def one_of(self, label: str, values: Sequence[str]) -> Selector:
+        """``label`` equal to one of ``values``: ``=`` for one value, an alternation for more."""
+        if len(values) == 1:
+            return self.where(**{label: values[0]})
+        return self.matching(label, alternation(values))
+
+    def series(self, name: str) -> str:
+        """``name{matchers}``: an instant vector selector."""
+        return f"{name}{self}"
+
+    def range(self, name: str, window: str) -> str:
+        """``name{matchers}[window]``: a range vector selector."""
+        return f"{name}{self}[{window}]"
+
+    def __str__(self) -> str:
+        if not self._matchers:
+            return ""
+        return "{" + ",".join(f"{k}{op}{string(v)}" for k, op, v in self._matchers) + "}"
+
+    def __repr__(self) -> str:
+        return f"Selector({self})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Selector) and self._matchers == other._matchers
+
+    def __hash__(self) -> int:
+        return hash(self._matchers)
+
+
+class Names:
+    """Metric names under a namespace and the names of the series the rules record.
+
+    Metrics are ``<namespace>_<name>`` (or ``<name>`` with no namespace); recorded series are
+    ``<namespace or "ml">:<name>``, as Prometheus' naming convention has it (level:metric:ops).
+    """
+
+    __slots__ = ("namespace", "prefix")
+
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace
+        self.prefix = namespace or "ml"
+
+    def metric(self, name: str) -> str:
+        return f"{self.namespace}_{name}" if self.namespace else name
+
+    def record(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+
+def model_selector(model: str, version: str) -> Selector:
+    """The series of one model version: ``{model="churn",version="3"}``."""
+    return Selector(model=model, version=version)
+
+
+def label_list(names: Sequence[str]) -> str:
+    """A label list as aggregations and matchings write it: ``model, version``."""
+    return ", ".join(names)
+
+
+def sum_by(by: Sequence[str], expr: str) -> str:
+    return f"sum by ({label_list(by)}) ({expr})"
+
+
+def max_by(by: Sequence[str], expr: str) -> str:
+    return f"max by ({label_list(by)}) ({expr})"
+
+
+def on(by: Sequence[str]) -> str:
+    """A vector matching clause: ``on (model, version)``."""
+    return f"on ({label_list(by)})"
+
+
+def increase(selector: Selector, name: str, window: str) -> str:
+    return f"increase({selector.range(name, window)})"
+
+
+def rate(selector: Selector, name: str, window: str) -> str:
+    return f"rate({selector.range(name, window)})"
+
+
+def positive(expr: str) -> str:
+    """``(expr > 0)``: no traffic gives no series (not a division by zero)."""
+    return f"({expr} > 0)"
+
+
+# -- rule file entries ----------------------------------------------------------------------
+
+#: One entry of a rule group, as Prometheus' rule file has it.
+Rule = dict[str, Any]
+
+
+def recording_rule(name: str, expr: str, labels: dict[str, str] | None = None) -> Rule:
+    rule: Rule = {"record": name, "expr": expr}
+    if labels:
+        rule["labels"] = labels
+    return rule
+
+
+def alerting_rule(
+    name: str, expr: str, duration: str, severity: str, summary: str, description: str
+) -> Rule:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": duration,
+        "labels": {"severity": severity},
+        "annotations": {"summary": summary, "description": description},
+    }

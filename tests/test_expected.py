@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from signals_support import MODEL, merged, value
 from signals_support import churn_profile as churn_profile  # fixture "profile"
 from signals_support import signals_registry as signals_registry  # fixture "registry"
-from test_multiprocess import in_child
+from storage_support import in_child
 
 from ml_wsgi_metrics import multiprocess, signals
 from ml_wsgi_metrics.profile import ReferenceProfile, build_profile, estimate_accuracy

@@ -83,6 +83,13 @@ class ExpectedCorrect:
                 clipped = clipped[finite]
             return _sum(clipped, kind)
         labels = classes if isinstance(classes, np.ndarray) else np.asarray(classes, dtype=object)
+        if present == {POSITIVE, NEGATIVE}:  # every row has a known class: one select
+            scored = np.zeros(len(scores), dtype=bool)
+            for label, code in codes.items():
+                if self.kinds[code] == POSITIVE:
+                    scored |= labels == label
+            chosen = np.where(scored, clipped, 1.0 - clipped)
+            return float(chosen.sum() if finite.all() else chosen[finite].sum())
         row_kinds = np.full(len(scores), EITHER)
         for label, code in codes.items():
             if self.kinds[code] != EITHER:

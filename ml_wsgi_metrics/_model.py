@@ -1,9 +1,9 @@
 """A registered model: every series it writes, created at zero when it is registered.
 
-Owns :class:`CompiledModel` (a profile's numeric, categorical, score, class, latency, label
-delay and confusion series, with their reference shares set) and :class:`Children`, which
-remembers each series created so a retired version removes exactly those. The recorders it
-holds are :mod:`._recorders`'.
+Owns :class:`CompiledModel` (a profile's numeric, categorical, score, class, expected
+correctness, latency, label delay and confusion series, with their reference shares set) and
+:class:`Children`, which remembers each series created so a retired version removes exactly
+those. The recorders it holds are :mod:`._recorders`' and :mod:`._expected`'s.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._expected import ExpectedCorrect, kinds
 from ._inputs import is_missing
 from ._recorders import (
     NO_CLASS,
@@ -78,6 +79,14 @@ class CompiledModel:
         self.observe_delay = fast_observer(child(metrics.label_delay, *labels))
         if profile.accuracy is not None:
             child(metrics.reference_accuracy, *labels).set(profile.accuracy)
+        if profile.estimated_accuracy is not None:
+            estimate = child(metrics.reference_estimated_accuracy, *labels)
+            estimate.set(profile.estimated_accuracy)
+        self.expected = ExpectedCorrect(
+            kinds(self.classes, profile.classes),
+            self.class_codes[NO_CLASS],
+            child_adder(child(metrics.expected_correct, *labels)),
+        )
         self._confusion = metrics.confusion
         self._labels = labels
         self._confusion_incs: dict[tuple[str, str], Inc] = {}

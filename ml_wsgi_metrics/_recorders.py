@@ -250,9 +250,11 @@ def record_row(
             feature.record(raw if raw.__class__ is float else to_float(raw))
         for categorical in model.categorical:
             categorical.record(get(categorical.name))
+        code = model.class_code(predicted)
         if value is not None:
             model.score.record(value)
-        model.class_incs[model.class_code(predicted)](1)
+            model.expected.record(value, code)
+        model.class_incs[code](1)
     return value
 
 
@@ -287,7 +289,11 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
         updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
-    updates.append((model.class_incs, _class_amounts(model, class_values, rows)))
+    class_amounts, codes = _class_amounts(model, class_values, rows)
+    updates.append((model.class_incs, class_amounts))
+    if score_values is not None:
+        expected = model.expected.amount(score_values, class_values, codes)
+        updates.append(([model.expected.inc], np.array([expected])))
     apply_updates(updates)
     return Batch(rows, class_values, score_values)
 
@@ -301,23 +307,30 @@ def _class_values(classes: Any) -> Any:
     return [values] if is_scalar(values) else list(values)
 
 
-def _class_amounts(model: CompiledModel, values: Any, rows: int) -> FloatArray:
-    """Predictions per class slot; an array of strings is compared with each profile class,
-    then only the rest is counted by hashing."""
+def _class_amounts(
+    model: CompiledModel, values: Any, rows: int
+) -> tuple[FloatArray, dict[Any, int]]:
+    """Predictions per class slot, and the slot of each distinct class given (``{}`` when
+    none is); an array of strings is compared with each profile class, then only the rest is
+    counted by hashing."""
     amounts = np.zeros(len(model.classes))
+    codes: dict[Any, int] = {}
     if values is None:
         amounts[model.class_codes[NO_CLASS]] = rows
-        return amounts
+        return amounts, codes
     if isinstance(values, np.ndarray):
         rest = np.ones(rows, dtype=bool)
         for code, label in enumerate(model.profile.classes or ()):
             match = values == label
             amounts[code] = np.count_nonzero(match)
+            if amounts[code]:
+                codes[label] = code
             rest &= ~match
         values = values[rest].tolist() if amounts.sum() < rows else []
     for label, count in Counter(values).items():
-        amounts[model.class_code(label)] += count
-    return amounts
+        codes[label] = code = model.class_code(label)
+        amounts[code] += count
+    return amounts, codes
 
 
 def _input_updates(

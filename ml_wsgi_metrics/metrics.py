@@ -431,6 +431,18 @@ class ModelMetrics:
             model,
             "max",
         )
+        self.expected_correct = define.counter(
+            "model_expected_correct",
+            "Predicted-class probability summed over predictions with a finite score: the "
+            "correct predictions a calibrated model expects.",
+            model,
+        )
+        self.reference_estimated_accuracy = define.gauge(
+            "model_reference_estimated_accuracy",
+            "Mean predicted-class probability on held-out data, from the profile.",
+            model,
+            "max",
+        )
 
     def model_label_values(self, model: str, version: str) -> tuple[str, ...]:
         """The label values of a model version's series: the constant labels', then its own."""

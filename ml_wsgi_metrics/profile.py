@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._expected import mean_expected
 from ._profiling import (
     categorical_fields,
     is_categorical,
@@ -45,6 +46,7 @@ __all__ = [
     "NumericProfile",
     "ReferenceProfile",
     "build_profile",
+    "estimate_accuracy",
     "positive_scores",
     "round_edges",
 ]
@@ -178,6 +180,9 @@ class ReferenceProfile:
     """The reference of one model version: features, score, classes and row count ``rows``.
 
     ``accuracy`` (optional) is the model's held-out accuracy; the accuracy-drop alert uses it.
+    ``estimated_accuracy`` (optional) is its mean predicted-class probability on the same rows
+    (:func:`estimate_accuracy`), what live estimated accuracy is compared with; the gap between
+    the two says how well calibrated the model is.
     """
 
     model: str
@@ -187,6 +192,7 @@ class ReferenceProfile:
     score: NumericProfile | None = None
     classes: tuple[str, ...] | None = None
     accuracy: float | None = None
+    estimated_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "version"):
@@ -208,8 +214,10 @@ class ReferenceProfile:
                 raise _fail("classes", "must be non-empty strings")
             if len(set(self.classes)) != len(self.classes):
                 raise _fail("classes", "must be unique")
-        if self.accuracy is not None and not (0 <= self.accuracy <= 1):
-            raise _fail("accuracy", f"must be in [0, 1], got {self.accuracy!r}")
+        for name in ("accuracy", "estimated_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value <= 1):
+                raise _fail(name, f"must be in [0, 1], got {value!r}")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -230,6 +238,7 @@ class ReferenceProfile:
             "rows": self.rows,
             "classes": list(self.classes) if self.classes is not None else None,
             "accuracy": self.accuracy,
+            "estimated_accuracy": self.estimated_accuracy,
             "score": self.score.to_dict() if self.score is not None else None,
             "features": [f.to_dict() for f in self.features],
         }
@@ -248,6 +257,7 @@ class ReferenceProfile:
             features = tuple(_feature_from_dict(f) for f in _list(data, "features"))
             score = data.get("score")
             classes = data.get("classes")
+            estimate = data.get("estimated_accuracy")  # absent from older profiles
             return cls(
                 model=data["model"],
                 version=data["version"],
@@ -256,6 +266,7 @@ class ReferenceProfile:
                 score=_numeric_from_dict(score) if score is not None else None,
                 classes=tuple(_list(data, "classes")) if classes is not None else None,
                 accuracy=_number(data["accuracy"]) if data.get("accuracy") is not None else None,
+                estimated_accuracy=_number(estimate) if estimate is not None else None,
             )
         except KeyError as missing:
             raise _fail("keys", f"missing key {missing}") from None
@@ -347,6 +358,20 @@ def _feature_from_dict(data: Any) -> FeatureProfile:
 # -- building (the numbers come from _profiling) -------------------------------------------
 
 
+def estimate_accuracy(
+    scores: Any, predicted: Any = None, *, classes: Sequence[str] | None = None
+) -> float:
+    """The mean predicted-class probability of rows, read as live predictions are: what a
+    calibrated model expects its accuracy on them to be (a profile's ``estimated_accuracy``,
+    from held-out rows).
+
+    :param scores: as :func:`~ml_wsgi_metrics.signals.record_prediction` takes them.
+    :param predicted: the predicted class per row (compared as strings), or ``None``.
+    :param classes: the profile's classes.
+    """
+    return mean_expected(positive_scores(scores), predicted, classes)
+
+
 def build_profile(
     features: pd.DataFrame,
     *,
@@ -356,6 +381,7 @@ def build_profile(
     classes: list[str] | None = None,
     bins: int = 10,
     accuracy: float | None = None,
+    estimated_accuracy: float | None = None,
     max_categories: int = MAX_CATEGORIES,
     min_category_share: float = MIN_CATEGORY_SHARE,
 ) -> ReferenceProfile:
@@ -364,6 +390,8 @@ def build_profile(
     Numeric dtypes (bool excluded) are binned at the reference quantiles ``1/bins .. (bins-1)/
     bins``; object, string, category and bool columns are categorical. NaN, None and
     infinities are missing. ``classes`` are the model's class labels (as strings).
+    ``accuracy`` and ``estimated_accuracy`` are measured on held-out rows, the second with
+    :func:`estimate_accuracy`.
     """
     import pandas as pd
 
@@ -395,6 +423,7 @@ def build_profile(
         score=score,
         classes=_class_labels(classes) if classes is not None else None,
         accuracy=accuracy,
+        estimated_accuracy=estimated_accuracy,
     )
 
 

@@ -2,8 +2,9 @@
 
 Per model version (one rule group each, every alert after the recording rules it reads):
 PSI per feature and for the score over a window, mean and standard deviation, missing /
-out-of-range / unseen ratios, accuracy, precision and recall, prediction rate and p95 latency;
-alerts for drift, accuracy drop, high prediction latency and no predictions. One more group
+out-of-range / unseen ratios, accuracy, precision and recall, estimated accuracy (no labels
+needed), prediction rate and p95 latency; alerts for drift, accuracy drop, estimated accuracy
+drop, high prediction latency and no predictions. One more group
 covers HTTP: error ratio, p95 request duration per route, and an error-rate alert.
 
 The drift alert compares PSI with a critical value that shrinks as the window fills: under no
@@ -36,6 +37,7 @@ from ._promql import (
     alerting_rule,
     increase,
     label_list,
+    max_by,
     model_selector,
     number,
     on,
@@ -73,11 +75,13 @@ class RuleSettings:
     :param quantile: chi-square quantile of the drift critical value (false alarm rate per
         evaluation, for each feature, about ``1 - quantile``).
     :param floor: the smallest PSI that counts as drift, however large the window.
-    :param min_rows: no drift alert with fewer live rows in the window.
+    :param min_rows: no drift or estimated-accuracy alert with fewer live rows in the window.
     :param eps: live and reference shares are clamped at ``eps`` inside PSI.
     :param min_labels: no accuracy alert with fewer labelled predictions in the window.
     :param min_accuracy: fixed accuracy threshold; by default the profile's ``accuracy`` minus
         ``max(accuracy_drop, z(quantile) * sqrt(a (1 - a) / labels))``.
+    :param estimate_drop: estimated accuracy this far below the profile's held-out estimate
+        raises ``ModelEstimatedAccuracyDrop``.
     :param error_ratio: the 5xx share of requests that raises ``HTTPErrorRateHigh``.
     :param min_requests: no error-rate alert with fewer requests in ``ops_window``.
     :param max_prediction_latency: p95 prediction latency (seconds) that raises an alert.
@@ -96,6 +100,7 @@ class RuleSettings:
     min_labels: int = 100
     min_accuracy: float | None = None
     accuracy_drop: float = 0.05
+    estimate_drop: float = 0.05
     error_ratio: float = 0.05
     min_requests: int = 20
     max_prediction_latency: float = 0.5
@@ -110,7 +115,8 @@ class RuleSettings:
             raise ValueError(f"namespace: {self.namespace!r} is not a valid metric name prefix")
         if not 0.5 < self.quantile < 1:
             raise ValueError(f"quantile: must be in (0.5, 1), got {self.quantile!r}")
-        for name in ("floor", "eps", "accuracy_drop", "error_ratio", "max_prediction_latency"):
+        positives = ("floor", "eps", "accuracy_drop", "estimate_drop", "error_ratio")
+        for name in (*positives, "max_prediction_latency"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
@@ -212,6 +218,52 @@ def _accuracy_alert(names: Names, settings: RuleSettings, profile: ReferenceProf
     )
 
 
+def _estimated_accuracy_rules(
+    names: Names, settings: RuleSettings, profile: ReferenceProfile
+) -> tuple[list[Rule], list[str]]:
+    """Accuracy a calibrated model expects, from its scores alone: expected correct predictions
+    over the rows with a finite score (the score bins), and the alert on its drop below the
+    profile's held-out estimate (exported by the app as a gauge)."""
+    w, model = settings.window, model_selector(*profile.key)
+    expected = names.record(f"expected_correct:increase{w}")
+    estimate = model.series(names.record(f"estimated_accuracy:{w}"))
+    rows = model.series(names.record(f"score_rows:increase{w}"))  # the score's drift rules
+    rules = [
+        recording_rule(
+            expected,
+            sum_by(MODEL, increase(model, names.metric("model_expected_correct_total"), w)),
+        ),
+        recording_rule(
+            names.record(f"estimated_accuracy:{w}"),
+            f"{model.series(expected)}\n/ {on(MODEL)} {positive(rows)}",
+        ),
+    ]
+    if profile.estimated_accuracy is None:
+        return rules, [
+            f"{profile.model} {profile.version}: no estimated_accuracy in the profile: the "
+            f"estimated accuracy alert is left out"
+        ]
+    reference = names.record("reference_estimated_accuracy")
+    gauge = names.metric("model_reference_estimated_accuracy")
+    rules += [
+        recording_rule(reference, max_by(MODEL, model.series(gauge))),
+        alerting_rule(
+            "ModelEstimatedAccuracyDrop",
+            f"{estimate}\n< {on(MODEL)} ({model.series(reference)} - "
+            f"{number(settings.estimate_drop)})\n"
+            f"and {on(MODEL)} {rows} >= {settings.min_rows}",
+            settings.alert_for,
+            "warning",
+            "Estimated accuracy of model {{ $labels.model }} {{ $labels.version }} dropped",
+            f"The accuracy the model expects from its scores over {w} is "
+            f'{{{{ $value | printf "%.4f" }}}}, more than {settings.estimate_drop} below its '
+            f"held-out estimate; no label is needed, and a concept drift that leaves the "
+            f"scores unchanged is not seen.",
+        ),
+    ]
+    return rules, []
+
+
 def _model_ops_rules(names: Names, settings: RuleSettings, profile: ReferenceProfile) -> list[Rule]:
     ow, idle = settings.ops_window, settings.idle_window
     model = model_selector(*profile.key)
@@ -301,7 +353,11 @@ def generate_rules(
                 warnings.append(alert)
             else:
                 rules.append(alert)
-        else:
+        if profile.score is not None:
+            estimated, notes = _estimated_accuracy_rules(names, settings, profile)
+            rules += estimated
+            warnings += notes
+        if not profile.classes:
             warnings.append(f"{profile.model} {profile.version}: no classes: no accuracy rules")
         rules += _model_ops_rules(names, settings, profile)
         for rule in rules:  # the values the series carry anyway; keeps promtool's lint happy

@@ -33,7 +33,9 @@ MINUTES = 90  # samples per series, one a minute
 EVAL = "80m"  # the 1h window is fully sampled and the 10m "for" has elapsed
 
 
-def make_profile(accuracy: float | None = 0.8) -> ReferenceProfile:
+def make_profile(
+    accuracy: float | None = 0.8, estimated_accuracy: float | None = 0.78
+) -> ReferenceProfile:
     return ReferenceProfile(
         model="churn",
         version="3",
@@ -45,6 +47,7 @@ def make_profile(accuracy: float | None = 0.8) -> ReferenceProfile:
         score=NumericProfile("score", (0.5,), (0.5, 0.5), 1000, 0.0, 0.0, 1.0, 0.5, 0.29),
         classes=("No", "Yes"),
         accuracy=accuracy,
+        estimated_accuracy=estimated_accuracy,
     )
 
 
@@ -123,6 +126,7 @@ def test_every_alert_comes_after_the_rules_it_reads() -> None:
         "ModelFeatureDrift",
         "ModelScoreDrift",
         "ModelAccuracyDrop",
+        "ModelEstimatedAccuracyDrop",
         "ModelPredictionLatencyHigh",
         "ModelNoPredictions",
         "HTTPErrorRateHigh",

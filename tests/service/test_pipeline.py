@@ -60,6 +60,7 @@ def test_train_writes_a_versioned_model(trained: TrainResult) -> None:
     assert (profile.model, profile.version, profile.rows) == (NAME, "1", 5634)
     assert profile.classes == ("No", "Yes")
     assert profile.accuracy == result.metrics["accuracy"]
+    assert profile.estimated_accuracy == result.metrics["estimated_accuracy"]
     assert [f.name for f in profile.features] == load_config().features  # raw, not one-hot
 
 
@@ -67,6 +68,8 @@ def test_held_out_quality_is_realistic(trained: TrainResult) -> None:
     metrics = trained.metrics
     assert abs(metrics["roc_auc"] - 0.84) <= 0.01  # README: about 0.84
     assert abs(metrics["accuracy"] - 0.81) <= 0.01  # README: about 0.81
+    # logistic regression is well calibrated: its mean predicted-class probability is close
+    assert abs(metrics["estimated_accuracy"] - metrics["accuracy"]) <= 0.02
     assert 0.5 <= metrics["precision"] <= 0.8
     assert 0.4 <= metrics["recall"] <= 0.75
     assert (metrics["n_train"], metrics["n_test"]) == (5634, 1409)

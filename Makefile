@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup test-setup test demo lint bench
+.PHONY: setup test-setup test demo demo-fleet lint bench
 
 $(BIN)/.installed: setup.cfg pyproject.toml setup.py ml_wsgi_metrics/_speedups.c
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 	$(SUDO) apt-get update -qq
 	$(APT_INSTALL) prometheus
 
+# Alertmanager and amtool, for the fleet's alert delivery (tests/test_fleet.py, make demo-fleet).
+/usr/bin/prometheus-alertmanager:
+	$(SUDO) apt-get update -qq
+	$(APT_INSTALL) prometheus-alertmanager
+
 /usr/bin/chromium:
 	$(SUDO) apt-get update -qq
 	$(APT_INSTALL) chromium
@@ -30,7 +35,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
 setup: $(BIN)/.installed /usr/bin/promtool
 
-test-setup: setup /usr/bin/chromium
+test-setup: setup /usr/bin/chromium /usr/bin/prometheus-alertmanager
 
 lint: setup
 	$(BIN)/ruff check .
@@ -42,6 +47,9 @@ test: test-setup lint
 
 demo: setup
 	$(BIN)/python -m service.demo
+
+demo-fleet: setup /usr/bin/prometheus-alertmanager
+	$(BIN)/python -m service.fleet_demo
 
 bench: setup /usr/bin/wrk /usr/bin/valgrind
 	for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

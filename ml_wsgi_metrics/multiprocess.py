@@ -26,15 +26,15 @@ processes' live gauges, and the scrape's merge of the files. The file format liv
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from typing import Any
 
 import prometheus_client.values
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import mark_process_dead
 
 from . import _errors, _retired
 from ._slotfile import IDENTIFIER, MODEL_FILES, SLOT_FILE, CorruptFile, readable_file
@@ -168,18 +168,9 @@ class SlotFilesCollector:
     def collect(self) -> Any:
         retry_unavailable()
         _errors.export_kept()
-        files = []
-        for path in slot_files(self._directory):
-            if os.path.islink(path):  # prometheus_client would read what it points to
-                error = OSError(errno.ELOOP, "a symbolic link: not read", path)
-                report_error(f"reading {path}", error, stage="storage_read")
-            else:
-                files.append(path)
-        try:
-            return MultiProcessCollector.merge(files, accumulate=True)
-        except Exception:  # find and leave out the files that do not read
-            readable = [path for path in files if readable_file(path)]
-            return MultiProcessCollector.merge(readable, accumulate=True)
+        from ._merge import merger_for  # numpy: loaded at the first scrape, not at import
+
+        return merger_for(self._directory, SLOT_FILE).families()
 
 
 def activate(directory: str | os.PathLike[str] | None = None) -> str:
@@ -211,6 +202,9 @@ def deactivate() -> None:
     """Close all files and return to the value class in use before :func:`activate`."""
     with storage_lock():
         close_files()
+        merge = sys.modules.get(f"{__package__}._merge")  # its merger keeps the files open
+        if merge is not None and State.directory:
+            merge.forget(State.directory)
         for value in State.values:  # values still referenced count on in memory
             value.forget()
         State.values.clear()

@@ -1,6 +1,6 @@
 """Grafana's JSON model as plain dicts: panels with Prometheus targets, a grid that places
-them, template variables, PromQL label matchers. What the panels show is
-:mod:`ml_wsgi_metrics.dashboard`'s."""
+them, template variables. What the panels show is :mod:`ml_wsgi_metrics.dashboard`'s; their
+PromQL is :mod:`ml_wsgi_metrics._promql`'s."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ __all__ = [
     "query_variable",
     "ratio",
     "render_json",
-    "selector",
 ]
 
 Panel = dict[str, Any]
@@ -29,16 +28,6 @@ Query = tuple[str, str]  # (expr, legend)
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 #: What a query variable's "All" stands for in PromQL.
 ALL = ".*"
-
-
-def selector(**labels: str) -> str:
-    """PromQL label matchers; a value starting with ``~`` is a regex (``model="~$model"``
-    gives ``model=~"$model"``)."""
-    matchers = (
-        f"{name}=~{json.dumps(value[1:])}" if value[:1] == "~" else f"{name}={json.dumps(value)}"
-        for name, value in labels.items()
-    )
-    return "{" + ",".join(matchers) + "}"
 
 
 _OPTIONS: dict[str, dict[str, Any]] = {

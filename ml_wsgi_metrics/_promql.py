@@ -6,7 +6,7 @@ name comes from :class:`Names`. A dashboard or any other generator that must rea
 imports these rather than writing PromQL by hand::
 
     names = Names("svc")                            # the metrics' namespace, "" for none
-    model = model_selector("churn", "3")            # or ("$model", "$version") in Grafana
+    model = model_selector("churn", "3")            # Selector().variables(*MODEL) in Grafana
     model.series(names.record("feature_psi:1h"))
     # svc:feature_psi:1h{model="churn",version="3"}
     features = model.one_of("feature", ["tenure", "charges"])
@@ -69,9 +69,9 @@ def number(value: float) -> str:
 class Selector:
     """Label matchers, rendered in the order given: ``{model="churn",version="3"}``.
 
-    ``Selector(**labels)`` matches labels by equality; :meth:`where`, :meth:`one_of` and
-    :meth:`matching` return a new selector with more matchers. No matchers render as nothing,
-    so ``Selector().series(name)`` is the bare ``name``.
+    ``Selector(**labels)`` matches labels by equality; :meth:`where`, :meth:`one_of`,
+    :meth:`matching` and :meth:`variables` return a new selector with more matchers. No
+    matchers render as nothing, so ``Selector().series(name)`` is the bare ``name``.
     """
 
     __slots__ = ("_matchers",)
@@ -91,6 +91,11 @@ class Selector:
     def matching(self, label: str, pattern: str) -> Selector:
         """A regular-expression matcher: ``label=~"pattern"``."""
         return self._with((label, "=~", pattern))
+
+    def variables(self, *labels: str) -> Selector:
+        """Each label matched to the Grafana variable of its name: ``job=~"$job"`` (a regex,
+        as multi-value variables and "All" expand to alternations)."""
+        return self._with(*((label, "=~", f"${label}") for label in labels))
 
     def one_of(self, label: str, values: Sequence[str]) -> Selector:
         """``label`` equal to one of ``values``: ``=`` for one value, an alternation for more."""

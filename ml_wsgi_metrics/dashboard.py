@@ -28,16 +28,16 @@ from ._grafana import (
     query_variable,
     ratio,
     render_json,
-    selector,
 )
+from ._promql import MODEL, Names, Selector, increase, max_by, on, positive, rate, sum_by
 from .profile import CategoricalProfile, FeatureProfile, NumericProfile, ReferenceProfile
 from .rules import RuleSettings, effective_bins
 
 __all__ = ["MODEL_PANELS", "ModelView", "generate_dashboard", "render_json"]
 
 #: The variables' matchers: raw series of the selected job and instances; chosen models.
-HOSTS = {"job": "~$job", "instance": "~$instance"}
-CHOSEN = {"model": "~$model", "version": "~$version"}
+HOSTS = Selector().variables("job", "instance")
+CHOSEN = Selector().variables(*MODEL)
 
 
 def _ts(title: str, queries: Sequence[Query], **options: Any) -> Panel:
@@ -46,50 +46,44 @@ def _ts(title: str, queries: Sequence[Query], **options: Any) -> Panel:
 
 @dataclass(frozen=True)
 class _Series:
-    """Series names as the package exports them and as the rules record them."""
+    """The rules' settings and names: series as the package exports them (of the selected
+    job and instances by default) and as the rules record them."""
 
     settings: RuleSettings
+    names: Names
 
-    def metric(self, name: str) -> str:
-        namespace = self.settings.namespace
-        return f"{namespace}_{name}" if namespace else name
+    def raw(self, name: str, selector: Selector = HOSTS) -> str:
+        return selector.series(self.names.metric(name))
 
-    def raw(self, name: str, **labels: str) -> str:
-        """An exported series of the selected job and instances."""
-        return self.metric(name) + selector(**HOSTS, **labels)
-
-    def recorded(self, name: str, **labels: str) -> str:
-        """A series the rules record (``ml:...``, or ``<namespace>:...``)."""
-        record = f"{self.settings.namespace or 'ml'}:{name}"
-        return record + (selector(**labels) if labels else "")
+    def recorded(self, name: str, selector: Selector = CHOSEN) -> str:
+        return selector.series(self.names.record(name))
 
 
 # -- every dashboard: service and models ----------------------------------------------------
 
 
 def _request_panels(s: _Series) -> list[Panel]:
-    ow = s.settings.ops_window
-    requests = s.raw("http_requests_total")
-    client_errors = s.raw("http_requests_total", status="~4..")
-    per_job = f"sum by (job) (rate({requests}[{ow}]))"
-    duration = s.raw("http_request_duration_seconds_bucket")
+    ow, requests = s.settings.ops_window, s.names.metric("http_requests_total")
+    per_job = sum_by(("job",), rate(HOSTS, requests, ow))
+    client_errors = sum_by(("job",), rate(HOSTS.matching("status", "4.."), requests, ow))
+    duration = s.names.metric("http_request_duration_seconds_bucket")
 
     def quantile(q: float) -> str:
-        return f"histogram_quantile({q}, sum by (le, route) (rate({duration}[{ow}])))"
+        return f"histogram_quantile({q}, {sum_by(('le', 'route'), rate(HOSTS, duration, ow))})"
 
     return [
         _ts(
             "Request rate by route and status",
-            [(f"sum by (route, status) (rate({requests}[{ow}]))", "{{route}} {{status}}")],
+            [(sum_by(("route", "status"), rate(HOSTS, requests, ow)), "{{route}} {{status}}")],
             unit="reqps",
         ),
         _ts(
             "Error rate",
             [
-                (s.recorded(f"http_error_ratio:{ow}", job="~$job"), "5xx {{job}}"),
+                (s.recorded(f"http_error_ratio:{ow}", Selector().variables("job")), "5xx {{job}}"),
                 (
-                    f"(\n  sum by (job) (rate({client_errors}[{ow}]))\n  or on (job) 0 * "
-                    f"{per_job}\n)\n/ on (job) ({per_job} > 0)",
+                    f"(\n  {client_errors}\n  or {on(('job',))} 0 * {per_job}\n)\n"
+                    f"/ {on(('job',))} {positive(per_job)}",
                     "4xx {{job}}",
                 ),
             ],
@@ -100,7 +94,7 @@ def _request_panels(s: _Series) -> list[Panel]:
         ),
         _ts(
             "In-progress requests",
-            [(f"sum by (route) ({s.raw('http_requests_in_progress')})", "{{route}}")],
+            [(sum_by(("route",), s.raw("http_requests_in_progress")), "{{route}}")],
         ),
         _ts("Request latency p95 per endpoint", [(quantile(0.95), "{{route}}")], unit="s"),
         _ts(
@@ -110,18 +104,16 @@ def _request_panels(s: _Series) -> list[Panel]:
         ),
         _ts(
             "Requests per instance",
-            [(f"sum by (instance) (rate({requests}[{ow}]))", "{{instance}}")],
+            [(sum_by(("instance",), rate(HOSTS, requests, ow)), "{{instance}}")],
             unit="reqps",
         ),
     ]
 
 
 def _worker_panels(s: _Series) -> list[Panel]:
-    ow, w = s.settings.ops_window, s.settings.window
-    cpu, restarts = (
-        s.raw("gunicorn_worker_cpu_seconds_total"),
-        s.raw("gunicorn_worker_restarts_total"),
-    )
+    ow, w, names = s.settings.ops_window, s.settings.window, s.names
+    cpu = rate(HOSTS, names.metric("gunicorn_worker_cpu_seconds_total"), ow)
+    restarts = increase(HOSTS, names.metric("gunicorn_worker_restarts_total"), w)
     each = "{{instance}} {{worker}}"
     return [
         _ts(
@@ -129,12 +121,12 @@ def _worker_panels(s: _Series) -> list[Panel]:
             [(s.raw("gunicorn_worker_resident_memory_bytes"), each)],
             unit="bytes",
         ),
-        _ts("Worker CPU", [(f"rate({cpu}[{ow}])", each)], unit="percentunit"),
+        _ts("Worker CPU", [(cpu, each)], unit="percentunit"),
         _ts(
             "Workers alive and restarts",
             [
-                (f"sum by (instance) ({s.raw('gunicorn_workers')})", "alive {{instance}}"),
-                (f"sum by (instance) (increase({restarts}[{w}]))", "restarts {{instance}}"),
+                (sum_by(("instance",), s.raw("gunicorn_workers")), "alive {{instance}}"),
+                (sum_by(("instance",), restarts), "restarts {{instance}}"),
             ],
         ),
     ]
@@ -142,13 +134,13 @@ def _worker_panels(s: _Series) -> list[Panel]:
 
 def _prediction_panels(s: _Series) -> list[Panel]:
     ow, mv = s.settings.ops_window, "{{model}} {{version}}"
-    predictions = s.raw("model_predictions_total", **CHOSEN)
+    predictions = s.raw("model_predictions_total", HOSTS.variables(*MODEL))
     return [
-        _ts("Total predictions by model", [(f"sum by (model, version) ({predictions})", mv)]),
-        _ts("Prediction rate", [(s.recorded(f"predictions:rate{ow}", **CHOSEN), mv)], unit="ops"),
+        _ts("Total predictions by model", [(sum_by(MODEL, predictions), mv)]),
+        _ts("Prediction rate", [(s.recorded(f"predictions:rate{ow}"), mv)], unit="ops"),
         _ts(
             "Prediction latency p95",
-            [(s.recorded(f"prediction_latency_seconds:p95_{ow}", **CHOSEN), mv)],
+            [(s.recorded(f"prediction_latency_seconds:p95_{ow}"), mv)],
             unit="s",
         ),
     ]
@@ -156,8 +148,8 @@ def _prediction_panels(s: _Series) -> list[Panel]:
 
 def _drift_panels(s: _Series) -> list[Panel]:
     w = s.settings.window
-    psi = s.recorded(f"feature_psi:{w}", **CHOSEN)
-    critical = s.recorded(f"feature_psi_critical:{w}", **CHOSEN)
+    psi = s.recorded(f"feature_psi:{w}")
+    critical = s.recorded(f"feature_psi_critical:{w}")
     return [
         _ts(
             "PSI per feature",
@@ -169,7 +161,7 @@ def _drift_panels(s: _Series) -> list[Panel]:
             "Drift: PSI / critical value per feature",
             [
                 (
-                    f"{psi}\n/ on (model, version, feature) {critical}",
+                    f"{psi}\n/ {on((*MODEL, 'feature'))} {critical}",
                     "{{model}} {{version}} {{feature}}",
                 )
             ],
@@ -182,8 +174,8 @@ def _drift_panels(s: _Series) -> list[Panel]:
             "bargauge",
             "Score distribution",
             [
-                (s.recorded(f"score_live_share:{w}", **CHOSEN), "live {{model}} {{bin}}"),
-                (s.recorded("score_reference_share", **CHOSEN), "reference {{model}} {{bin}}"),
+                (s.recorded(f"score_live_share:{w}"), "live {{model}} {{bin}}"),
+                (s.recorded("score_reference_share"), "reference {{model}} {{bin}}"),
             ],
             description=f"Share of scores per reference bin over {w}, live and reference.",
             unit="percentunit",
@@ -194,17 +186,18 @@ def _drift_panels(s: _Series) -> list[Panel]:
 
 
 def _ground_truth_panels(s: _Series) -> list[Panel]:
-    w, mv = s.settings.window, "{{model}} {{version}}"
-    held_out = s.raw("model_reference_accuracy", **CHOSEN)
-    delay = s.raw("model_label_delay_seconds_bucket", **CHOSEN)
-    rejected = s.raw("model_feedback_rejected_total")
-    alerts = 'count by (alertname) (ALERTS{alertstate="firing"}) or on () vector(0)'
+    w, mv, chosen = s.settings.window, "{{model}} {{version}}", HOSTS.variables(*MODEL)
+    held_out = s.raw("model_reference_accuracy", chosen)
+    delay = rate(chosen, s.names.metric("model_label_delay_seconds_bucket"), w)
+    rejected = increase(HOSTS, s.names.metric("model_feedback_rejected_total"), w)
+    firing = Selector(alertstate="firing").series("ALERTS")
+    alerts = f"count by (alertname) ({firing}) or {on(())} vector(0)"
     return [
         _ts(
             "Accuracy",
             [
-                (s.recorded(f"accuracy:{w}", **CHOSEN), f"accuracy {mv}"),
-                (f"max by (model, version) ({held_out})", f"held-out {mv}"),
+                (s.recorded(f"accuracy:{w}"), f"accuracy {mv}"),
+                (max_by(MODEL, held_out), f"held-out {mv}"),
             ],
             description=f"Accuracy of the labelled predictions over {w}, and the held-out "
             "accuracy of the profile.",
@@ -214,13 +207,13 @@ def _ground_truth_panels(s: _Series) -> list[Panel]:
         _ts(
             "Labels received and rejected",
             [
-                (s.recorded(f"labels:increase{w}", **CHOSEN), f"labels {mv}"),
-                (f"sum by (reason) (increase({rejected}[{w}]))", "rejected {{reason}}"),
+                (s.recorded(f"labels:increase{w}"), f"labels {mv}"),
+                (sum_by(("reason",), rejected), "rejected {{reason}}"),
             ],
         ),
         _ts(
             "Label delay (median)",
-            [(f"histogram_quantile(0.5, sum by (le, model, version) (rate({delay}[{w}])))", mv)],
+            [(f"histogram_quantile(0.5, {sum_by(('le', *MODEL), delay)})", mv)],
             unit="s",
         ),
         panel(
@@ -251,10 +244,13 @@ class ModelView:
 
     def recorded(self, name: str, **labels: str) -> str:
         """A recorded series of this model, in the versions the variable selects."""
-        return self.series.recorded(name, model=self.name, version="~$version", **labels)
+        selector = Selector(model=self.name).variables("version").where(**labels)
+        return self.series.recorded(name, selector)
 
-    def raw(self, name: str) -> str:
-        return self.series.raw(name, model=self.name, version="~$version")
+    @property
+    def hosts(self) -> Selector:
+        """Raw series of this model on the selected hosts, in the selected versions."""
+        return HOSTS.where(model=self.name).variables("version")
 
     def features(self) -> list[list[FeatureProfile]]:
         """Each feature (first seen first), as profiled in each version that has it."""
@@ -279,8 +275,8 @@ def _psi_queries(
 
 
 def _model_predictions(view: ModelView) -> list[Panel]:
-    ow, counts = view.series.settings.ops_window, view.raw("model_predictions_total")
-    query = f"sum by (version, class) (rate({counts}[{ow}]))"
+    counts = view.series.names.metric("model_predictions_total")
+    query = sum_by(("version", "class"), rate(view.hosts, counts, view.series.settings.ops_window))
     return [_ts(f"{view.name}: predictions by class", [(query, "{{class}} {{version}}")])]
 
 
@@ -327,8 +323,8 @@ def _model_accuracy(view: ModelView) -> list[Panel]:
         (view.recorded(f"recall:{w}"), "recall {{class}} {{version}}"),
     ]
     if any(p.accuracy is not None for p in view.profiles):
-        held_out = view.raw("model_reference_accuracy")
-        queries.append((f"max by (version) ({held_out})", "held-out {{version}}"))
+        held_out = view.series.raw("model_reference_accuracy", view.hosts)
+        queries.append((max_by(("version",), held_out), "held-out {{version}}"))
     return [
         _ts(
             f"{view.name}: accuracy, precision and recall",
@@ -380,17 +376,16 @@ def _feature_panels(view: ModelView, profiled: Sequence[FeatureProfile]) -> list
 
 
 def _variables(s: _Series) -> list[dict[str, Any]]:
-    requests, predictions = s.metric("http_requests_total"), s.metric("model_predictions_total")
+    requests = s.names.metric("http_requests_total")
+    predictions = s.names.metric("model_predictions_total")
+    of_job = Selector().variables("job").series(requests)
+    of_model = Selector().variables("model").series(predictions)
     return [
         datasource_variable(),
         query_variable("job", "Job", f"label_values({requests}, job)"),
-        query_variable(
-            "instance", "Instance", f'label_values({requests}{{job=~"$job"}}, instance)'
-        ),
+        query_variable("instance", "Instance", f"label_values({of_job}, instance)"),
         query_variable("model", "Model", f"label_values({predictions}, model)"),
-        query_variable(
-            "version", "Version", f'label_values({predictions}{{model=~"$model"}}, version)'
-        ),
+        query_variable("version", "Version", f"label_values({of_model}, version)"),
     ]
 
 
@@ -428,7 +423,7 @@ def generate_dashboard(
     """The Grafana dashboard (its JSON model) for ``profiles``; ``settings`` as given to the
     rules (namespace, window, ops window), so the panels read the series they record."""
     settings = settings or RuleSettings()
-    series = _Series(settings)
+    series = _Series(settings, Names(settings.namespace))
     described = ", ".join(f"{p.model} {p.version}" for p in profiles)
     return {
         "uid": uid,

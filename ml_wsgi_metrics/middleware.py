@@ -27,6 +27,25 @@ log = logging.getLogger("ml_wsgi_metrics")
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
+def _checked(
+    app: object,
+    metrics_path: str | None,
+    route_resolver: RouteResolver | None,
+    excluded_paths: Iterable[str],
+) -> frozenset[str]:
+    """Raise ``ValueError`` naming the first bad argument; the excluded paths."""
+    if not callable(app):
+        raise ValueError(f"app: {app!r} is not a WSGI callable")
+    if metrics_path is not None and not metrics_path.startswith("/"):
+        raise ValueError(f"metrics_path: {metrics_path!r} must start with '/'")
+    if route_resolver is not None and not callable(route_resolver):
+        raise ValueError("route_resolver: must be a callable taking the WSGI environ")
+    excluded = frozenset(excluded_paths)
+    if any(not isinstance(path, str) or not path.startswith("/") for path in excluded):
+        raise ValueError(f"excluded_paths: every path must start with '/', got {excluded!r}")
+    return excluded
+
+
 class MetricsMiddleware:
     """Wrap a WSGI app to record request metrics and serve ``/metrics``.
 
@@ -72,15 +91,7 @@ class MetricsMiddleware:
         metrics_allowed_networks: Iterable[str] | str | None = None,
         count_metrics_requests: bool = False,
     ) -> None:
-        if not callable(app):
-            raise ValueError(f"app: {app!r} is not a WSGI callable")
-        if metrics_path is not None and not metrics_path.startswith("/"):
-            raise ValueError(f"metrics_path: {metrics_path!r} must start with '/'")
-        if route_resolver is not None and not callable(route_resolver):
-            raise ValueError("route_resolver: must be a callable taking the WSGI environ")
-        excluded = frozenset(excluded_paths)
-        if any(not isinstance(path, str) or not path.startswith("/") for path in excluded):
-            raise ValueError(f"excluded_paths: every path must start with '/', got {excluded!r}")
+        excluded = _checked(app, metrics_path, route_resolver, excluded_paths)
         if namespace is None:
             namespace = _settings.NAMESPACE.get()
         registry = REGISTRY if registry is None else registry
@@ -101,29 +112,35 @@ class MetricsMiddleware:
             allowed_networks=metrics_allowed_networks,
         )
         self.metrics_path = metrics_path
-        stacked = stacked_middlewares(app)
+        self._unmeasured_paths = self._stack(excluded, count_metrics_requests)
+        self._name_routes(route_resolver)
+
+    def _stack(self, excluded: frozenset[str], count_metrics_requests: bool) -> frozenset[str]:
+        """Share protections with the middlewares inside; the paths not measured."""
+        stacked = stacked_middlewares(self.app)
         self._share_protection([inner for _, inner in stacked])
         # Scrapes of a middleware inside are passed to it, unmeasured, and served there.
         inner_paths = {
             prefix + inner.metrics_path for prefix, inner in stacked if inner.metrics_path
         }
-        self._unmeasured_paths = (
-            excluded | inner_paths
-            if count_metrics_requests or metrics_path is None
-            else (excluded | inner_paths | {metrics_path})
-        )
+        if count_metrics_requests or self.metrics_path is None:
+            return excluded | inner_paths
+        return excluded | inner_paths | {self.metrics_path}
+
+    def _name_routes(self, route_resolver: RouteResolver | None) -> None:
+        """The resolver given, else the adapter of the app's framework (a warning if none)."""
         self.route_resolver = route_resolver
-        self.adapter = None if route_resolver else routes.install_adapter(app)
-        self.metrics.mount_prefixes.update(routes.mount_prefixes(app))
+        self.adapter = None if route_resolver else routes.install_adapter(self.app)
+        self.metrics.mount_prefixes.update(routes.mount_prefixes(self.app))
         # Only requests the app's framework names can skip the check in _name_route.
         self._adapter_names_routes = route_resolver is None and (
-            metrics_path is None or metrics_path in self._unmeasured_paths
+            self.metrics_path is None or self.metrics_path in self._unmeasured_paths
         )
         if route_resolver is None and self.adapter is None:
             log.warning(
                 "ml_wsgi_metrics: no route adapter for %r; every request is labelled %r. "
                 "Pass route_resolver= to name routes.",
-                app,
+                self.app,
                 routes.UNMATCHED,
             )
 

@@ -1,4 +1,4 @@
-"""The PromQL builder every generated selector goes through (rules today, dashboards next)."""
+"""The PromQL builder every generated selector goes through (rules and dashboards)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ from ml_wsgi_metrics._promql import (
             Selector(model="$model").matching("status", "5.."),
             '{model="$model",status=~"5.."}',
             id="grafana-variable-and-regex",
+        ),
+        pytest.param(
+            Selector().variables("job", "instance"),
+            '{job=~"$job",instance=~"$instance"}',
+            id="grafana-variables",
+        ),
+        pytest.param(
+            Selector(model="churn").variables("version").where(feature="x"),
+            '{model="churn",version=~"$version",feature="x"}',
+            id="variables-in-order",
         ),
         pytest.param(Selector().one_of("feature", ["x"]), '{feature="x"}', id="one-value"),
         pytest.param(

@@ -336,12 +336,31 @@ def _model_accuracy(view: ModelView) -> list[Panel]:
     ]
 
 
+def _model_estimated_accuracy(view: ModelView) -> list[Panel]:
+    if not any(p.score is not None for p in view.profiles):
+        return []  # no scores: nothing to estimate from
+    w = view.window
+    queries = [(view.recorded(f"estimated_accuracy:{w}"), "estimated {{version}}")]
+    if any(p.estimated_accuracy is not None for p in view.profiles):
+        queries.append((view.recorded("reference_estimated_accuracy"), "held-out {{version}}"))
+    return [
+        _ts(
+            f"{view.name}: estimated accuracy (no labels)",
+            queries,
+            description=f"Mean predicted-class probability over {w}: no label needed.",
+            unit="percentunit",
+            defaults=ratio(),
+        )
+    ]
+
+
 #: The panels of each model's row, in order; each function gives zero or more panels.
 MODEL_PANELS: tuple[Callable[[ModelView], list[Panel]], ...] = (
     _model_predictions,
     _model_score,
     _model_quality,
     _model_accuracy,
+    _model_estimated_accuracy,
 )
 
 

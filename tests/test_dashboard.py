@@ -125,6 +125,7 @@ def test_each_model_gets_its_own_feature_panels(profiles: dict[str, Path]) -> No
             f"{model}: score PSI, mean and standard deviation",
             f"{model}: data quality",
             f"{model}: accuracy, precision and recall",
+            f"{model}: estimated accuracy (no labels)",
         ]
     accuracy = {
         model: [t["legendFormat"] for t in rows[f"Model {model}"][3]["targets"]]

@@ -7,6 +7,7 @@ as a server does (werkzeug's test client leaves closing to the caller).
 from __future__ import annotations
 
 import io
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from ml_wsgi_metrics.exposition import scrape_registry
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: fixtures and
+    # context managers stop the servers they started instead of leaving them running.
+    signal.signal(signal.SIGTERM, _interrupted)
     config.addinivalue_line(
         "markers",
         "requires_tool(name, ...): the commands a test runs; skipped when one is missing, "

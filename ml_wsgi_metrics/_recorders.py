@@ -2,11 +2,12 @@
 
 Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named by
 :class:`NumericSlots`, and :class:`NumericBlock` for many columns at once) and of a
-categorical one (:class:`CategoricalSeries`), the single-row path (plain Python, one lock)
-and the batch path (one ``searchsorted`` and one ``bincount`` per block of numeric columns,
-one ``Counter`` per categorical column, then only the non-zero slots incremented under one
-lock). Which series a registered model has is :mod:`._model`'s job, reading the inputs
-:mod:`._inputs`'.
+categorical one (:class:`CategoricalSeries`), the single-row path (one lock; the numeric
+features read and added in C when the extension is built) and the batch path (a block of
+numeric columns in one pass of the C kernel, else a few numpy passes; one ``Counter`` per
+categorical column; then every recorder's non-zero slots added under one lock, in bulk through
+:class:`~._series.SlotCells`). Which series a registered model has is :mod:`._model`'s job,
+reading the inputs :mod:`._inputs`'.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ._inputs import (
     numeric_matrix,
     to_float,
 )
+from ._series import SlotCells, noop, speedups, value_adder, value_cell
 from .multiprocess import storage_lock
 from .profile import positive_scores
 
@@ -55,33 +57,26 @@ _INF = math.inf
 _COMPARED_EDGES = 16  # up to this many edges, binned by comparisons, not searchsorted
 
 Inc = Callable[[float], None]
-#: Increments per slot to apply: the slots' adders and one amount per slot.
-Updates = list[tuple[list[Inc], FloatArray]]
-
-
-def noop(amount: float) -> None:
-    """The adder of a slot that is not recorded."""
-    return None
+#: Increments to apply: a recorder's slots and one amount per slot.
+Updates = list[tuple[SlotCells, FloatArray]]
 
 
 def apply_updates(updates: Updates) -> None:
-    """Increment the slots whose amount is non-zero (a loop over slots, never over rows)."""
+    """Add to the slots whose amount is non-zero (a loop over slots, never over rows)."""
     with storage_lock():
-        for incs, amounts in updates:
-            nonzero = np.flatnonzero(amounts)
-            for index, amount in zip(nonzero.tolist(), amounts[nonzero].tolist(), strict=True):
-                incs[index](amount)
+        for slots, amounts in updates:
+            slots.add(amounts)
 
 
 class NumericSlots(NamedTuple):
-    """The adders of one numeric column's series."""
+    """The stored values of one numeric column's series (``None``: not recorded)."""
 
-    bins: list[Inc]
-    missing: Inc
-    out_of_range: Inc
-    positive: Inc
-    negative: Inc
-    squares: Inc
+    bins: list[Any]
+    missing: Any
+    out_of_range: Any
+    positive: Any
+    negative: Any
+    squares: Any
 
 
 class NumericSeries:
@@ -98,18 +93,17 @@ class NumericSeries:
         "oor",
         "positive",
         "squares",
+        "values",
     )
 
     def __init__(
         self, name: str, edges: tuple[float, ...], low: float, high: float, slots: NumericSlots
     ) -> None:
         self.name, self.edges, self.low, self.high = name, edges, low, high
-        self.bins, self.missing, self.oor = slots.bins, slots.missing, slots.out_of_range
-        self.positive, self.negative, self.squares = slots.positive, slots.negative, slots.squares
-
-    def incs(self) -> list[Inc]:
-        """Every slot, in :class:`NumericBlock`'s order."""
-        return [*self.bins, self.missing, self.oor, self.positive, self.negative, self.squares]
+        self.values = [*slots.bins, *slots[1:]]  # every slot, in NumericBlock's order
+        incs = [noop if value is None else value_adder(value) for value in self.values]
+        self.bins = incs[: len(slots.bins)]
+        self.missing, self.oor, self.positive, self.negative, self.squares = incs[-5:]
 
     def record(self, value: float) -> int | None:
         """Count one value; returns its bin, or ``None`` when missing."""
@@ -132,19 +126,27 @@ class NumericSeries:
 class NumericBlock:
     """Numeric columns and their slots: per column ``[bins..., missing, oor, +sum, -sum, sq]``.
 
-    :meth:`amounts` turns an ``(n, columns)`` matrix into one increment per slot.
+    :meth:`amounts` turns an ``(n, columns)`` matrix into one increment per slot: in one pass
+    of the C kernel (``_speedups.NumericKernel``) when the extension is built, else with numpy
+    (:meth:`numpy_amounts`, the same numbers).
     """
 
     def __init__(self, series: Sequence[NumericSeries]) -> None:
-        self.incs: list[Inc] = []
+        values: list[Any] = []
         self.edges: list[FloatArray] = []
         bin_base, missing, extras = [], [], []
         for column in series:
-            bin_base.append(len(self.incs))
-            missing.append(len(self.incs) + len(column.edges) + 1)
-            extras.append(len(self.incs) + len(column.edges) + 2)
-            self.incs.extend(column.incs())
+            bin_base.append(len(values))
+            missing.append(len(values) + len(column.edges) + 1)
+            extras.append(len(values) + len(column.edges) + 2)
+            values.extend(column.values)
             self.edges.append(np.asarray(column.edges, dtype=np.float64))
+        self.slots = SlotCells(values)
+        self.kernel = None
+        if speedups is not None:
+            self.kernel = speedups.NumericKernel(
+                [c.edges for c in series], [c.low for c in series], [c.high for c in series]
+            )
         self.bin_base = np.asarray(bin_base, dtype=np.intp)
         self.missing = np.asarray(missing, dtype=np.intp)
         extra = np.asarray(extras, dtype=np.intp)
@@ -172,6 +174,15 @@ class NumericBlock:
         return codes + self.bin_base
 
     def amounts(self, matrix: FloatArray) -> FloatArray:
+        """One amount per slot for the rows of ``matrix``."""
+        if self.kernel is None:
+            return self.numpy_amounts(matrix)
+        amounts = np.empty(len(self.slots))
+        self.kernel.amounts(matrix, amounts)
+        return amounts
+
+    def numpy_amounts(self, matrix: FloatArray) -> FloatArray:
+        """:meth:`amounts` in numpy: each sum in row order, as the kernel adds them."""
         matrix = np.ascontiguousarray(matrix)
         codes = self.codes(matrix)
         finite = np.isfinite(matrix)
@@ -180,7 +191,7 @@ class NumericBlock:
         if not all_finite:
             np.copyto(codes, self.missing, where=~finite)
             values = np.where(finite, matrix, 0.0)
-        amounts = np.bincount(codes.ravel(), minlength=len(self.incs)).astype(np.float64)
+        amounts = np.bincount(codes.ravel(), minlength=len(self.slots)).astype(np.float64)
         outside = (values < self.low) | (values > self.high)
         if not all_finite:
             outside &= finite
@@ -194,15 +205,16 @@ class NumericBlock:
 class CategoricalSeries:
     """One categorical column: vocabulary codes and series."""
 
-    __slots__ = ("codes", "incs", "missing_code", "name", "unseen_code")
+    __slots__ = ("codes", "incs", "missing_code", "name", "slots", "unseen_code")
 
-    def __init__(self, name: str, categories: Sequence[str], incs: list[Inc]) -> None:
+    def __init__(self, name: str, categories: Sequence[str], slots: SlotCells) -> None:
         # slots: [categories..., unseen bin, missing, unseen counter]
         self.name = name
         self.codes = {c: i for i, c in enumerate(categories)}
         self.unseen_code = len(categories)
         self.missing_code = len(categories) + 1
-        self.incs = incs
+        self.slots = slots
+        self.incs = slots.adders()
 
     def code(self, value: Any) -> int:
         code = self.codes.get(value) if value.__class__ is str else None
@@ -245,9 +257,13 @@ def record_row(
     get = row.get
     value = None if score is None else to_float(score)
     with storage_lock():  # one lock for all the updates (slot values add unlocked)
-        for feature in model.numeric:
-            raw = get(feature.name)
-            feature.record(raw if raw.__class__ is float else to_float(raw))
+        kernel, slots = model.block.kernel, model.block.slots
+        if kernel is not None:
+            kernel.add_row(row, model.numeric_names, slots.cells(), slots.values, value_cell)
+        else:
+            for feature in model.numeric:
+                raw = get(feature.name)
+                feature.record(raw if raw.__class__ is float else to_float(raw))
         for categorical in model.categorical:
             categorical.record(get(categorical.name))
         code = model.class_code(predicted)
@@ -288,12 +304,12 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
     if column is not None:
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
-        updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
+        updates.append((model.score_block.slots, model.score_block.amounts(score_values[:, None])))
     class_amounts, codes = _class_amounts(model, class_values, rows)
-    updates.append((model.class_incs, class_amounts))
+    updates.append((model.class_slots, class_amounts))
     if score_values is not None:
         expected = model.expected.amount(score_values, class_values, codes)
-        updates.append(([model.expected.inc], np.array([expected])))
+        updates.append((model.expected_slots, np.array([expected])))
     apply_updates(updates)
     return Batch(rows, class_values, score_values)
 
@@ -340,12 +356,12 @@ def _input_updates(
     updates: Updates = []
     if model.numeric:
         matrix = numeric_matrix(inputs, column, model.numeric_names, rows)
-        updates.append((model.block.incs, model.block.amounts(matrix)))
+        updates.append((model.block.slots, model.block.amounts(matrix)))
     for categorical in model.categorical:
         values = column(categorical.name)
         if values is None:
             values = [None] * rows
         elif hasattr(values, "to_numpy"):
             values = values.to_numpy(dtype=object)
-        updates.append((categorical.incs, categorical.amounts(values, rows)))
+        updates.append((categorical.slots, categorical.amounts(values, rows)))
     return updates

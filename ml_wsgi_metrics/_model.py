@@ -21,7 +21,7 @@ from ._recorders import (
     NumericSeries,
     NumericSlots,
 )
-from ._series import SlotCells, child_adder, fast_observer, noop, stored_value, value_adder
+from ._series import SlotCells, child_adder, fast_observer, noop, stored_value
 from .metrics import ModelMetrics, remove_child
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile
 
@@ -82,10 +82,10 @@ class CompiledModel:
         if profile.estimated_accuracy is not None:
             estimate = child(metrics.reference_estimated_accuracy, *labels)
             estimate.set(profile.estimated_accuracy)
-        expected = stored_value(child(metrics.expected_correct, *labels))
-        self.expected_slots = SlotCells([expected])
         self.expected = ExpectedCorrect(
-            kinds(self.classes, profile.classes), self.class_codes[NO_CLASS], value_adder(expected)
+            kinds(self.classes, profile.classes),
+            self.class_codes[NO_CLASS],
+            child_adder(child(metrics.expected_correct, *labels)),
         )
         self._confusion = metrics.confusion
         self._labels = labels

@@ -61,11 +61,14 @@ Inc = Callable[[float], None]
 Updates = list[tuple[SlotCells, FloatArray]]
 
 
-def apply_updates(updates: Updates) -> None:
-    """Add to the slots whose amount is non-zero (a loop over slots, never over rows)."""
+def apply_updates(updates: Updates, adds: Sequence[tuple[Inc, float]] = ()) -> None:
+    """Add to the slots whose amount is non-zero (a loop over slots, never over rows), then
+    each of ``adds``: ``(adder, amount)``."""
     with storage_lock():
         for slots, amounts in updates:
             slots.add(amounts)
+        for add, amount in adds:
+            add(amount)
 
 
 class NumericSlots(NamedTuple):
@@ -183,7 +186,6 @@ class NumericBlock:
 
     def numpy_amounts(self, matrix: FloatArray) -> FloatArray:
         """:meth:`amounts` in numpy: each sum in row order, as the kernel adds them."""
-        matrix = np.ascontiguousarray(matrix)
         codes = self.codes(matrix)
         finite = np.isfinite(matrix)
         values = matrix
@@ -196,9 +198,11 @@ class NumericBlock:
         if not all_finite:
             outside &= finite
         amounts[self.out_of_range] = np.add.reduce(outside, axis=0, dtype=np.intp)
-        amounts[self.positive] = np.maximum(values, 0.0).sum(axis=0)
-        amounts[self.negative] = -np.minimum(values, 0.0).sum(axis=0)
-        amounts[self.squares] = np.einsum("ij,ij->j", values, values)
+        if len(values):  # sums in row order (an accumulation), not numpy's pairwise order
+            terms = np.stack([np.maximum(values, 0.0), np.minimum(values, 0.0), values * values])
+            positive, negative, squares = np.add.accumulate(terms, axis=1)[:, -1]
+            amounts[self.positive], amounts[self.negative] = positive, -negative
+            amounts[self.squares] = squares
         return amounts
 
 
@@ -307,10 +311,10 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         updates.append((model.score_block.slots, model.score_block.amounts(score_values[:, None])))
     class_amounts, codes = _class_amounts(model, class_values, rows)
     updates.append((model.class_slots, class_amounts))
+    expected = 0.0
     if score_values is not None:
         expected = model.expected.amount(score_values, class_values, codes)
-        updates.append((model.expected_slots, np.array([expected])))
-    apply_updates(updates)
+    apply_updates(updates, [(model.expected.inc, expected)] if expected else ())
     return Batch(rows, class_values, score_values)
 
 

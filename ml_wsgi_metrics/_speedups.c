@@ -17,8 +17,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <float.h>
 #include <math.h>
 #include <time.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define KERNEL_AVX2 /* the numeric kernel's AVX2 code, used when the CPU has it */
+#endif
 
 /* Set by configure(): the Python side this record works with. */
 static PyObject *storage_state;          /* _slots.State: .generation */
@@ -808,9 +813,7 @@ column_sums(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_
     return infinite;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define COUNT_ABOVE_SIMD
+#ifdef KERNEL_AVX2
 static int has_avx2; /* set when the module is initialised */
 
 __attribute__((target("avx2"))) static Py_ssize_t
@@ -837,7 +840,7 @@ static Py_ssize_t
 count_above(const double *values, Py_ssize_t rows, double edge)
 {
     Py_ssize_t i = 0, total = 0;
-#ifdef COUNT_ABOVE_SIMD
+#ifdef KERNEL_AVX2
     if (has_avx2) {
         return count_above_avx2(values, rows, edge);
     }
@@ -888,23 +891,94 @@ column_bins(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_
     }
 }
 
-/* Write column j's slots for `rows` values `stride` bytes apart (copied to `scratch` first
- * when they are not contiguous). */
-static void
-column_amounts(const NumericKernel *kernel, Py_ssize_t j, const char *column, Py_ssize_t rows,
-               Py_ssize_t stride, double *scratch, double *out)
+#ifdef KERNEL_AVX2
+/* column_sums() of columns j to j + 3 at once, a column per lane (each sum still in row order);
+ * `matrix` points at column j's first value. */
+__attribute__((target("avx2"))) static void
+four_column_sums(const NumericKernel *kernel, Py_ssize_t j, const char *matrix, Py_ssize_t rows,
+                 Py_ssize_t row_stride, Py_ssize_t column_stride, double *out,
+                 Py_ssize_t *infinite)
 {
-    const double *values = (const double *)column;
-    if (stride != sizeof(double)) {
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            scratch[i] = *(const double *)(column + i * stride);
-        }
-        values = scratch;
+    const __m256d zero = _mm256_setzero_pd(), largest = _mm256_set1_pd(DBL_MAX);
+    const __m256d sign = _mm256_set1_pd(-0.0);
+    const __m256d low = _mm256_loadu_pd(kernel->low + j), high = _mm256_loadu_pd(kernel->high + j);
+    __m256d positive = zero, negative = zero, squares = zero;
+    __m256i finite_count = _mm256_setzero_si256(), outside = finite_count, above = finite_count;
+    const Py_ssize_t c = column_stride;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        const char *row = matrix + i * row_stride;
+        __m256d x = c == sizeof(double)
+                        ? _mm256_loadu_pd((const double *)row)
+                        : _mm256_set_pd(*(const double *)(row + 3 * c),
+                                        *(const double *)(row + 2 * c),
+                                        *(const double *)(row + c), *(const double *)row);
+        /* lanes of comparisons are all ones when true: subtracting them counts */
+        __m256d finite = _mm256_cmp_pd(_mm256_andnot_pd(sign, x), largest, _CMP_LE_OQ);
+        __m256d v = _mm256_and_pd(x, finite); /* missing values add zero */
+        __m256d out_of_range = _mm256_and_pd(
+            finite, _mm256_or_pd(_mm256_cmp_pd(v, low, _CMP_LT_OQ),
+                                 _mm256_cmp_pd(v, high, _CMP_GT_OQ)));
+        finite_count = _mm256_sub_epi64(finite_count, _mm256_castpd_si256(finite));
+        outside = _mm256_sub_epi64(outside, _mm256_castpd_si256(out_of_range));
+        above = _mm256_sub_epi64(
+            above, _mm256_castpd_si256(_mm256_cmp_pd(x, largest, _CMP_GT_OQ)));
+        positive = _mm256_add_pd(positive, _mm256_max_pd(v, zero));
+        negative = _mm256_sub_pd(negative, _mm256_min_pd(v, zero));
+        squares = _mm256_add_pd(squares, _mm256_mul_pd(v, v));
     }
-    double *bins = out + FIRST_SLOT(kernel, j);
-    double *extra = bins + kernel->offsets[j + 1] - kernel->offsets[j] + 1;
-    Py_ssize_t infinite = column_sums(kernel, j, values, rows, extra);
-    column_bins(kernel, j, values, rows, (double)rows - extra[0], infinite, bins);
+    double sums[3][4];
+    long long counts[3][4];
+    _mm256_storeu_pd(sums[0], positive);
+    _mm256_storeu_pd(sums[1], negative);
+    _mm256_storeu_pd(sums[2], squares);
+    _mm256_storeu_si256((__m256i *)counts[0], finite_count);
+    _mm256_storeu_si256((__m256i *)counts[1], outside);
+    _mm256_storeu_si256((__m256i *)counts[2], above);
+    for (int lane = 0; lane < 4; lane++) {
+        Py_ssize_t column = j + lane;
+        double *extra = out + FIRST_SLOT(kernel, column) + kernel->offsets[column + 1] -
+                        kernel->offsets[column] + 1;
+        extra[0] = (double)(rows - counts[0][lane]);
+        extra[1] = (double)counts[1][lane];
+        extra[2] = sums[0][lane];
+        extra[3] = sums[1][lane];
+        extra[4] = sums[2][lane];
+        infinite[column] = (Py_ssize_t)counts[2][lane];
+    }
+}
+#endif
+
+/* Write every slot of a (rows, columns) matrix whose values are `row_stride` and
+ * `column_stride` bytes apart. `scratch` holds a column (used when a column is not
+ * contiguous) and `infinite` a count per column. */
+static void
+block_amounts(const NumericKernel *kernel, const char *matrix, Py_ssize_t rows,
+              Py_ssize_t row_stride, Py_ssize_t column_stride, double *scratch,
+              Py_ssize_t *infinite, double *out)
+{
+    Py_ssize_t summed = 0; /* columns whose sums are done */
+#ifdef KERNEL_AVX2
+    for (; has_avx2 && summed + 4 <= kernel->columns; summed += 4) {
+        four_column_sums(kernel, summed, matrix + summed * column_stride, rows, row_stride,
+                         column_stride, out, infinite);
+    }
+#endif
+    for (Py_ssize_t j = 0; j < kernel->columns; j++) {
+        const char *column = matrix + j * column_stride;
+        const double *values = (const double *)column;
+        if (row_stride != sizeof(double)) {
+            for (Py_ssize_t i = 0; i < rows; i++) {
+                scratch[i] = *(const double *)(column + i * row_stride);
+            }
+            values = scratch;
+        }
+        double *bins = out + FIRST_SLOT(kernel, j);
+        double *extra = bins + kernel->offsets[j + 1] - kernel->offsets[j] + 1;
+        if (j >= summed) {
+            infinite[j] = column_sums(kernel, j, values, rows, extra);
+        }
+        column_bins(kernel, j, values, rows, (double)rows - extra[0], infinite[j], bins);
+    }
 }
 
 /* A buffer of doubles (any strides): what a float64 numpy array exports. */
@@ -1117,20 +1191,25 @@ NumericKernel_amounts(NumericKernel *self, PyObject *const *args, Py_ssize_t nar
     }
     int fits = matrix.shape[1] == self->columns && out.shape[0] == self->slots;
     double *scratch = NULL;
+    Py_ssize_t *infinite = NULL;
     if (!fits) {
         PyErr_Format(PyExc_ValueError, "amounts: a matrix of %zd columns and %zd slots out",
                      self->columns, self->slots);
     }
-    else if (matrix.strides[0] != sizeof(double) &&
-             (scratch = PyMem_Malloc((matrix.shape[0] + 1) * sizeof(double))) == NULL) {
-        PyErr_NoMemory();
-        fits = 0;
+    else {
+        infinite = PyMem_Malloc((self->columns + 1) * sizeof(Py_ssize_t));
+        scratch = PyMem_Malloc((matrix.shape[0] + 1) * sizeof(double));
+        fits = infinite != NULL && scratch != NULL;
+        if (!fits) {
+            PyErr_NoMemory();
+        }
     }
-    for (Py_ssize_t j = 0; fits && j < self->columns; j++) {
-        column_amounts(self, j, (const char *)matrix.buf + j * matrix.strides[1],
-                       matrix.shape[0], matrix.strides[0], scratch, (double *)out.buf);
+    if (fits) {
+        block_amounts(self, matrix.buf, matrix.shape[0], matrix.strides[0], matrix.strides[1],
+                      scratch, infinite, (double *)out.buf);
     }
     PyMem_Free(scratch);
+    PyMem_Free(infinite);
     PyBuffer_Release(&matrix);
     PyBuffer_Release(&out);
     if (!fits) {
@@ -1358,7 +1437,7 @@ PyInit__speedups(void)
     if (module == NULL) {
         return NULL;
     }
-#ifdef COUNT_ABOVE_SIMD
+#ifdef KERNEL_AVX2
     __builtin_cpu_init();
     has_avx2 = __builtin_cpu_supports("avx2");
 #endif

@@ -30,7 +30,7 @@ from ._inputs import (
     numeric_matrix,
     to_float,
 )
-from ._series import SlotCells, noop, speedups, value_adder, value_cell
+from ._series import SlotCells, noop, speedups, take_cell, value_adder
 from .multiprocess import storage_lock
 from .profile import positive_scores
 
@@ -263,7 +263,7 @@ def record_row(
     with storage_lock():  # one lock for all the updates (slot values add unlocked)
         kernel, slots = model.block.kernel, model.block.slots
         if kernel is not None:
-            kernel.add_row(row, model.numeric_names, slots.cells(), slots.values, value_cell)
+            kernel.add_row(row, model.numeric_names, slots.cells(), slots.values, take_cell)
         else:
             for feature in model.numeric:
                 raw = get(feature.name)

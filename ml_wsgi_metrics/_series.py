@@ -50,6 +50,7 @@ __all__ = [
     "noop",
     "speedups",
     "stored_value",
+    "take_cell",
     "value_adder",
     "value_cell",
 ]
@@ -140,6 +141,14 @@ def child_adder(child: Any) -> Adder:
     return value_adder(stored_value(child))
 
 
+def take_cell(value: Any) -> Cell:
+    """:func:`value_cell`, after reopening a slot value whose file was closed under it
+    (reported, its value kept in memory): the ``take`` of :class:`SlotCells`."""
+    if isinstance(value, SlotValue):
+        value.add_unlocked(0.0)  # adds nothing; a closed view is found and replaced
+    return value_cell(value)
+
+
 def _add_amounts(
     cells: list[Cell | None], values: list[Any], take: Callable[[Any], Cell], amounts: FloatArray, /
 ) -> None:
@@ -148,13 +157,20 @@ def _add_amounts(
     for index, amount in enumerate(amounts.tolist()):
         if not amount:
             continue
-        cell = cells[index]
-        if cell is None:
-            if values[index] is None:  # a slot not recorded
-                continue
-            cell = cells[index] = take(values[index])
-        store, key = cell
-        store[key] += amount
+        if values[index] is None:  # a slot not recorded
+            continue
+        for attempt in (0, 1):
+            cell = cells[index]
+            if cell is None:
+                cell = cells[index] = take(values[index])
+            store, key = cell
+            try:
+                store[key] += amount
+                break
+            except ValueError:  # a released view: its file was closed, the cell taken again
+                if attempt:
+                    raise
+                cells[index] = None
 
 
 class SlotCells:
@@ -180,7 +196,7 @@ class SlotCells:
 
     def add(self, amounts: FloatArray) -> None:
         """Add a float64 vector of one amount per slot (zeros skipped); the lock is held."""
-        add_amounts(self.cells(), self.values, value_cell, amounts)
+        add_amounts(self.cells(), self.values, take_cell, amounts)
 
     def adders(self) -> list[Adder]:
         """One adder per slot, for updates one value at a time."""

@@ -1012,55 +1012,81 @@ release_store(StoreCache *cache)
     }
 }
 
-/* Add to cells[index], taking the cell first when it is None. */
+/* cells[index], taken first when it is None: a new reference, or NULL (an error set, or
+ * none when the slot is not recorded). */
+static PyObject *
+slot_cell(StoreCache *cache, PyObject *cells, PyObject *values, PyObject *take,
+          Py_ssize_t index)
+{
+    PyObject *cell = PyList_GET_ITEM(cells, index);
+    if (cell != Py_None) {
+        return Py_NewRef(cell);
+    }
+    PyObject *value = PyList_GET_ITEM(values, index);
+    if (value == Py_None) {
+        return NULL; /* a slot not recorded */
+    }
+    release_store(cache); /* take() runs Python code, which may close a file */
+    Py_INCREF(value);
+    cell = PyObject_CallOneArg(take, value);
+    Py_DECREF(value);
+    if (cell != NULL && index >= PyList_GET_SIZE(cells)) {
+        Py_CLEAR(cell);
+        PyErr_SetString(PyExc_RuntimeError, "the cells changed while a cell was taken");
+    }
+    if (cell != NULL) {
+        PyList_SetItem(cells, index, Py_NewRef(cell)); /* steals one reference */
+    }
+    return cell;
+}
+
+/* Add to cells[index], taking the cell first when it is None, and once more when its file
+ * was closed under it (take() reopens the value: see _series.take_cell). */
 static int
 add_to_slot(StoreCache *cache, PyObject *cells, PyObject *values, PyObject *take,
             Py_ssize_t index, double amount)
 {
-    PyObject *cell = PyList_GET_ITEM(cells, index);
-    if (cell == Py_None) {
-        PyObject *value = PyList_GET_ITEM(values, index);
-        if (value == Py_None) {
-            return 0; /* a slot not recorded */
-        }
-        release_store(cache); /* take() runs Python code, which may close a file */
-        Py_INCREF(value);
-        cell = PyObject_CallOneArg(take, value);
-        Py_DECREF(value);
+    for (int attempt = 0;; attempt++) {
+        PyObject *cell = slot_cell(cache, cells, values, take, index);
         if (cell == NULL) {
-            return -1;
+            return PyErr_Occurred() ? -1 : 0;
         }
-        if (index >= PyList_GET_SIZE(cells)) {
-            Py_DECREF(cell);
-            PyErr_SetString(PyExc_RuntimeError, "the cells changed while a cell was taken");
-            return -1;
+        int status = 0;
+        if (!PyTuple_Check(cell) || PyTuple_GET_SIZE(cell) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a cell is a (store, key) tuple");
+            status = -1;
         }
-        PyList_SetItem(cells, index, cell); /* steals; the list keeps it alive */
-    }
-    if (!PyTuple_Check(cell) || PyTuple_GET_SIZE(cell) != 2) {
-        PyErr_SetString(PyExc_TypeError, "a cell is a (store, key) tuple");
-        return -1;
-    }
-    PyObject *store = PyTuple_GET_ITEM(cell, 0), *key = PyTuple_GET_ITEM(cell, 1);
-    if (!PyMemoryView_Check(store) || !PyLong_CheckExact(key)) {
-        return add_to_cell(cell, amount);
-    }
-    if (cache->view.obj != store) {
-        release_store(cache);
-        if (get_doubles(store, &cache->view, PyBUF_WRITABLE, 1, "a cell's store") < 0) {
-            cache->view.obj = NULL;
-            return -1; /* released: the file was closed */
+        else if (!PyMemoryView_Check(PyTuple_GET_ITEM(cell, 0)) ||
+                 !PyLong_CheckExact(PyTuple_GET_ITEM(cell, 1))) {
+            status = add_to_cell(cell, amount);
         }
-    }
-    Py_ssize_t at = PyLong_AsSsize_t(key);
-    if (at < 0 || at >= cache->view.shape[0]) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_IndexError, "a cell's key is outside its store");
+        else {
+            PyObject *store = PyTuple_GET_ITEM(cell, 0);
+            if (cache->view.obj != store) {
+                release_store(cache);
+                if (get_doubles(store, &cache->view, PyBUF_WRITABLE, 1, "a store") < 0) {
+                    cache->view.obj = NULL;
+                    status = -1;
+                }
+            }
+            Py_ssize_t at = status < 0 ? -1 : PyLong_AsSsize_t(PyTuple_GET_ITEM(cell, 1));
+            if (at >= 0 && at < cache->view.shape[0]) {
+                *(double *)((char *)cache->view.buf + at * cache->view.strides[0]) += amount;
+            }
+            else if (status == 0) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_IndexError, "a cell's key is outside its store");
+                }
+                status = -1;
+            }
         }
-        return -1;
+        Py_DECREF(cell);
+        if (status == 0 || attempt > 0 || !PyErr_ExceptionMatches(PyExc_ValueError)) {
+            return status;
+        }
+        PyErr_Clear(); /* a released view: its file was closed, the cell is taken again */
+        PyList_SetItem(cells, index, Py_NewRef(Py_None));
     }
-    *(double *)((char *)cache->view.buf + at * cache->view.strides[0]) += amount;
-    return 0;
 }
 
 static int

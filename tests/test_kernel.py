@@ -20,7 +20,7 @@ from signals_support import CLASSES, merged, value
 from signals_support import churn_profile as churn_profile  # fixture "profile"
 from support import require_speedups
 
-from ml_wsgi_metrics import _recorders, _series, _slots, multiprocess, signals
+from ml_wsgi_metrics import _errors, _recorders, _series, _slots, multiprocess, signals
 from ml_wsgi_metrics._recorders import NumericBlock, NumericSeries, NumericSlots
 from ml_wsgi_metrics._series import SlotCells, value_adder, value_cell
 from ml_wsgi_metrics.profile import ReferenceProfile, build_profile
@@ -329,3 +329,32 @@ def test_the_stub_types_the_kernel_the_extension_exports() -> None:
     names = {n.name for n in typed.body if isinstance(n, ast.FunctionDef)}
     assert names == {"__init__", "slots", "amounts", "add_row"}
     assert [name for name in names if not hasattr(kernel, name)] == []
+
+
+def test_a_model_file_closed_under_its_cells_fails_open(
+    implementation: str,
+    multiprocess_dir: Path,
+    profile: ReferenceProfile,
+    storage_clock: Any,
+) -> None:
+    """A released view is never written through: the value reopens (the error reported), what
+    is counted meanwhile is kept in memory and reaches the file when it opens again."""
+    frame = pd.DataFrame({"MonthlyCharges": [20.0, 30.0], "delta": [1.0, -1.5]})
+    with isolated_signals():
+        signals.register_model(profile)
+        signals.record_prediction(frame, scores=[0.1, 0.9])
+        errors_before = _errors.count(("storage_write",))
+        for handle in _slots.State.files.values():  # closed without telling anyone
+            handle.close()
+        signals.record_prediction(frame, scores=[0.1, 0.9])
+        signals.record_prediction({"MonthlyCharges": 25.0, "delta": 2.0}, scores=0.5)
+        storage_clock.advance(multiprocess.RETRY_SECONDS)
+        multiprocess.retry_unavailable()
+        scraped = merged(multiprocess_dir)
+        assert _errors.count(("storage_write",)) > errors_before
+        sums = [
+            value(scraped, "model_feature_sum_total", feature="delta", sign=sign)
+            for sign in ("positive", "negative")
+        ]
+        assert sums == [1.0 + 1.0 + 2.0, 1.5 + 1.5]
+        assert value(scraped, "model_score_sum_total", sign="positive") == 1.0 + 1.0 + 0.5

@@ -1012,6 +1012,29 @@ release_store(StoreCache *cache)
     }
 }
 
+/* store[key] += amount for a dict (prometheus_client's in-memory value's attributes). */
+static int
+add_to_dict(PyObject *store, PyObject *key, double amount)
+{
+    PyObject *stored = PyDict_GetItemWithError(store, key); /* borrowed */
+    if (stored == NULL || !PyFloat_CheckExact(stored)) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        PyObject *cell = PyTuple_Pack(2, store, key);
+        int status = cell == NULL ? -1 : add_to_cell(cell, amount);
+        Py_XDECREF(cell);
+        return status;
+    }
+    PyObject *sum = PyFloat_FromDouble(PyFloat_AS_DOUBLE(stored) + amount);
+    if (sum == NULL) {
+        return -1;
+    }
+    int status = PyDict_SetItem(store, key, sum);
+    Py_DECREF(sum);
+    return status;
+}
+
 /* cells[index], taken first when it is None: a new reference, or NULL (an error set, or
  * none when the slot is not recorded). */
 static PyObject *
@@ -1055,6 +1078,9 @@ add_to_slot(StoreCache *cache, PyObject *cells, PyObject *values, PyObject *take
         if (!PyTuple_Check(cell) || PyTuple_GET_SIZE(cell) != 2) {
             PyErr_SetString(PyExc_TypeError, "a cell is a (store, key) tuple");
             status = -1;
+        }
+        else if (PyDict_CheckExact(PyTuple_GET_ITEM(cell, 0))) {
+            status = add_to_dict(PyTuple_GET_ITEM(cell, 0), PyTuple_GET_ITEM(cell, 1), amount);
         }
         else if (!PyMemoryView_Check(PyTuple_GET_ITEM(cell, 0)) ||
                  !PyLong_CheckExact(PyTuple_GET_ITEM(cell, 1))) {

@@ -198,12 +198,25 @@ class NumericBlock:
         if not all_finite:
             outside &= finite
         amounts[self.out_of_range] = np.add.reduce(outside, axis=0, dtype=np.intp)
-        if len(values):  # sums in row order (an accumulation), not numpy's pairwise order
-            terms = np.stack([np.maximum(values, 0.0), np.minimum(values, 0.0), values * values])
-            positive, negative, squares = np.add.accumulate(terms, axis=1)[:, -1]
-            amounts[self.positive], amounts[self.negative] = positive, -negative
-            amounts[self.squares] = squares
+        amounts[self.positive], amounts[self.negative], amounts[self.squares] = _row_order_sums(
+            values
+        )
         return amounts
+
+
+def _row_order_sums(values: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Each column's positive, negative and squared values summed in row order, as the C kernel
+    adds them: numpy reduces the columns of a C-ordered matrix row by row (a single column
+    pairwise: it is accumulated)."""
+    if values.shape[1] == 1:
+        column = np.concatenate([[0.0], values[:, 0]])  # a sum of no rows is 0
+        terms = (np.maximum(column, 0.0), np.minimum(column, 0.0), column * column)
+        positive, negative, squares = (np.add.accumulate(t)[-1:] for t in terms)
+        return positive, -negative, squares
+    values = np.ascontiguousarray(values)
+    positive = np.maximum(values, 0.0).sum(axis=0)
+    negative = -np.minimum(values, 0.0).sum(axis=0)
+    return positive, negative, np.einsum("ij,ij->j", values, values)
 
 
 class CategoricalSeries:

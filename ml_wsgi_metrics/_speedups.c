@@ -1157,6 +1157,37 @@ add_amounts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* -- the kernel type -- */
 
+/* Copy each column's edges (sorted, no NaN), low and high into the kernel's arrays. */
+static int
+read_columns(NumericKernel *self, PyObject *columns, PyObject *lows, PyObject *highs,
+             Py_ssize_t total)
+{
+    for (Py_ssize_t j = 0, at = 0; j < PySequence_Fast_GET_SIZE(columns); j++) {
+        PyObject *column = PySequence_Fast(PySequence_Fast_GET_ITEM(columns, j), "edges");
+        if (column == NULL) {
+            return -1;
+        }
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(column), first = at;
+        for (Py_ssize_t i = 0; i < size && at < total; i++) {
+            self->edges[at++] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(column, i));
+        }
+        Py_DECREF(column);
+        self->offsets[j + 1] = at;
+        self->low[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(lows, j));
+        self->high[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(highs, j));
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        for (Py_ssize_t i = first; i < at; i++) {
+            if (isnan(self->edges[i]) || (i > first && self->edges[i] < self->edges[i - 1])) {
+                PyErr_SetString(PyExc_ValueError, "edges: sorted, without NaN");
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
 static int
 NumericKernel_init(NumericKernel *self, PyObject *args, PyObject *kwargs)
 {
@@ -1199,22 +1230,8 @@ NumericKernel_init(NumericKernel *self, PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t j = 0, at = 0; j < count; j++) {
-        PyObject *column = PySequence_Fast(PySequence_Fast_GET_ITEM(columns, j), "edges");
-        if (column == NULL) {
-            goto done;
-        }
-        Py_ssize_t size = PySequence_Fast_GET_SIZE(column);
-        for (Py_ssize_t i = 0; i < size && at < total; i++) {
-            self->edges[at++] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(column, i));
-        }
-        Py_DECREF(column);
-        self->offsets[j + 1] = at;
-        self->low[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(lows, j));
-        self->high[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(highs, j));
-        if (PyErr_Occurred()) {
-            goto done;
-        }
+    if (read_columns(self, columns, lows, highs, total) < 0) {
+        goto done;
     }
     self->columns = count;
     self->slots = self->offsets[count] + 6 * count;

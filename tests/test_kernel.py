@@ -109,6 +109,12 @@ def test_the_kernel_refuses_what_does_not_fit() -> None:
         block.kernel.amounts(np.zeros((4, 1), dtype=np.float32), np.zeros(8))
     with pytest.raises(TypeError, match="float64"):
         block.kernel.amounts(np.zeros(4), np.zeros(8))
+    kernel = type(block.kernel)
+    for edges in ([(2.0, 1.0)], [(math.nan,)]):
+        with pytest.raises(ValueError, match="sorted, without NaN"):
+            kernel(edges, [0.0], [1.0])
+    with pytest.raises(ValueError, match="one item per column"):
+        kernel([(1.0,)], [0.0, 1.0], [1.0])
 
 
 def recorded_samples(registry: CollectorRegistry) -> dict[tuple[Any, ...], float]:

@@ -15,6 +15,7 @@ from ._expected import ExpectedCorrect, kinds
 from ._inputs import is_missing
 from ._recorders import (
     NO_CLASS,
+    CategoricalRow,
     CategoricalSeries,
     Inc,
     NumericBlock,
@@ -65,6 +66,7 @@ class CompiledModel:
             else:
                 self.categorical.append(_categorical_series(metrics, child, labels, feature))
         self.numeric_names = [f.name for f in self.numeric]
+        self.categorical_row = CategoricalRow(self.categorical)
         self.block = NumericBlock(self.numeric)
         self.score = _score_series(metrics, child, labels, profile.score)
         self.score_block = NumericBlock([self.score])

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NO_CLASS",
     "Batch",
+    "CategoricalRow",
     "CategoricalSeries",
     "Inc",
     "NumericBlock",
@@ -263,6 +264,33 @@ class CategoricalSeries:
         return amounts
 
 
+class CategoricalRow:
+    """A model's categorical columns for the single-row path: one set of cells over all their
+    slots, counted in C (``_speedups.add_categories``: each column's exact string looked up in
+    its vocabulary, anything else through :meth:`CategoricalSeries.code`)."""
+
+    __slots__ = ("codes", "firsts", "names", "slots", "vocabularies")
+
+    def __init__(self, series: Sequence[CategoricalSeries]) -> None:
+        self.names = [column.name for column in series]
+        self.vocabularies = [column.codes for column in series]
+        self.codes: list[Callable[[Any], int]] = [column.code for column in series]
+        self.firsts: list[int] = []
+        values: list[Any] = []
+        for column in series:
+            self.firsts.append(len(values))
+            values.extend(column.slots.values)
+        self.slots = SlotCells(values)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Count one row (the C extension is built); the storage lock is held."""
+        assert speedups is not None
+        cells, values = self.slots.cells(), self.slots.values
+        speedups.add_categories(
+            row, self.names, self.vocabularies, self.codes, self.firsts, cells, values, take_cell
+        )
+
+
 # -- recording one call ----------------------------------------------------------------------
 
 
@@ -271,24 +299,31 @@ def record_row(
 ) -> float | None:
     """Record one row given as a dict of scalars (the plain-Python path); returns the score
     as recorded (``None`` when not given)."""
-    get = row.get
     value = None if score is None else to_float(score)
     with storage_lock():  # one lock for all the updates (slot values add unlocked)
-        kernel, slots = model.block.kernel, model.block.slots
-        if kernel is not None:
-            kernel.add_row(row, model.numeric_names, slots.cells(), slots.values, take_cell)
-        else:
-            for feature in model.numeric:
-                raw = get(feature.name)
-                feature.record(raw if raw.__class__ is float else to_float(raw))
-        for categorical in model.categorical:
-            categorical.record(get(categorical.name))
+        _record_features(model, row)
         code = model.class_code(predicted)
         if value is not None:
             model.score.record(value)
             model.expected.record(value, code)
         model.class_incs[code](1)
     return value
+
+
+def _record_features(model: CompiledModel, row: Mapping[str, Any]) -> None:
+    """One row's features: in C when the extension is built, else one series at a time."""
+    kernel, slots = model.block.kernel, model.block.slots
+    if kernel is not None:
+        kernel.add_row(row, model.numeric_names, slots.cells(), slots.values, take_cell)
+        if model.categorical:
+            model.categorical_row.add(row)
+        return
+    get = row.get
+    for feature in model.numeric:
+        raw = get(feature.name)
+        feature.record(raw if raw.__class__ is float else to_float(raw))
+    for categorical in model.categorical:
+        categorical.record(get(categorical.name))
 
 
 class Batch(NamedTuple):

@@ -1420,6 +1420,105 @@ static PyTypeObject NumericKernelType = {
     .tp_members = NumericKernel_members,
 };
 
+/* -- one row's categorical columns -- */
+
+/* The code of row[name] in a vocabulary: an exact string found there, else code(value). */
+static Py_ssize_t
+category_code(PyObject *row, PyObject *name, PyObject *vocabulary, PyObject *code)
+{
+    PyObject *item;
+    if (PyDict_Check(row)) {
+        item = Py_XNewRef(PyDict_GetItemWithError(row, name));
+    }
+    else {
+        item = PyObject_GetItem(row, name);
+        if (item == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+        }
+    }
+    if (item == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    item = item == NULL ? Py_NewRef(Py_None) : item;
+    PyObject *found = PyUnicode_CheckExact(item) ? PyDict_GetItemWithError(vocabulary, item)
+                                                 : NULL; /* borrowed */
+    PyObject *result = found != NULL ? Py_NewRef(found)
+                       : PyErr_Occurred() ? NULL
+                                          : PyObject_CallOneArg(code, item);
+    Py_DECREF(item);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_ssize_t index = PyLong_Check(result) ? PyLong_AsSsize_t(result) : -1;
+    Py_DECREF(result);
+    if (index < 0 || index > PyDict_GET_SIZE(vocabulary) + 1) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a category code outside its column's slots");
+        }
+        return -1;
+    }
+    return index;
+}
+
+/* add_categories(row, names, vocabularies, codes, firsts, cells, values, take): count one row
+ * of categorical columns. Column j's slots start at firsts[j]: [categories..., unseen bin,
+ * missing, unseen]; an unseen value counts in its bin and in the unseen counter. */
+static PyObject *
+add_categories(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "add_categories(row, names, vocabularies, codes, firsts, cells, values, "
+                        "take)");
+        return NULL;
+    }
+    PyObject *names = args[1], *vocabularies = args[2], *codes = args[3], *firsts = args[4];
+    if (!PyList_CheckExact(names) || !PyList_CheckExact(vocabularies) ||
+        !PyList_CheckExact(codes) || !PyList_CheckExact(firsts) ||
+        PyList_GET_SIZE(vocabularies) != PyList_GET_SIZE(names) ||
+        PyList_GET_SIZE(codes) != PyList_GET_SIZE(names) ||
+        PyList_GET_SIZE(firsts) != PyList_GET_SIZE(names) || !PyList_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "names, vocabularies, codes, firsts: lists alike");
+        return NULL;
+    }
+    Py_ssize_t columns = PyList_GET_SIZE(names), slots = PyList_GET_SIZE(args[5]);
+    if (check_cells(args[5], args[6], args[7], slots) < 0) {
+        return NULL;
+    }
+    Py_ssize_t *at = PyMem_Malloc((2 * columns + 1) * sizeof(Py_ssize_t));
+    if (at == NULL) {
+        return PyErr_NoMemory();
+    }
+    int failed = 0; /* every code found first: a bad row raises before anything counts */
+    for (Py_ssize_t j = 0; !failed && j < columns; j++) {
+        PyObject *vocabulary = PyList_GET_ITEM(vocabularies, j);
+        Py_ssize_t first = PyLong_AsSsize_t(PyList_GET_ITEM(firsts, j));
+        Py_ssize_t code = PyDict_Check(vocabulary)
+                              ? category_code(args[0], PyList_GET_ITEM(names, j), vocabulary,
+                                              PyList_GET_ITEM(codes, j))
+                              : -1;
+        Py_ssize_t unseen = PyDict_Check(vocabulary) ? PyDict_GET_SIZE(vocabulary) : 0;
+        failed = code < 0 || first < 0 || first + unseen + 2 >= slots;
+        if (failed && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a column's slots outside the cells");
+        }
+        at[2 * j] = first + code;
+        at[2 * j + 1] = code == unseen ? first + unseen + 2 : -1;
+    }
+    StoreCache cache = {.view = {.obj = NULL}};
+    for (Py_ssize_t i = 0; !failed && i < 2 * columns; i++) {
+        if (at[i] >= 0) {
+            failed = add_to_slot(&cache, args[5], args[6], args[7], at[i], 1.0) < 0;
+        }
+    }
+    release_store(&cache);
+    PyMem_Free(at);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* == end of model signals ================================================================== */
 
 /* -- the module ------------------------------------------------------------------------- */
@@ -1455,6 +1554,9 @@ static PyMethodDef module_methods[] = {
      "mount_prefix, methods, other_method, request_key)"},
     {"add_amounts", (PyCFunction)(void (*)(void))add_amounts, METH_FASTCALL,
      "add_amounts(cells, values, take, amounts): add each non-zero amount to its slot."},
+    {"add_categories", (PyCFunction)(void (*)(void))add_categories, METH_FASTCALL,
+     "add_categories(row, names, vocabularies, codes, firsts, cells, values, take): count one "
+     "row of categorical columns."},
     {NULL},
 };
 

@@ -3,8 +3,8 @@
 The request record (``configure``, ``TimedResponse``): what its C code reads from the Python
 side by name is listed in the docstring of :mod:`ml_wsgi_metrics._response`;
 ``tests/test_speedups.py`` checks both against the C source. The model signals' kernel
-(``NumericKernel``, ``add_amounts``) reads no name: see :mod:`ml_wsgi_metrics._recorders` and
-:class:`ml_wsgi_metrics._series.SlotCells`.
+(``NumericKernel``, ``add_amounts``, ``add_categories``) reads no name: see
+:mod:`ml_wsgi_metrics._recorders` and :class:`ml_wsgi_metrics._series.SlotCells`.
 """
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -69,6 +69,19 @@ def add_amounts(
     /,
 ) -> None:
     """Add each non-zero amount to its slot's cell, taking the cells still ``None``."""
+
+def add_categories(
+    row: Mapping[str, Any],
+    names: list[str],
+    vocabularies: list[dict[str, int]],
+    codes: list[Callable[[Any], int]],
+    firsts: list[int],
+    cells: list[Cell | None],
+    values: list[Any],
+    take: Callable[[Any], Cell],
+    /,
+) -> None:
+    """Count one row of categorical columns, each in its slots from ``firsts[j]`` on."""
 
 class NumericKernel:
     """The slot amounts of a block of numeric columns (see ``_recorders.NumericBlock``)."""

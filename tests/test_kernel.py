@@ -144,6 +144,10 @@ def record_everything(profile: ReferenceProfile, directory: Path | None) -> dict
             {"MonthlyCharges": "n/a", "delta": True, "Contract": None},
             {"MonthlyCharges": object(), "Contract": "Two year"},  # delta absent
             {"MonthlyCharges": np.float64(7.25), "delta": np.int64(-4)},
+            {"Contract": np.str_("One year")},  # a str subclass: found by its text
+            {"Contract": math.nan},
+            {"Contract": 7},
+            {"Contract": ["a list"]},
         ]
         rows += [dict(zip(columns, r, strict=True)) for r in zip(*columns.values(), strict=True)]
         for i, row in enumerate(rows):

@@ -1287,20 +1287,25 @@ NumericKernel_amounts(NumericKernel *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* row.get(name): a new reference, NULL when absent (or with an error set). */
+static PyObject *
+row_get(PyObject *row, PyObject *name)
+{
+    if (PyDict_Check(row)) {
+        return Py_XNewRef(PyDict_GetItemWithError(row, name));
+    }
+    PyObject *item = PyObject_GetItem(row, name);
+    if (item == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+        PyErr_Clear();
+    }
+    return item;
+}
+
 /* row.get(name) as a float, as _inputs.to_float reads it: anything not a number is NaN. */
 static int
 row_value(PyObject *row, PyObject *name, double *value)
 {
-    PyObject *item;
-    if (PyDict_Check(row)) {
-        item = Py_XNewRef(PyDict_GetItemWithError(row, name));
-    }
-    else {
-        item = PyObject_GetItem(row, name);
-        if (item == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
-            PyErr_Clear();
-        }
-    }
+    PyObject *item = row_get(row, name);
     if (item == NULL) {
         *value = Py_NAN;
         return PyErr_Occurred() ? -1 : 0;
@@ -1426,16 +1431,7 @@ static PyTypeObject NumericKernelType = {
 static Py_ssize_t
 category_code(PyObject *row, PyObject *name, PyObject *vocabulary, PyObject *code)
 {
-    PyObject *item;
-    if (PyDict_Check(row)) {
-        item = Py_XNewRef(PyDict_GetItemWithError(row, name));
-    }
-    else {
-        item = PyObject_GetItem(row, name);
-        if (item == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
-            PyErr_Clear();
-        }
-    }
+    PyObject *item = row_get(row, name);
     if (item == NULL && PyErr_Occurred()) {
         return -1;
     }

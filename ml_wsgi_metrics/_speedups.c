@@ -22,7 +22,7 @@
 #include <time.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define KERNEL_AVX2 /* the numeric kernel's AVX2 code, used when the CPU has it */
+#define KERNEL_X86_64 /* the numeric kernel in SSE2, and in AVX2 when the CPU has it */
 #endif
 
 /* Set by configure(): the Python side this record works with. */
@@ -813,37 +813,49 @@ column_sums(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_
     return infinite;
 }
 
-#ifdef KERNEL_AVX2
+#ifdef KERNEL_X86_64
 static int has_avx2; /* set when the module is initialised */
 
-__attribute__((target("avx2"))) static Py_ssize_t
-count_above_avx2(const double *values, Py_ssize_t rows, double edge)
+/* count_above() of up to four edges in one pass (missing ones: +inf, above which is none). */
+__attribute__((target("avx2"))) static void
+count_above_four(const double *values, Py_ssize_t rows, const double *edges, Py_ssize_t count,
+                 Py_ssize_t *above)
 {
-    __m256i above = _mm256_setzero_si256();
-    __m256d bound = _mm256_set1_pd(edge);
-    Py_ssize_t i = 0, total = 0;
+    double bound[4];
+    for (int t = 0; t < 4; t++) {
+        bound[t] = t < count ? edges[t] : Py_HUGE_VAL;
+    }
+    __m256d e0 = _mm256_set1_pd(bound[0]), e1 = _mm256_set1_pd(bound[1]);
+    __m256d e2 = _mm256_set1_pd(bound[2]), e3 = _mm256_set1_pd(bound[3]);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    Py_ssize_t i = 0;
     for (; i + 4 <= rows; i += 4) { /* a true comparison is -1 in its lane */
-        __m256d greater = _mm256_cmp_pd(_mm256_loadu_pd(values + i), bound, _CMP_GT_OQ);
-        above = _mm256_sub_epi64(above, _mm256_castpd_si256(greater));
+        __m256d x = _mm256_loadu_pd(values + i);
+        a0 = _mm256_sub_epi64(a0, _mm256_castpd_si256(_mm256_cmp_pd(x, e0, _CMP_GT_OQ)));
+        a1 = _mm256_sub_epi64(a1, _mm256_castpd_si256(_mm256_cmp_pd(x, e1, _CMP_GT_OQ)));
+        a2 = _mm256_sub_epi64(a2, _mm256_castpd_si256(_mm256_cmp_pd(x, e2, _CMP_GT_OQ)));
+        a3 = _mm256_sub_epi64(a3, _mm256_castpd_si256(_mm256_cmp_pd(x, e3, _CMP_GT_OQ)));
     }
-    long long lanes[4];
-    _mm256_storeu_si256((__m256i *)lanes, above);
-    for (; i < rows; i++) {
-        total += values[i] > edge;
+    long long lanes[4][4];
+    _mm256_storeu_si256((__m256i *)lanes[0], a0);
+    _mm256_storeu_si256((__m256i *)lanes[1], a1);
+    _mm256_storeu_si256((__m256i *)lanes[2], a2);
+    _mm256_storeu_si256((__m256i *)lanes[3], a3);
+    for (Py_ssize_t t = 0; t < count && t < 4; t++) {
+        above[t] = (Py_ssize_t)(lanes[t][0] + lanes[t][1] + lanes[t][2] + lanes[t][3]);
+        for (Py_ssize_t k = i; k < rows; k++) {
+            above[t] += values[k] > bound[t];
+        }
     }
-    return total + (Py_ssize_t)(lanes[0] + lanes[1] + lanes[2] + lanes[3]);
 }
 #endif
 
 /* How many values are above `edge` (NaN never is). */
 static Py_ssize_t
-count_above(const double *values, Py_ssize_t rows, double edge)
+count_above_one(const double *values, Py_ssize_t rows, double edge)
 {
     Py_ssize_t i = 0, total = 0;
-#ifdef KERNEL_AVX2
-    if (has_avx2) {
-        return count_above_avx2(values, rows, edge);
-    }
+#ifdef KERNEL_X86_64
     __m128i above = _mm_setzero_si128();
     __m128d bound = _mm_set1_pd(edge);
     for (; i + 2 <= rows; i += 2) {
@@ -860,6 +872,24 @@ count_above(const double *values, Py_ssize_t rows, double edge)
     return total;
 }
 
+/* above[t]: how many values are above edges[t], for each of `count` edges. */
+static void
+count_above(const double *values, Py_ssize_t rows, const double *edges, Py_ssize_t count,
+            Py_ssize_t *above)
+{
+#ifdef KERNEL_X86_64
+    if (has_avx2) {
+        for (Py_ssize_t t = 0; t < count; t += 4) {
+            count_above_four(values, rows, edges + t, count - t, above + t);
+        }
+        return;
+    }
+#endif
+    for (Py_ssize_t t = 0; t < count; t++) {
+        above[t] = count_above_one(values, rows, edges[t]);
+    }
+}
+
 /* Column j's bins: by comparisons with each edge when there are few (a pass per edge, no
  * branch), else by bisection. `finite` and `infinite` count its finite and +inf values. */
 static void
@@ -869,9 +899,11 @@ column_bins(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_
     const double *edges = kernel->edges + kernel->offsets[j];
     Py_ssize_t count = kernel->offsets[j + 1] - kernel->offsets[j];
     if (count <= COMPARED_EDGES) {
+        Py_ssize_t counted[COMPARED_EDGES];
+        count_above(values, rows, edges, count, counted);
         double previous = finite; /* values in bins from b on: those above edge b - 1 */
         for (Py_ssize_t b = 0; b < count; b++) {
-            double above = (double)(count_above(values, rows, edges[b]) - infinite);
+            double above = (double)(counted[b] - infinite);
             if (!isfinite(edges[b])) { /* +inf: none above; -inf: all finite ones */
                 above = edges[b] > 0 ? 0.0 : previous;
             }
@@ -891,7 +923,7 @@ column_bins(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_
     }
 }
 
-#ifdef KERNEL_AVX2
+#ifdef KERNEL_X86_64
 /* column_sums() of columns j to j + 3 at once, a column per lane (each sum still in row order);
  * `matrix` points at column j's first value. */
 __attribute__((target("avx2"))) static void
@@ -957,7 +989,7 @@ block_amounts(const NumericKernel *kernel, const char *matrix, Py_ssize_t rows,
               Py_ssize_t *infinite, double *out)
 {
     Py_ssize_t summed = 0; /* columns whose sums are done */
-#ifdef KERNEL_AVX2
+#ifdef KERNEL_X86_64
     for (; has_avx2 && summed + 4 <= kernel->columns; summed += 4) {
         four_column_sums(kernel, summed, matrix + summed * column_stride, rows, row_stride,
                          column_stride, out, infinite);
@@ -1425,6 +1457,24 @@ static PyTypeObject NumericKernelType = {
     .tp_members = NumericKernel_members,
 };
 
+/* use_avx2(enabled): the kernel's AVX2 code on or off (on only when the CPU has it); returns
+ * whether it was on. For tests of the code every CPU runs. */
+static PyObject *
+use_avx2(PyObject *module, PyObject *enabled)
+{
+    int on = PyObject_IsTrue(enabled);
+    if (on < 0) {
+        return NULL;
+    }
+#ifdef KERNEL_X86_64
+    int was = has_avx2;
+    has_avx2 = on && __builtin_cpu_supports("avx2");
+    return PyBool_FromLong(was);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 /* -- one row's categorical columns -- */
 
 /* The code of row[name] in a vocabulary: an exact string found there, else code(value). */
@@ -1553,6 +1603,8 @@ static PyMethodDef module_methods[] = {
     {"add_categories", (PyCFunction)(void (*)(void))add_categories, METH_FASTCALL,
      "add_categories(row, names, vocabularies, codes, firsts, cells, values, take): count one "
      "row of categorical columns."},
+    {"use_avx2", use_avx2, METH_O,
+     "use_avx2(enabled): the kernel's AVX2 code on or off; returns whether it was on."},
     {NULL},
 };
 
@@ -1604,7 +1656,7 @@ PyInit__speedups(void)
     if (module == NULL) {
         return NULL;
     }
-#ifdef KERNEL_AVX2
+#ifdef KERNEL_X86_64
     __builtin_cpu_init();
     has_avx2 = __builtin_cpu_supports("avx2");
 #endif

@@ -3,7 +3,7 @@
 The request record (``configure``, ``TimedResponse``): what its C code reads from the Python
 side by name is listed in the docstring of :mod:`ml_wsgi_metrics._response`;
 ``tests/test_speedups.py`` checks both against the C source. The model signals' kernel
-(``NumericKernel``, ``add_amounts``, ``add_categories``) reads no name: see
+(``NumericKernel``, ``add_amounts``, ``add_categories``, ``use_avx2``) reads no name: see
 :mod:`ml_wsgi_metrics._recorders` and :class:`ml_wsgi_metrics._series.SlotCells`.
 """
 
@@ -82,6 +82,9 @@ def add_categories(
     /,
 ) -> None:
     """Count one row of categorical columns, each in its slots from ``firsts[j]`` on."""
+
+def use_avx2(enabled: bool, /) -> bool:
+    """The kernel's AVX2 code on or off (on only when the CPU has it); whether it was on."""
 
 class NumericKernel:
     """The slot amounts of a block of numeric columns (see ``_recorders.NumericBlock``)."""

@@ -7,7 +7,7 @@ import ast
 import json
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ LAYOUTS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+@pytest.fixture(params=["avx2", "sse2"])
+def simd(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The kernel with its AVX2 code (where the CPU has it), then with the code every CPU runs."""
+    speedups = require_speedups()
+    was = speedups.use_avx2(request.param == "avx2")
+    yield str(request.param)
+    speedups.use_avx2(was)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize(
     ("rows", "edge_counts"),
@@ -79,7 +88,7 @@ LAYOUTS: dict[str, Callable[[Any], Any]] = {
     ],
 )
 def test_the_kernel_writes_numpys_numbers_to_the_bit(
-    layout: str, rows: int, edge_counts: list[int]
+    simd: str, layout: str, rows: int, edge_counts: list[int]
 ) -> None:
     speedups = require_speedups()
     rng = np.random.default_rng(rows + len(edge_counts))

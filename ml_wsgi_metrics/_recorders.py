@@ -289,10 +289,10 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
         updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
-    class_amounts, codes = _class_amounts(model, class_values, rows)
-    updates.append((model.class_incs, class_amounts))
+    counted = _class_amounts(model, class_values, rows)
+    updates.append((model.class_incs, counted.amounts))
     if score_values is not None:
-        expected = model.expected.amount(score_values, class_values, codes)
+        expected = model.expected.amount(score_values, class_values, counted.codes, counted.matches)
         updates.append(([model.expected.inc], np.array([expected])))
     apply_updates(updates)
     return Batch(rows, class_values, score_values)
@@ -307,30 +307,41 @@ def _class_values(classes: Any) -> Any:
     return [values] if is_scalar(values) else list(values)
 
 
-def _class_amounts(
-    model: CompiledModel, values: Any, rows: int
-) -> tuple[FloatArray, dict[Any, int]]:
-    """Predictions per class slot, and the slot of each distinct class given (``{}`` when
-    none is); an array of strings is compared with each profile class, then only the rest is
-    counted by hashing."""
-    amounts = np.zeros(len(model.classes))
-    codes: dict[Any, int] = {}
+class ClassAmounts(NamedTuple):
+    """Predictions per class slot, the slot of each distinct class given (``{}`` when none
+    is), and the rows of each profile class an array of strings was compared with."""
+
+    amounts: FloatArray
+    codes: dict[Any, int]
+    matches: dict[Any, npt.NDArray[np.bool_]]
+
+
+def _class_amounts(model: CompiledModel, values: Any, rows: int) -> ClassAmounts:
+    """Count the predicted classes: an array of strings is compared with each profile class
+    (until every row is counted), then only the rest is counted by hashing."""
+    counted = ClassAmounts(np.zeros(len(model.classes)), {}, {})
     if values is None:
-        amounts[model.class_codes[NO_CLASS]] = rows
-        return amounts, codes
+        counted.amounts[model.class_codes[NO_CLASS]] = rows
+        return counted
     if isinstance(values, np.ndarray):
-        rest = np.ones(rows, dtype=bool)
+        found = 0
         for code, label in enumerate(model.profile.classes or ()):
+            if found == rows:
+                break
             match = values == label
-            amounts[code] = np.count_nonzero(match)
-            if amounts[code]:
-                codes[label] = code
-            rest &= ~match
-        values = values[rest].tolist() if amounts.sum() < rows else []
+            count = int(np.count_nonzero(match))
+            if count:
+                counted.amounts[code], counted.codes[label] = count, code
+                counted.matches[label] = match
+                found += count
+        if found < rows:
+            rest = list(counted.matches.values())
+            values = values[~np.logical_or.reduce(rest, axis=0)] if rest else values
+        values = values.tolist() if found < rows else []
     for label, count in Counter(values).items():
-        codes[label] = code = model.class_code(label)
-        amounts[code] += count
-    return amounts, codes
+        counted.codes[label] = code = model.class_code(label)
+        counted.amounts[code] += count
+    return counted
 
 
 def _input_updates(

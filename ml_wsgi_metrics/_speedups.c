@@ -731,7 +731,7 @@ static PyTypeObject RecordType = {
  * [categories..., unseen, missing], each value where code(value) puts it (the single-row
  * rule, CategoricalSeries.code), without hashing each value: pandas and JSON hand over a fresh
  * str object per row, and hashing it costs more than comparing it. An exact str is looked up
- * in a small table keyed by its length and three of its characters, then compared with the
+ * in a small table keyed by its length, kind and last character, then compared with the
  * candidates by identity, or by length, kind and bytes (str equality: compact strings of equal
  * text have equal kind and bytes). None and float NaN are missing; any other value (str
  * subclasses, numbers, bytes, pandas' NA...) goes to code(value). The values are a list, a
@@ -776,8 +776,8 @@ ready_text(PyObject *text)
 #endif
 }
 
-/* Whether two runs of ``size`` bytes are equal: memcmp, inlined for the short texts of
- * categories (a call to memcmp per row costs a third of the count). */
+/* Whether two runs of ``size`` bytes are equal: memcmp, inlined (a library call per row
+ * for texts of a few bytes). */
 static inline int
 same_bytes(const char *a, const char *b, size_t size)
 {
@@ -894,7 +894,8 @@ count_objects(SlotCounts *table, const Py_buffer *view)
 {
     const char *item = view->buf;
     for (Py_ssize_t i = 0; i < view->shape[0]; i++, item += view->strides[0]) {
-        if (count_value(table, *(PyObject *const *)item) < 0) {
+        PyObject *value = *(PyObject *const *)item;
+        if (count_value(table, value == NULL ? Py_None : value) < 0) { /* NULL: numpy's None */
             return -1;
         }
     }

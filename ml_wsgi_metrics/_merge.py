@@ -143,7 +143,7 @@ def _form(encoder: Encoder) -> str:
 class Merger:
     """Merges one directory's slot files; one per directory and process (:func:`merger_for`)."""
 
-    def __init__(self, directory: str, names: Any) -> None:
+    def __init__(self, directory: str, names: Any, *, share_files: bool = True) -> None:
         self.directory = directory
         self._files = IndexCache(directory, names)
         self._layout: Layout | None = None
@@ -152,7 +152,7 @@ class Merger:
         self._lock = threading.Lock()  # files, layout, renderings
         self._flight_lock = threading.Lock()
         self._flight: _Flight | None = None
-        self._shared = ScrapeCache(directory)
+        self._shared = ScrapeCache(directory, files=share_files)
         self.merges = 0  # merges run so far
         self.waiting = 0  # scrapes waiting now for a merge in flight
 
@@ -263,12 +263,14 @@ class _Mergers:
     lock = threading.Lock()
 
 
-def merger_for(directory: str, names: Any) -> Merger:
-    """This process's merger of ``directory`` (``names``: the pattern of file names read)."""
+def merger_for(directory: str, names: Any, *, share_files: bool = True) -> Merger:
+    """This process's merger of ``directory`` (``names``: the pattern of file names read;
+    ``share_files``: share merges with other processes through files of the directory)."""
     with _Mergers.lock:
         merger = _Mergers.by_directory.get(directory)
         if merger is None:
-            merger = _Mergers.by_directory[directory] = Merger(directory, names)
+            merger = Merger(directory, names, share_files=share_files)
+            _Mergers.by_directory[directory] = merger
         return merger
 
 

@@ -13,7 +13,9 @@ two merges: the one running when they arrive, and the one they share.
 
 A file is opened without following a symlink, as this user's regular file, mode 0600; a file
 that cannot be used is reported and the scrape merges on its own. The files are removed with
-the slot files when the directory is cleared at start.
+the slot files when the directory is cleared at start. A directory of prometheus_client's own
+files (no slots: ``PROMETHEUS_MULTIPROC_DIR`` alone) gets none: scrapes are shared by the
+threads of a process only.
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ def arrival() -> int:
 
 
 class ScrapeCache:
-    """The directory's shared texts; one per merger (and so per process)."""
+    """The directory's shared texts; one per merger (and so per process). With ``files``
+    false (a directory of prometheus_client's own files, not this package's), texts are shared
+    by the threads of this process only, and nothing is written to the directory."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, files: bool = True) -> None:
         self.directory = directory
+        self.files = files
         self._lock = threading.Lock()  # one thread of this process at the files at a time
         self._queue_lock = threading.Lock()
         self._queued = 0  # threads of this process waiting for ``_lock``
@@ -80,6 +85,8 @@ class ScrapeCache:
             if began >= arrived:
                 self.served += 1
                 return self._keep(form, began, text)
+            if not self.files:
+                return self._keep(form, *merge())
             try:
                 fd, waiting = self._open(_name(form)), self._open(WAITING)
                 fcntl.flock(waiting, fcntl.LOCK_SH)  # says "a scrape waits" to the holder

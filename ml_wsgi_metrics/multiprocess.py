@@ -170,7 +170,8 @@ class SlotFilesCollector:
         _errors.export_kept()
         from ._merge import merger_for  # numpy: loaded at the first scrape, not at import
 
-        return merger_for(self._directory, SLOT_FILE).families()
+        ours = active_directory() is not None  # slot files, not prometheus_client's
+        return merger_for(self._directory, SLOT_FILE, share_files=ours).families()
 
 
 def activate(directory: str | os.PathLike[str] | None = None) -> str:

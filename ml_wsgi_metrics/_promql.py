@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
+    "LOOKBACK",
     "MODEL",
     "Names",
     "Rule",
     "Selector",
     "alerting_rule",
     "alternation",
+    "duration",
+    "duration_ms",
+    "exact_increase",
     "increase",
     "label_list",
     "max_by",
@@ -47,6 +52,13 @@ __all__ = [
 
 #: The labels that identify one model version on every model series.
 MODEL = ("model", "version")
+#: Prometheus' default ``--query.lookback-delta``: how long before a window's start an instant
+#: selector (``x offset 1h``) still finds a series' last sample.
+LOOKBACK = "5m"
+
+_UNITS = {"y": 31_536_000_000, "w": 604_800_000, "d": 86_400_000, "h": 3_600_000}
+_UNITS |= {"m": 60_000, "s": 1_000, "ms": 1}
+_PART = re.compile(r"(\d+)(ms|[smhdwy])")
 
 _REGEX_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")
 
@@ -64,6 +76,21 @@ def alternation(values: Iterable[str]) -> str:
 def number(value: float) -> str:
     """A float literal that reads back as the same float."""
     return repr(float(value))
+
+
+def duration_ms(duration: str) -> int:
+    """A Prometheus duration (``1h30m``) in milliseconds."""
+    return sum(int(n) * _UNITS[unit] for n, unit in _PART.findall(duration))
+
+
+def duration(ms: int) -> str:
+    """Milliseconds as Prometheus writes a duration: ``3_900_000`` is ``1h5m``."""
+    parts = []
+    for unit, size in _UNITS.items():
+        if ms >= size:
+            parts.append(f"{ms // size}{unit}")
+            ms %= size
+    return "".join(parts) or "0s"
 
 
 class Selector:
@@ -157,6 +184,9 @@ def label_list(names: Sequence[str]) -> str:
 
 
 def sum_by(by: Sequence[str], expr: str) -> str:
+    """``sum by (by) (expr)``; an ``expr`` of several lines goes indented on its own lines."""
+    if "\n" in expr:
+        return f"sum by ({label_list(by)}) (\n{textwrap.indent(expr, '  ')}\n)"
     return f"sum by ({label_list(by)}) ({expr})"
 
 
@@ -171,6 +201,27 @@ def on(by: Sequence[str]) -> str:
 
 def increase(selector: Selector, name: str, window: str) -> str:
     return f"increase({selector.range(name, window)})"
+
+
+def exact_increase(selector: Selector, name: str, window: str) -> str:
+    """Each series' increase over ``window``, not extrapolated: its last sample in the window
+    less its baseline (its last sample at the window's start, within :data:`LOOKBACK`), or its
+    last sample whole when it has no baseline (a series born in the window counts from zero).
+    A series that went down over the window or the lookback before it (a counter reset) takes
+    ``increase()``, Prometheus' estimate, as no PromQL function gives the exact figure then.
+
+    Summed over hosts scraped at different moments, these are the counts between each host's
+    baseline and last scrape, where ``increase()`` scales each host's count by a factor of its
+    own scrape phase.
+    """
+    last = f"last_over_time({selector.range(name, window)})"
+    baseline = f"{selector.series(name)} offset {window}"
+    widened = duration(duration_ms(window) + duration_ms(LOOKBACK))
+    return (
+        f"(\n  {last} - {baseline}\n  or {last}\n)\n"
+        f"unless resets({selector.range(name, widened)}) > 0\n"
+        f"or {increase(selector, name, window)}"
+    )
 
 
 def rate(selector: Selector, name: str, window: str) -> str:

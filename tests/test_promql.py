@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from test_rules import PROMTOOL, run_promtool_tests
 
 from ml_wsgi_metrics._promql import (
+    LOOKBACK,
     MODEL,
     Names,
     Selector,
+    duration,
+    duration_ms,
+    exact_increase,
     increase,
     model_selector,
     on,
@@ -83,3 +90,68 @@ def test_names(namespace: str, metric: str, record: str) -> None:
     names = Names(namespace)
     assert names.metric("model_predictions_total") == metric
     assert names.record("psi") == record
+
+
+def test_exact_increase_text() -> None:
+    """Baseline first, then the series born in the window; a reset anywhere from the
+    lookback before the window to its end hands the series to ``increase()``."""
+    assert duration(duration_ms("1h") + duration_ms(LOOKBACK)) == "1h5m"
+    assert [duration(duration_ms(d)) for d in ("90m", "1d2h", "1500ms", "2w")] == [
+        "1h30m",
+        "1d2h",
+        "1s500ms",
+        "2w",
+    ]
+    assert exact_increase(Selector(k="a"), "x_total", "30m") == (
+        "(\n"
+        '  last_over_time(x_total{k="a"}[30m]) - x_total{k="a"} offset 30m\n'
+        '  or last_over_time(x_total{k="a"}[30m])\n'
+        ")\n"
+        'unless resets(x_total{k="a"}[35m]) > 0\n'
+        'or increase(x_total{k="a"}[30m])'
+    )
+
+
+#: One series per case, sampled every minute; ``exact_increase`` over 10 m at 30m30s: the
+#: window holds minutes 21-30, each series' baseline is its last sample by 20m30s (minute 20).
+EXACT_CASES = {
+    # case: (input series, the exact increase; None: absent, or increase()'s on a reset)
+    "at-the-start": ("100+1x30", 10.0),  # 130 - 120; increase() gives 10 too (aligned)
+    "born-in-window": ("_x22 7+2x8", 23.0),  # 7..23 from zero; increase() gives 18
+    "stale-in-window": ("0+1x24 stale", 4.0),  # 24 - 20: the last sample before it went stale
+    "no-sample-in-window": ("0+1x15", None),  # absent: no increase to add
+    "absent-at-the-start": ("0+1x10 _x11 15+1x8", 23.0),  # no baseline within 5m: counted whole
+    "reset-in-window": ("0+10x25 3+1x5", None),  # increase()
+    "reset-before-the-window": ("50+1x20 1+1x10", None),  # 70 -> 1 between baseline and window
+}
+
+
+@pytest.mark.requires_tool(PROMTOOL)
+def test_exact_increase_on_promtool(tmp_path: Path) -> None:
+    """What Prometheus (promtool's engine) makes of each case of :data:`EXACT_CASES`: exact
+    values where the expression claims them, ``increase()``'s own value on a reset (never a
+    negative or a partial count), nothing for a series with no sample in the window."""
+    exact = sum_by(("case",), exact_increase(Selector(), "c", "10m"))
+    estimated = ("reset-in-window", "reset-before-the-window")
+    expected = [
+        {"labels": f'{{case="{case}"}}', "value": value}
+        for case, (_, value) in EXACT_CASES.items()
+        if value is not None
+    ]
+    resets = f'c{{case=~"{"|".join(estimated)}"}}'
+    test = {
+        "interval": "1m",
+        "input_series": [
+            {"series": f'c{{case="{case}"}}', "values": values}
+            for case, (values, _) in EXACT_CASES.items()
+        ],
+        "promql_expr_test": [
+            {"expr": f"{exact} unless {resets}", "eval_time": "30m30s", "exp_samples": expected},
+            {
+                "expr": f"{exact} - sum by (case) (increase({resets}[10m]))",
+                "eval_time": "30m30s",
+                "exp_samples": [{"labels": f'{{case="{case}"}}', "value": 0} for case in estimated],
+            },
+        ],
+    }
+    run_promtool_tests(tmp_path, {"groups": []}, [test])

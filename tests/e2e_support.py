@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,7 @@ __all__ = [
     "psi",
     "publish",
     "range_samples",
+    "rules_increase",
     "running",
     "score_batches",
     "serve_version",
@@ -497,6 +499,25 @@ def decode_png(data: bytes) -> Image:
         rows[y] = previous = row
     pixels = rows.reshape(height, width, channels)[:, :, :3]
     return Image(width, height, pixels)
+
+
+def rules_increase(
+    samples: Sequence[tuple[int, float]], start: int, end: int, lookback: int = 300_000
+) -> float | None:
+    """What the rules' increase (:func:`ml_wsgi_metrics._promql.exact_increase`) gives for
+    one counter's raw ``(ms, value)`` samples (from ``lookback`` before ``start`` on) over the
+    window ``[start, end]``: ``None`` with no sample in the window; :func:`prometheus_increase`
+    when the counter went down from ``start - lookback`` on; else its last sample less its
+    last one before the window (within ``lookback``; 0 without one). Staleness markers, which
+    range queries do not return, are not modelled."""
+    window = [(t, v) for t, v in samples if start <= t <= end]
+    if not window:
+        return None
+    widened = [v for t, v in samples if start - lookback <= t <= end]
+    if any(later < earlier for earlier, later in itertools.pairwise(widened)):
+        return prometheus_increase(window, start, end)
+    before = [v for t, v in samples if start - lookback < t <= start]
+    return window[-1][1] - (before[-1] if before else 0.0)
 
 
 def prometheus_increase(samples: Sequence[tuple[int, float]], start: int, end: int) -> float:

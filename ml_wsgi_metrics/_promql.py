@@ -204,22 +204,25 @@ def increase(selector: Selector, name: str, window: str) -> str:
 
 
 def exact_increase(selector: Selector, name: str, window: str) -> str:
-    """Each series' increase over ``window``, not extrapolated: its last sample in the window
-    less its baseline (its last sample at the window's start, within :data:`LOOKBACK`), or its
-    last sample whole when it has no baseline (a series born in the window counts from zero).
-    A series that went down over the window or the lookback before it (a counter reset) takes
-    ``increase()``, Prometheus' estimate, as no PromQL function gives the exact figure then.
+    """Each counter's increase over ``window``, not extrapolated: its last sample in the
+    window less its baseline, its last sample at the window's start (found within
+    :data:`LOOKBACK`; 0 without one: a series born in the window counts from zero). A counter
+    that went down once in the window (a restart) and stays below its value before adds that
+    value (its largest); one that went down otherwise (twice, between its baseline and the
+    window, or back above its old value) takes ``increase()``, Prometheus' estimate.
 
     Summed over hosts scraped at different moments, these are the counts between each host's
     baseline and last scrape, where ``increase()`` scales each host's count by a factor of its
     own scrape phase.
     """
-    last = f"last_over_time({selector.range(name, window)})"
-    baseline = f"{selector.series(name)} offset {window}"
-    widened = duration(duration_ms(window) + duration_ms(LOOKBACK))
+    within = selector.range(name, window)
+    widened = selector.range(name, duration(duration_ms(window) + duration_ms(LOOKBACK)))
+    last = f"last_over_time({within})"
+    baseline = f"({selector.series(name)} offset {window} or 0 * {last})"
     return (
-        f"(\n  {last} - {baseline}\n  or {last}\n)\n"
-        f"unless resets({selector.range(name, widened)}) > 0\n"
+        f"{last} - {baseline}\nunless resets({widened}) > 0\n"
+        f"or (max_over_time({within}) > {last}) + {last} - {baseline}\n"
+        f"  and resets({widened}) == 1 and resets({within}) == 1\n"
         f"or {increase(selector, name, window)}"
     )
 

@@ -52,8 +52,8 @@ __all__ = [
 
 #: The labels that identify one model version on every model series.
 MODEL = ("model", "version")
-#: Prometheus' default ``--query.lookback-delta``: how long before a window's start an instant
-#: selector (``x offset 1h``) still finds a series' last sample.
+#: Prometheus' default ``--query.lookback-delta``, how long before a window's start the rules
+#: look for a series' last sample (a series absent longer is new to them).
 LOOKBACK = "5m"
 
 _UNITS = {"y": 31_536_000_000, "w": 604_800_000, "d": 86_400_000, "h": 3_600_000}
@@ -206,7 +206,8 @@ def increase(selector: Selector, name: str, window: str) -> str:
 def exact_increase(selector: Selector, name: str, window: str) -> str:
     """Each counter's increase over ``window``, not extrapolated: its last sample in the
     window less its baseline, its last sample at the window's start (found within
-    :data:`LOOKBACK`; 0 without one: a series born in the window counts from zero). A counter
+    :data:`LOOKBACK`, through a staleness marker, as a failed scrape writes one; 0 without
+    one: a series born in the window counts from zero). A counter
     that went down once in the window (a restart) and stays below its value before adds that
     value (its largest); one that went down otherwise (twice, between its baseline and the
     window, or back above its old value) takes ``increase()``, Prometheus' estimate.
@@ -218,7 +219,8 @@ def exact_increase(selector: Selector, name: str, window: str) -> str:
     within = selector.range(name, window)
     widened = selector.range(name, duration(duration_ms(window) + duration_ms(LOOKBACK)))
     last = f"last_over_time({within})"
-    baseline = f"({selector.series(name)} offset {window} or 0 * {last})"
+    start = f"last_over_time({selector.range(name, LOOKBACK)} offset {window})"
+    baseline = f"({start} or 0 * {last})"
     return (
         f"{last} - {baseline}\nunless resets({widened}) > 0\n"
         f"or (max_over_time({within}) > {last}) + {last} - {baseline}\n"

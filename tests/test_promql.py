@@ -105,7 +105,7 @@ def test_exact_increase_text() -> None:
     ]
     last, base = (
         'last_over_time(x{k="a"}[30m])',
-        '(x{k="a"} offset 30m or 0 * last_over_time(x{k="a"}[30m]))',
+        '(last_over_time(x{k="a"}[5m] offset 30m) or 0 * last_over_time(x{k="a"}[30m]))',
     )
     assert exact_increase(Selector(k="a"), "x", "30m") == (
         f"{last} - {base}\n"
@@ -123,6 +123,7 @@ EXACT_CASES = {
     "at-the-start": ("100+1x30", 10.0),  # 130 - 120; increase() gives 10 too (aligned)
     "born-in-window": ("_x22 7+2x8", 23.0),  # 7..23 from zero; increase() gives 18
     "stale-in-window": ("0+1x24 stale", 4.0),  # 24 - 20: the last sample before it went stale
+    "stale-at-the-start": ("0+1x19 stale 21+1x10", 11.0),  # 30 - 19: a failed scrape at 20
     "no-sample-in-window": ("0+1x15", None),  # absent: no increase to add
     "absent-at-the-start": ("0+1x10 _x11 15+1x8", 23.0),  # no baseline within 5m: counted whole
     "reset-in-window": ("0+10x25 3+1x5", 57.0),  # 250 - 200, then 3..7 from zero

@@ -36,7 +36,7 @@ from typing import Any
 import prometheus_client.values
 from prometheus_client.multiprocess import mark_process_dead
 
-from . import _errors, _retired
+from . import _errors, _retired, _scrape_cache
 from ._slotfile import IDENTIFIER, MODEL_FILES, SLOT_FILE, CorruptFile, readable_file
 from ._slots import (
     RETRY_SECONDS,
@@ -269,5 +269,6 @@ def clear_directory() -> None:
             for path in slot_files(State.directory):
                 remove_file(path)
             _retired.remove(State.directory)
+            _scrape_cache.remove(State.directory)
         for value in State.values:
             value._open()

@@ -522,8 +522,8 @@ def test_fleet_psi_from_the_central_rules_equals_the_pooled_rows(
             worst = max(worst, error)
     print(
         f"\nfleet PSI of version {version}, different rows on each host: {len(evaluations)} "
-        f"evaluations, largest relative error {worst:.1e}; {skipped} evaluated between two "
-        "requests of a scrape"
+        f"evaluations, largest relative error {worst:.1e}; {skipped} saw part of a host's "
+        "last scrape"
     )
 
 

@@ -427,7 +427,8 @@ SCRAPE_SERIES = 5
 
 def test_every_host_writes_its_own_series_to_the_central_server(scenario: Scenario) -> None:
     """Each host's agent writes exactly its instance's series (and the scrape's own) under
-    its ``host`` label; prints the central server's series count for the three hosts."""
+    its ``host`` label; prints the central server's series count for the three hosts, and
+    how long its rules took to evaluate."""
     central = scenario.fleet.central
     expected = {
         (f"host-{i}",): float(len(parse_samples(http_request(s.url + "/metrics")[1].decode())))
@@ -438,10 +439,13 @@ def test_every_host_writes_its_own_series_to_the_central_server(scenario: Scenar
     assert central.values(written, "host") == expected
     assert central.value('count({__name__=~".+", host=""})') is not None  # the rules' output
     recorded = central.value('count({__name__=~".+", host=""})')
+    groups = central.api("rules")["groups"]
+    evaluation = sum(group["evaluationTime"] for group in groups) * 1000
     print(
         f"\ncentral series, three hosts: {sum(expected.values()):.0f} written by the agents "
         f"({', '.join(f'{n:.0f}' for n in expected.values())}), {recorded:.0f} recorded by the "
-        "rules (two model versions)"
+        f"rules (two model versions), whose {len(groups)} groups took {evaluation:.0f} ms to "
+        "evaluate last"
     )
 
 

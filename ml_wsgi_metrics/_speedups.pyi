@@ -4,9 +4,12 @@ What the C code reads from the Python side by name is listed in the docstring of
 :mod:`ml_wsgi_metrics._response`; ``tests/test_speedups.py`` checks both against the C source.
 """
 
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from ._series import RouteSeries
 from .metrics import RequestMetrics
@@ -24,6 +27,16 @@ def configure(
     /,
 ) -> None:
     """Hand the record the Python objects it works with (``_response`` calls it at import)."""
+
+def count_categories(
+    values: Sequence[Any] | npt.NDArray[np.object_],
+    categories: tuple[str, ...],
+    code: Callable[[Any], int],
+    /,
+) -> list[int]:
+    """A categorical column's counts per slot ``[categories..., unseen, missing]``, each value
+    where ``code(value)`` puts it (``_categories`` calls it; ``values``: a list, a tuple or a
+    1-d array of objects)."""
 
 class TimedResponse:
     """One measured request, and the iterable handed back to the server (in C)."""

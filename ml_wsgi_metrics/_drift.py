@@ -11,6 +11,7 @@ the rule file and exports the Python functions.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,7 +23,7 @@ from ._promql import (
     Rule,
     Selector,
     alerting_rule,
-    increase,
+    exact_increase,
     label_list,
     max_by,
     model_selector,
@@ -152,8 +153,9 @@ class _Distribution:
         return self.names.metric(f"model_{self.kind}_{name}")
 
     def increase(self, metric: str, selector: Selector | None = None) -> str:
-        """``sum by (...) (increase(metric{...}[window]))`` over this kind's labels."""
-        return sum_by(self.by, increase(selector or self.model, self.metric(metric), self.w))
+        """``metric``'s increase over the window, summed over this kind's labels (per series
+        first, not extrapolated: :func:`~ml_wsgi_metrics._promql.exact_increase`)."""
+        return sum_by(self.by, exact_increase(selector or self.model, self.metric(metric), self.w))
 
     def per_row(self, expr: str, gap: str = " ") -> str:
         """``expr`` divided by the rows seen in the window (absent without rows)."""
@@ -186,7 +188,9 @@ class _Distribution:
         live_clamped = f"clamp_min({model.series(live)}, {eps})"
         share_clamped = f"clamp_min({model.series(share)}, {eps})"
         return [
-            recording_rule(bins, sum_by(by_bin, increase(model, self.metric("bin_total"), w))),
+            recording_rule(
+                bins, sum_by(by_bin, exact_increase(model, self.metric("bin_total"), w))
+            ),
             recording_rule(share, max_by(by_bin, model.series(self.metric("reference_share")))),
             recording_rule(self.rows, sum_by(by, model.series(bins))),
             recording_rule(
@@ -224,10 +228,11 @@ class _Distribution:
         total, squares = self.record(f"sum:increase{w}"), self.record(f"sum_squares:increase{w}")
         mean, stddev = self.record(f"mean:{w}"), self.record(f"stddev:{w}")
         return [
-            recording_rule(
+            recording_rule(  # rows: every feature's, numeric ones with a sum of each sign
                 total,
                 f"{positive_sum}\n- {on(by)} (\n"
-                f"  {negative_sum}\n  or {on(by)} 0 * {positive_sum}\n)",
+                f"{textwrap.indent(negative_sum, '  ')}\n"
+                f"  or {on(by)} 0 * {model.series(self.rows)}\n)",
             ),
             recording_rule(squares, self.increase("sum_squares_total")),
             recording_rule(mean, self.per_row(model.series(total))),

@@ -25,6 +25,7 @@ import numpy.typing as npt
 __all__ = ["EITHER", "NEGATIVE", "POSITIVE", "ExpectedCorrect", "kinds", "mean_expected"]
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 
 #: How a row's expected correctness is read from its score ``s``: ``s``, ``1 - s``, or
 #: ``max(s, 1 - s)`` (the class a 0.5 threshold would pick).
@@ -70,31 +71,71 @@ class ExpectedCorrect:
         kind = self.kinds[code]
         self.inc(s if kind == POSITIVE else 1.0 - s if kind == NEGATIVE else max(s, 1.0 - s))
 
-    def amount(self, scores: FloatArray, classes: Any, codes: Mapping[Any, int]) -> float:
+    def amount(
+        self,
+        scores: FloatArray,
+        classes: Any,
+        codes: Mapping[Any, int],
+        matches: Mapping[Any, BoolArray] | None = None,
+    ) -> float:
         """The sum for a batch: ``classes`` as given (an array is compared without a loop over
         rows), ``codes`` the class index of each distinct label among them (``{}``: no
-        classes given)."""
+        classes given), ``matches`` the rows of labels already compared (the class count's
+        comparisons, not made twice)."""
         finite = np.isfinite(scores)
+        all_finite = np.count_nonzero(finite) == len(scores)
         clipped = np.clip(scores, 0.0, 1.0)
         present = {self.kinds[code] for code in codes.values()}
         if len(present) <= 1:
             kind = present.pop() if present else self.kinds[self.no_class]
-            if not finite.all():
-                clipped = clipped[finite]
-            return _sum(clipped, kind)
-        labels = classes if isinstance(classes, np.ndarray) else np.asarray(classes, dtype=object)
-        if present == {POSITIVE, NEGATIVE}:  # every row has a known class: one select
-            scored = np.zeros(len(scores), dtype=bool)
-            for label, code in codes.items():
-                if self.kinds[code] == POSITIVE:
-                    scored |= labels == label
-            chosen = np.where(scored, clipped, 1.0 - clipped)
-            return float(chosen.sum() if finite.all() else chosen[finite].sum())
+            return _sum(clipped if all_finite else clipped[finite], kind)
+        rows = _Rows(self.kinds, classes, codes, matches or {})
+        if present == {POSITIVE, NEGATIVE}:  # every row has a known class: two sums
+            scored = rows.of(POSITIVE)
+            if all_finite:
+                negatives = len(scores) - np.count_nonzero(scored)
+            else:
+                clipped = np.where(finite, clipped, 0.0)  # adds nothing to the sums below
+                negatives = np.count_nonzero(finite) - np.count_nonzero(scored & finite)
+            positive = float(np.dot(clipped, scored))
+            return positive + float(negatives) - (float(clipped.sum()) - positive)
         row_kinds = np.full(len(scores), EITHER)
-        for label, code in codes.items():
-            if self.kinds[code] != EITHER:
-                row_kinds[labels == label] = self.kinds[code]
+        for kind in present - {EITHER}:
+            row_kinds[rows.of(kind)] = kind
         return sum(_sum(clipped[finite & (row_kinds == k)], k) for k in present)
+
+
+class _Rows:
+    """The rows of a batch whose predicted class is of one kind."""
+
+    __slots__ = ("classes", "codes", "kinds", "matches")
+
+    def __init__(
+        self,
+        kinds: list[int],
+        classes: Any,
+        codes: Mapping[Any, int],
+        matches: Mapping[Any, BoolArray],
+    ) -> None:
+        self.kinds, self.classes, self.codes, self.matches = kinds, classes, codes, matches
+
+    def of(self, kind: int) -> BoolArray:
+        """A mask of the rows whose class is of ``kind``: each label's rows as already
+        compared, else compared now."""
+        masks = []
+        for label, code in self.codes.items():
+            if self.kinds[code] == kind:
+                match = self.matches.get(label)
+                masks.append(self._compared(label) if match is None else match)
+        if len(masks) == 1:
+            return masks[0]
+        return np.logical_or.reduce(masks, axis=0)  # type: ignore[no-any-return]
+
+    def _compared(self, label: Any) -> BoolArray:
+        if not isinstance(self.classes, np.ndarray):
+            self.classes = np.asarray(self.classes, dtype=object)
+        match: BoolArray = self.classes == label
+        return match
 
 
 def mean_expected(values: FloatArray, predicted: Any, classes: Sequence[str] | None) -> float:

@@ -21,6 +21,7 @@ __all__ = [
     "as_floats",
     "check_rows",
     "columns",
+    "frame_column",
     "is_missing",
     "is_scalar",
     "numeric_matrix",
@@ -49,7 +50,9 @@ def as_floats(values: Any, rows: int) -> FloatArray:
     to_numpy = getattr(values, "to_numpy", None)
     array: FloatArray
     try:
-        if to_numpy is not None:
+        if values.__class__ is np.ndarray and values.dtype == np.float64:
+            array = values
+        elif to_numpy is not None:
             array = to_numpy(dtype=np.float64, na_value=_NAN)
         else:
             array = np.asarray(values, dtype=np.float64)
@@ -83,8 +86,7 @@ def is_scalar(value: Any) -> bool:
 def columns(inputs: Any) -> tuple[int, Column]:
     """Row count and a column getter (``None`` for absent columns) for batch inputs."""
     if hasattr(inputs, "columns") and hasattr(inputs, "iloc"):  # a pandas DataFrame
-        present = set(inputs.columns)
-        return len(inputs), lambda name: inputs[name] if name in present else None
+        return len(inputs), frame_column(inputs)
     if isinstance(inputs, Mapping):
         scalars = [is_scalar(v) for v in inputs.values()]
         if all(scalars):  # one row, with scores or classes given as length-1 arrays
@@ -108,25 +110,46 @@ def columns(inputs: Any) -> tuple[int, Column]:
     )
 
 
-def numeric_matrix(inputs: Any, column: Column, names: list[str], rows: int) -> FloatArray:
-    """The ``(rows, len(names))`` float matrix of the named columns (absent: all NaN)."""
-    if hasattr(inputs, "reindex"):  # DataFrame: one conversion for all numeric columns
+def frame_column(frame: Any) -> Column:
+    """A DataFrame's column getter: each column as pandas stores it (an array), read through
+    pandas' private ``_get_column_array`` (a Series costs about 7 us a column), or as a Series
+    where that is missing or fails."""
+    names = frame.columns.tolist()
+    positions = {name: i for i, name in enumerate(names)}
+    stored = getattr(frame, "_get_column_array", None)
+    if stored is None or len(positions) != len(names):  # duplicate names: pandas' own choice
+        present = set(names)
+        return lambda name: frame[name] if name in present else None
+
+    def column(name: str) -> Any:
+        position = positions.get(name)
+        if position is None:
+            return None
         try:
-            if list(inputs.columns) == names:  # exactly the features: no copy of the frame
+            values = stored(position)
+        except (AttributeError, TypeError, IndexError, KeyError):
+            return frame[name]
+        return values if getattr(values, "ndim", 0) == 1 else frame[name]
+
+    return column
+
+
+def numeric_matrix(inputs: Any, column: Column, names: list[str], rows: int) -> FloatArray:
+    """The ``(rows, len(names))`` float matrix of the named columns (absent: all NaN), in
+    column-major order (each column's values contiguous)."""
+    if hasattr(inputs, "reindex"):  # DataFrame: of exactly the features, one view of them
+        try:
+            if inputs.columns.tolist() == names:
                 exact: FloatArray = inputs.to_numpy(dtype=np.float64, na_value=_NAN)
                 return exact
-            converted: FloatArray = inputs.reindex(columns=names).to_numpy(
-                dtype=np.float64, na_value=_NAN
-            )
-            return converted
         except (TypeError, ValueError):
             pass
-    matrix = np.full((rows, len(names)), _NAN)
+    by_column = np.full((len(names), rows), _NAN)  # filled a column at a time
     for j, name in enumerate(names):
         values = column(name)
         if values is not None:
-            matrix[:, j] = as_floats(values, rows)
-    return matrix
+            by_column[j] = as_floats(values, rows)
+    return by_column.T
 
 
 def check_rows(rows: int | None, count: int, what: str) -> int:

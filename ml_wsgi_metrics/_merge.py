@@ -8,8 +8,10 @@ right, gauges combine by their mode. What makes it fast: each file's keys are pa
 _merge_layout`), each sample's line prefix is formatted once (:mod:`._merge_render`); a scrape
 reads the values, combines them with a few array operations and formats what changed.
 
-Scrapes in flight at the same time share one merge: a scrape arriving while a merge runs
-waits for it and uses its result.
+Scrapes in flight at the same time share a merge, and each gets every count made before it
+arrived: a scrape arriving while a merge runs waits for it and takes the next one, which all
+the scrapes that waited share (threads of a process here; processes through
+:mod:`._scrape_cache`). So N scrapes arriving together cost at most two merges.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from prometheus_client.metrics_core import Metric
 from . import _errors, _retired
 from ._merge_layout import MIN, RECENT, SET, SUM, Layout, build, signature
 from ._merge_render import Encoder, Rendering, metric_families
+from ._scrape_cache import ScrapeCache, arrival
 from ._slot_index import IndexCache
 
 if TYPE_CHECKING:
@@ -35,12 +38,15 @@ __all__ = ["MergeResult", "Merger", "forget", "merger_for"]
 
 
 class MergeResult:
-    """One merge: the layout, the merged values, and the order of ``mostrecent`` families."""
+    """One merge: the layout, the merged values, the order of ``mostrecent`` families, and
+    when the merge began (before it listed the files: :func:`._scrape_cache.arrival`)."""
 
-    __slots__ = ("layout", "orders", "values")
+    __slots__ = ("began", "layout", "orders", "values")
 
-    def __init__(self, layout: Layout, values: FloatArray, orders: dict[int, list[int]]) -> None:
-        self.layout, self.values, self.orders = layout, values, orders
+    def __init__(
+        self, layout: Layout, values: FloatArray, orders: dict[int, list[int]], began: int
+    ) -> None:
+        self.layout, self.values, self.orders, self.began = layout, values, orders, began
 
 
 class _Flight:
@@ -58,13 +64,13 @@ class _Flight:
         return self.result
 
 
-def _combine(layout: Layout) -> MergeResult:
+def _combine(layout: Layout, began: int) -> MergeResult:
     """Read every file's values and combine them as the layout says."""
     with np.errstate(all="ignore"):  # inf - inf is NaN, as in Python, without a warning
-        return _combine_values(layout)
+        return _combine_values(layout, began)
 
 
-def _combine_values(layout: Layout) -> MergeResult:
+def _combine_values(layout: Layout, began: int) -> MergeResult:
     count = len(layout.accumulator_kinds)
     totals = np.zeros(count)
     seen = np.zeros(count, dtype=bool)
@@ -98,7 +104,7 @@ def _combine_values(layout: Layout) -> MergeResult:
         cumulated = np.cumsum(totals[accumulators], axis=1)  # left to right, as a loop adds
         merged[outputs] = cumulated
         merged[counts] = cumulated[:, -1]
-    return MergeResult(layout, merged, _recent_orders(layout, seen, first_set))
+    return MergeResult(layout, merged, _recent_orders(layout, seen, first_set), began)
 
 
 def _recent_orders(layout: Layout, seen: BoolArray, first_set: IntArray) -> dict[int, list[int]]:
@@ -126,10 +132,18 @@ def _encoder_key(encoder: Encoder) -> Hashable:
     return encoder
 
 
+def _form(encoder: Encoder) -> str:
+    """The encoder's format by name, the same in every process."""
+    if isinstance(encoder, functools.partial):
+        arguments = (encoder.args, sorted(encoder.keywords.items()))
+        return f"{encoder.func.__module__}.{encoder.func.__qualname__}{arguments!r}"
+    return f"{encoder.__module__}.{encoder.__qualname__}"
+
+
 class Merger:
     """Merges one directory's slot files; one per directory and process (:func:`merger_for`)."""
 
-    def __init__(self, directory: str, names: Any) -> None:
+    def __init__(self, directory: str, names: Any, *, share_files: bool = True) -> None:
         self.directory = directory
         self._files = IndexCache(directory, names)
         self._layout: Layout | None = None
@@ -138,23 +152,30 @@ class Merger:
         self._lock = threading.Lock()  # files, layout, renderings
         self._flight_lock = threading.Lock()
         self._flight: _Flight | None = None
+        self._shared = ScrapeCache(directory, files=share_files)
         self.merges = 0  # merges run so far
         self.waiting = 0  # scrapes waiting now for a merge in flight
 
-    def merge(self) -> MergeResult:
-        """The merged values now: a merge in flight's, else a new merge's."""
-        with self._flight_lock:
-            flight, leader = self._flight, self._flight is None
-            if flight is None:
-                flight = self._flight = _Flight()
-            else:
-                self.waiting += 1
-        if not leader:
+    def merge(self, arrived: int | None = None) -> MergeResult:
+        """The merged values of a merge begun since ``arrived`` (default: now): one in flight
+        that began since, else a new merge, which scrapes arriving meanwhile share."""
+        arrived = arrival() if arrived is None else arrived
+        while True:
+            with self._flight_lock:
+                flight, leader = self._flight, self._flight is None
+                if flight is None:
+                    flight = self._flight = _Flight()
+                else:
+                    self.waiting += 1
+            if leader:
+                break
             try:
-                return flight.wait()
+                result = flight.wait()
             finally:
                 with self._flight_lock:
                     self.waiting -= 1
+            if result.began >= arrived:
+                return result
         try:
             flight.result = self._merge_now()
         except BaseException as error:
@@ -168,6 +189,7 @@ class Merger:
 
     def _merge_now(self) -> MergeResult:
         with self._lock:
+            began = arrival()
             try:
                 files = self._files.current()
                 layout = self._layout
@@ -177,7 +199,7 @@ class Merger:
                         files = self._files.current()
                     layout = self._layout = build(files, self._files.parse.keys)
                     self._renderings.clear()
-                result = _combine(layout)
+                result = _combine(layout, began)
             finally:
                 self._files.release()
             self.merges += 1
@@ -190,8 +212,13 @@ class Merger:
 
     def text(self, encoder: Encoder) -> bytes:
         """The merged families less retired versions' samples, encoded as ``encoder`` does
-        (OpenMetrics: without ``# EOF``, which ends the whole exposition)."""
-        result = self.merge()
+        (OpenMetrics: without ``# EOF``, which ends the whole exposition), as of a merge begun
+        after this call: shared with the scrapes of other processes."""
+        arrived = arrival()
+        return self._shared.text(_form(encoder), arrived, lambda: self._text(encoder, arrived))
+
+    def _text(self, encoder: Encoder, arrived: int) -> tuple[int, bytes]:
+        result = self.merge(arrived)
         key = _encoder_key(encoder)
         with self._lock:
             rendering = self._renderings.get(key)
@@ -201,7 +228,7 @@ class Merger:
                 rendering = self._renderings[key] = Rendering(result.layout, encoder)
             rendering.hide(self._retired_samples(result.layout))
             text = rendering.render(result.values, result.orders)
-        return text.encode("utf-8")
+        return result.began, text.encode("utf-8")
 
     def _retired_samples(self, layout: Layout) -> BoolArray:
         """Which samples belong to retired model versions (the scrape filter of ``_retired``)."""
@@ -228,6 +255,7 @@ class Merger:
     def close(self) -> None:
         with self._lock:
             self._files.close()
+        self._shared.close()
 
 
 class _Mergers:
@@ -235,12 +263,14 @@ class _Mergers:
     lock = threading.Lock()
 
 
-def merger_for(directory: str, names: Any) -> Merger:
-    """This process's merger of ``directory`` (``names``: the pattern of file names read)."""
+def merger_for(directory: str, names: Any, *, share_files: bool = True) -> Merger:
+    """This process's merger of ``directory`` (``names``: the pattern of file names read;
+    ``share_files``: share merges with other processes through files of the directory)."""
     with _Mergers.lock:
         merger = _Mergers.by_directory.get(directory)
         if merger is None:
-            merger = _Mergers.by_directory[directory] = Merger(directory, names)
+            merger = Merger(directory, names, share_files=share_files)
+            _Mergers.by_directory[directory] = merger
         return merger
 
 
@@ -256,6 +286,7 @@ def _after_fork_in_child() -> None:
     """A child starts without its parent's mergers (their locks may be held by a thread)."""
     for merger in _Mergers.by_directory.values():
         merger._files.close()
+        merger._shared.drop()
     _Mergers.by_directory = {}
     _Mergers.lock = threading.Lock()
 

@@ -142,7 +142,7 @@ def _categorical_series(
     values = _bins(child, metrics.feature_bin, metrics.feature_reference_share, key, feature)
     values.append(stored_value(child(metrics.feature_missing, *key)))
     values.append(stored_value(child(metrics.feature_unseen, *key)))
-    return CategoricalSeries(feature.name, feature.categories, SlotCells(values))
+    return CategoricalSeries(feature.name, feature.categories, values)
 
 
 def _score_series(

@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
+    "LOOKBACK",
     "MODEL",
     "Names",
     "Rule",
     "Selector",
     "alerting_rule",
     "alternation",
+    "duration",
+    "duration_ms",
+    "exact_increase",
     "increase",
     "label_list",
     "max_by",
@@ -47,6 +52,13 @@ __all__ = [
 
 #: The labels that identify one model version on every model series.
 MODEL = ("model", "version")
+#: Prometheus' default ``--query.lookback-delta``, how long before a window's start the rules
+#: look for a series' last sample (a series absent longer is new to them).
+LOOKBACK = "5m"
+
+_UNITS = {"y": 31_536_000_000, "w": 604_800_000, "d": 86_400_000, "h": 3_600_000}
+_UNITS |= {"m": 60_000, "s": 1_000, "ms": 1}
+_PART = re.compile(r"(\d+)(ms|[smhdwy])")
 
 _REGEX_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")
 
@@ -64,6 +76,21 @@ def alternation(values: Iterable[str]) -> str:
 def number(value: float) -> str:
     """A float literal that reads back as the same float."""
     return repr(float(value))
+
+
+def duration_ms(duration: str) -> int:
+    """A Prometheus duration (``1h30m``) in milliseconds."""
+    return sum(int(n) * _UNITS[unit] for n, unit in _PART.findall(duration))
+
+
+def duration(ms: int) -> str:
+    """Milliseconds as Prometheus writes a duration: ``3_900_000`` is ``1h5m``."""
+    parts = []
+    for unit, size in _UNITS.items():
+        if ms >= size:
+            parts.append(f"{ms // size}{unit}")
+            ms %= size
+    return "".join(parts) or "0s"
 
 
 class Selector:
@@ -157,6 +184,9 @@ def label_list(names: Sequence[str]) -> str:
 
 
 def sum_by(by: Sequence[str], expr: str) -> str:
+    """``sum by (by) (expr)``; an ``expr`` of several lines goes indented on its own lines."""
+    if "\n" in expr:
+        return f"sum by ({label_list(by)}) (\n{textwrap.indent(expr, '  ')}\n)"
     return f"sum by ({label_list(by)}) ({expr})"
 
 
@@ -171,6 +201,32 @@ def on(by: Sequence[str]) -> str:
 
 def increase(selector: Selector, name: str, window: str) -> str:
     return f"increase({selector.range(name, window)})"
+
+
+def exact_increase(selector: Selector, name: str, window: str) -> str:
+    """Each counter's increase over ``window``, not extrapolated: its last sample in the
+    window less its baseline, its last sample at the window's start (found within
+    :data:`LOOKBACK`, through a staleness marker, as a failed scrape writes one; 0 without
+    one: a series born in the window counts from zero). A counter
+    that went down once in the window (a restart) and stays below its value before adds that
+    value (its largest); one that went down otherwise (twice, between its baseline and the
+    window, or back above its old value) takes ``increase()``, Prometheus' estimate.
+
+    Summed over hosts scraped at different moments, these are the counts between each host's
+    baseline and last scrape, where ``increase()`` scales each host's count by a factor of its
+    own scrape phase.
+    """
+    within = selector.range(name, window)
+    widened = selector.range(name, duration(duration_ms(window) + duration_ms(LOOKBACK)))
+    last = f"last_over_time({within})"
+    start = f"last_over_time({selector.range(name, LOOKBACK)} offset {window})"
+    baseline = f"({start} or 0 * {last})"
+    return (
+        f"{last} - {baseline}\nunless resets({widened}) > 0\n"
+        f"or (max_over_time({within}) > {last}) + {last} - {baseline}\n"
+        f"  and resets({widened}) == 1 and resets({within}) == 1\n"
+        f"or {increase(selector, name, window)}"
+    )
 
 
 def rate(selector: Selector, name: str, window: str) -> str:

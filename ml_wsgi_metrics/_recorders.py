@@ -2,10 +2,10 @@
 
 Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named by
 :class:`NumericSlots`, and :class:`NumericBlock` for many columns at once) and of a
-categorical one (:class:`CategoricalSeries`), the single-row path (one lock; the numeric
-features read and added in C when the extension is built) and the batch path (a block of
-numeric columns in one pass of the C kernel, else a few numpy passes; one ``Counter`` per
-categorical column; then every recorder's non-zero slots added under one lock, in bulk through
+categorical one (:class:`CategoricalSeries`), the single-row path (one lock; a row's columns
+read and counted in C when the extension is built) and the batch path (a block of numeric
+columns in one pass of the C kernel, else a few numpy passes; one count per categorical
+column; then every recorder's non-zero slots added under one lock, in bulk through
 :class:`~._series.SlotCells`). Which series a registered model has is :mod:`._model`'s job,
 reading the inputs :mod:`._inputs`'.
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
+from ._categories import count_slots
 from ._inputs import (
     FloatArray,
     check_rows,
@@ -223,16 +224,16 @@ def _row_order_sums(values: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
 class CategoricalSeries:
     """One categorical column: vocabulary codes and series."""
 
-    __slots__ = ("codes", "incs", "missing_code", "name", "slots", "unseen_code")
+    __slots__ = ("categories", "codes", "incs", "missing_code", "name", "slots", "unseen_code")
 
-    def __init__(self, name: str, categories: Sequence[str], slots: SlotCells) -> None:
-        # slots: [categories..., unseen bin, missing, unseen counter]
-        self.name = name
+    def __init__(self, name: str, categories: Sequence[str], values: Sequence[Any]) -> None:
+        # slots (their stored values): [categories..., unseen bin, missing, unseen counter]
+        self.name, self.categories = name, tuple(categories)
         self.codes = {c: i for i, c in enumerate(categories)}
         self.unseen_code = len(categories)
         self.missing_code = len(categories) + 1
-        self.slots = slots
-        self.incs = slots.adders()
+        self.slots = SlotCells(values)
+        self.incs = self.slots.adders()
 
     def code(self, value: Any) -> int:
         code = self.codes.get(value) if value.__class__ is str else None
@@ -249,17 +250,16 @@ class CategoricalSeries:
             self.incs[-1](1)
 
     def amounts(self, values: Any, rows: int) -> FloatArray:
-        """Counts per slot: the values are counted by hashing (C), then each distinct value
-        is looked up once."""
-        if len(values) != rows:
-            raise ValueError(f"expected {rows} values per column, got {len(values)}")
-        try:
-            counts = Counter(values)
-        except TypeError:  # unhashable values (lists...): counted by their text
-            counts = Counter(v if isinstance(v, Hashable) else str(v) for v in values)
+        """Counts per slot of ``rows`` values (:func:`._categories.count_slots`); ``None``:
+        the inputs lack the column, every row is missing."""
         amounts = np.zeros(len(self.incs))
-        for value, count in counts.items():
-            amounts[self.code(value)] += count
+        if values is None:
+            amounts[self.missing_code] = rows
+            return amounts
+        counts = count_slots(values, self.categories, self.code)
+        if sum(counts) != rows:
+            raise ValueError(f"expected {rows} values per column, got {sum(counts)}")
+        amounts[: len(counts)] = counts
         amounts[-1] = amounts[self.unseen_code]
         return amounts
 
@@ -357,11 +357,11 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
         updates.append((model.score_block.slots, model.score_block.amounts(score_values[:, None])))
-    class_amounts, codes = _class_amounts(model, class_values, rows)
-    updates.append((model.class_slots, class_amounts))
+    counted = _class_amounts(model, class_values, rows)
+    updates.append((model.class_slots, counted.amounts))
     expected = 0.0
     if score_values is not None:
-        expected = model.expected.amount(score_values, class_values, codes)
+        expected = model.expected.amount(score_values, class_values, counted.codes, counted.matches)
     apply_updates(updates, [(model.expected.inc, expected)] if expected else ())
     return Batch(rows, class_values, score_values)
 
@@ -375,30 +375,41 @@ def _class_values(classes: Any) -> Any:
     return [values] if is_scalar(values) else list(values)
 
 
-def _class_amounts(
-    model: CompiledModel, values: Any, rows: int
-) -> tuple[FloatArray, dict[Any, int]]:
-    """Predictions per class slot, and the slot of each distinct class given (``{}`` when
-    none is); an array of strings is compared with each profile class, then only the rest is
-    counted by hashing."""
-    amounts = np.zeros(len(model.classes))
-    codes: dict[Any, int] = {}
+class ClassAmounts(NamedTuple):
+    """Predictions per class slot, the slot of each distinct class given (``{}`` when none
+    is), and the rows of each profile class an array of strings was compared with."""
+
+    amounts: FloatArray
+    codes: dict[Any, int]
+    matches: dict[Any, npt.NDArray[np.bool_]]
+
+
+def _class_amounts(model: CompiledModel, values: Any, rows: int) -> ClassAmounts:
+    """Count the predicted classes: an array of strings is compared with each profile class
+    (until every row is counted), then only the rest is counted by hashing."""
+    counted = ClassAmounts(np.zeros(len(model.classes)), {}, {})
     if values is None:
-        amounts[model.class_codes[NO_CLASS]] = rows
-        return amounts, codes
+        counted.amounts[model.class_codes[NO_CLASS]] = rows
+        return counted
     if isinstance(values, np.ndarray):
-        rest = np.ones(rows, dtype=bool)
+        found = 0
         for code, label in enumerate(model.profile.classes or ()):
+            if found == rows:
+                break
             match = values == label
-            amounts[code] = np.count_nonzero(match)
-            if amounts[code]:
-                codes[label] = code
-            rest &= ~match
-        values = values[rest].tolist() if amounts.sum() < rows else []
+            count = int(np.count_nonzero(match))
+            if count:
+                counted.amounts[code], counted.codes[label] = count, code
+                counted.matches[label] = match
+                found += count
+        if found < rows:
+            rest = list(counted.matches.values())
+            values = values[~np.logical_or.reduce(rest, axis=0)] if rest else values
+        values = values.tolist() if found < rows else []
     for label, count in Counter(values).items():
-        codes[label] = code = model.class_code(label)
-        amounts[code] += count
-    return amounts, codes
+        counted.codes[label] = code = model.class_code(label)
+        counted.amounts[code] += count
+    return counted
 
 
 def _input_updates(
@@ -410,10 +421,5 @@ def _input_updates(
         matrix = numeric_matrix(inputs, column, model.numeric_names, rows)
         updates.append((model.block.slots, model.block.amounts(matrix)))
     for categorical in model.categorical:
-        values = column(categorical.name)
-        if values is None:
-            values = [None] * rows
-        elif hasattr(values, "to_numpy"):
-            values = values.to_numpy(dtype=object)
-        updates.append((categorical.slots, categorical.amounts(values, rows)))
+        updates.append((categorical.slots, categorical.amounts(column(categorical.name), rows)))
     return updates

@@ -19,6 +19,8 @@
 #include <structmember.h>
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 #include <time.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -1567,6 +1569,286 @@ add_categories(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* == end of model signals ================================================================== */
 
+/* -- categorical counts (model signals' batch path) --------------------------------------
+ *
+ * count_categories(values, categories, code) counts a categorical column per slot
+ * [categories..., unseen, missing], each value where code(value) puts it (the single-row
+ * rule, CategoricalSeries.code), without hashing each value: pandas and JSON hand over a fresh
+ * str object per row, and hashing it costs more than comparing it. An exact str is looked up
+ * in a small table keyed by its length, kind and last character, then compared with the
+ * candidates by identity, or by length, kind and bytes (str equality: compact strings of equal
+ * text have equal kind and bytes). None and float NaN are missing; any other value (str
+ * subclasses, numbers, bytes, pandas' NA...) goes to code(value). The values are a list, a
+ * tuple, or an array of objects read through the buffer protocol (numpy's dtype=object: no
+ * list is made); anything else is made a list first.
+ */
+
+typedef struct {
+    PyObject *text;
+    Py_ssize_t length;
+    int kind;
+    const void *data;
+    Py_ssize_t next; /* the next category in the same bucket, or -1 */
+} Category;
+
+typedef struct {
+    Category *categories;
+    Py_ssize_t known;   /* slots: the categories, then unseen (known), missing (known + 1) */
+    Py_ssize_t *buckets; /* the first category of each bucket, or -1 */
+    size_t mask;         /* buckets - 1 */
+    PyObject *code;      /* code(value) -> slot, for values other than str, None and NaN */
+    Py_ssize_t *counts;  /* per slot */
+} SlotCounts;
+
+static size_t
+category_bucket(Py_ssize_t length, int kind, const void *data, size_t mask)
+{
+    size_t key = (size_t)length * 31u + (size_t)kind;
+    if (length > 0) {
+        key = key * 131u + PyUnicode_READ(kind, data, length - 1);
+    }
+    return (key ^ (key >> 11)) & mask;
+}
+
+static int
+ready_text(PyObject *text)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    return PyUnicode_READY(text);
+#else
+    return 0;
+#endif
+}
+
+/* Whether two runs of ``size`` bytes are equal: memcmp, inlined (a library call per row
+ * for texts of a few bytes). */
+static inline int
+same_bytes(const char *a, const char *b, size_t size)
+{
+    uint64_t x, y;
+    uint32_t u, v;
+    if (size >= 8) {
+        for (size_t at = 0; at + 8 < size; at += 8) {
+            memcpy(&x, a + at, 8);
+            memcpy(&y, b + at, 8);
+            if (x != y) {
+                return 0;
+            }
+        }
+        memcpy(&x, a + size - 8, 8); /* the last 8 bytes, overlapping the loop's */
+        memcpy(&y, b + size - 8, 8);
+        return x == y;
+    }
+    if (size >= 4) {
+        memcpy(&u, a, 4);
+        memcpy(&v, b, 4);
+        if (u != v) {
+            return 0;
+        }
+        memcpy(&u, a + size - 4, 4);
+        memcpy(&v, b + size - 4, 4);
+        return u == v;
+    }
+    for (size_t at = 0; at < size; at++) {
+        if (a[at] != b[at]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The slot of an exact str: its category's index, or unseen. */
+static Py_ssize_t
+text_slot(const SlotCounts *table, PyObject *text)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    for (Py_ssize_t i = table->buckets[category_bucket(length, kind, data, table->mask)];
+         i >= 0; i = table->categories[i].next) {
+        const Category *category = &table->categories[i];
+        if (category->text == text ||
+            (category->length == length && category->kind == kind &&
+             same_bytes(category->data, data, (size_t)length * (size_t)kind))) {
+            return i;
+        }
+    }
+    return table->known;
+}
+
+/* The slot code(value) gives, checked to be one of the slots; -1 on error. */
+static Py_ssize_t
+coded_slot(const SlotCounts *table, PyObject *value)
+{
+    Py_INCREF(value); /* code() runs Python code: it may drop what holds the value */
+    PyObject *result = PyObject_CallOneArg(table->code, value);
+    Py_DECREF(value);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_ssize_t slot = PyLong_AsSsize_t(result);
+    Py_DECREF(result);
+    if (slot == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (slot < 0 || slot > table->known + 1) {
+        PyErr_Format(PyExc_ValueError, "count_categories: code() gave %zd, not a slot", slot);
+        return -1;
+    }
+    return slot;
+}
+
+/* Count one value; 0, or -1 with an exception set. */
+static inline int
+count_value(SlotCounts *table, PyObject *value)
+{
+    Py_ssize_t slot;
+    if (PyUnicode_CheckExact(value)) {
+        if (ready_text(value) < 0) {
+            return -1;
+        }
+        slot = text_slot(table, value);
+    }
+    else if (value == Py_None ||
+             (PyFloat_CheckExact(value) && Py_IS_NAN(PyFloat_AS_DOUBLE(value)))) {
+        slot = table->known + 1;
+    }
+    else if ((slot = coded_slot(table, value)) < 0) {
+        return -1;
+    }
+    table->counts[slot]++;
+    return 0;
+}
+
+/* Count a list or tuple; its size is read again each time (code() may shrink a list). */
+static int
+count_sequence(SlotCounts *table, PyObject *values)
+{
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(values); i++) {
+        if (count_value(table, PySequence_Fast_GET_ITEM(values, i)) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Count a 1-d buffer of objects (exported: numpy resizes nothing meanwhile). */
+static int
+count_objects(SlotCounts *table, const Py_buffer *view)
+{
+    const char *item = view->buf;
+    for (Py_ssize_t i = 0; i < view->shape[0]; i++, item += view->strides[0]) {
+        PyObject *value = *(PyObject *const *)item;
+        if (count_value(table, value == NULL ? Py_None : value) < 0) { /* NULL: numpy's None */
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Count ``values`` in whichever form it comes; 0, or -1 with an exception set. */
+static int
+count_any(SlotCounts *table, PyObject *values)
+{
+    if (PyList_CheckExact(values) || PyTuple_CheckExact(values)) {
+        return count_sequence(table, values);
+    }
+    Py_buffer view;
+    if (PyObject_CheckBuffer(values) &&
+        PyObject_GetBuffer(values, &view, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
+        int objects = view.ndim == 1 && view.format != NULL && strcmp(view.format, "O") == 0 &&
+                      view.itemsize == sizeof(PyObject *);
+        int done = objects ? count_objects(table, &view) : 0;
+        PyBuffer_Release(&view);
+        if (objects) {
+            return done;
+        }
+    }
+    PyErr_Clear(); /* not a buffer of objects: read as a sequence */
+    PyObject *list = PySequence_List(values);
+    if (list == NULL) {
+        return -1;
+    }
+    int done = count_sequence(table, list);
+    Py_DECREF(list);
+    return done;
+}
+
+/* The table of categories (a tuple of exact str); 0, or -1 with an exception set. */
+static int
+fill_categories(SlotCounts *table, PyObject *texts)
+{
+    for (size_t b = 0; b <= table->mask; b++) {
+        table->buckets[b] = -1;
+    }
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        PyObject *text = PyTuple_GET_ITEM(texts, i);
+        if (!PyUnicode_CheckExact(text)) {
+            PyErr_SetString(PyExc_TypeError, "count_categories: categories must be str");
+            return -1;
+        }
+        if (ready_text(text) < 0) {
+            return -1;
+        }
+        Category *category = &table->categories[i];
+        category->text = text;
+        category->length = PyUnicode_GET_LENGTH(text);
+        category->kind = PyUnicode_KIND(text);
+        category->data = PyUnicode_DATA(text);
+        size_t b = category_bucket(category->length, category->kind, category->data,
+                                   table->mask);
+        category->next = table->buckets[b];
+        table->buckets[b] = i;
+    }
+    return 0;
+}
+
+static PyObject *
+slot_counts_list(const SlotCounts *table)
+{
+    PyObject *result = PyList_New(table->known + 2);
+    for (Py_ssize_t slot = 0; result != NULL && slot < table->known + 2; slot++) {
+        PyObject *count = PyLong_FromSsize_t(table->counts[slot]);
+        if (count == NULL) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, slot, count);
+    }
+    return result;
+}
+
+static PyObject *
+count_categories(PyObject *module, PyObject *args)
+{
+    PyObject *values, *texts, *result = NULL;
+    SlotCounts table = {.mask = 7};
+    if (!PyArg_UnpackTuple(args, "count_categories", 3, 3, &values, &texts, &table.code)) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(texts)) {
+        PyErr_SetString(PyExc_TypeError, "count_categories: categories must be a tuple of str");
+        return NULL;
+    }
+    table.known = PyTuple_GET_SIZE(texts);
+    while (table.mask + 1 < 2 * (size_t)table.known) {
+        table.mask = table.mask * 2 + 1;
+    }
+    table.categories = PyMem_Calloc((size_t)table.known + 1, sizeof(Category));
+    table.buckets = PyMem_Calloc(table.mask + 1, sizeof(Py_ssize_t));
+    table.counts = PyMem_Calloc((size_t)table.known + 2, sizeof(Py_ssize_t));
+    if (table.categories == NULL || table.buckets == NULL || table.counts == NULL) {
+        PyErr_NoMemory();
+    }
+    else if (fill_categories(&table, texts) == 0 && count_any(&table, values) == 0) {
+        result = slot_counts_list(&table);
+    }
+    PyMem_Free(table.categories);
+    PyMem_Free(table.buckets);
+    PyMem_Free(table.counts);
+    return result;
+}
+
 /* -- the module ------------------------------------------------------------------------- */
 
 static PyObject *
@@ -1605,6 +1887,9 @@ static PyMethodDef module_methods[] = {
      "row of categorical columns."},
     {"use_avx2", use_avx2, METH_O,
      "use_avx2(enabled): the kernel's AVX2 code on or off; returns whether it was on."},
+    {"count_categories", count_categories, METH_VARARGS,
+     "count_categories(values, categories, code) -> counts per [categories..., unseen, "
+     "missing]"},
     {NULL},
 };
 

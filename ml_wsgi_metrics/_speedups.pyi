@@ -33,6 +33,16 @@ def configure(
 ) -> None:
     """Hand the record the Python objects it works with (``_response`` calls it at import)."""
 
+def count_categories(
+    values: Sequence[Any] | npt.NDArray[np.object_],
+    categories: tuple[str, ...],
+    code: Callable[[Any], int],
+    /,
+) -> list[int]:
+    """A categorical column's counts per slot ``[categories..., unseen, missing]``, each value
+    where ``code(value)`` puts it (``_categories`` calls it; ``values``: a list, a tuple or a
+    1-d array of objects)."""
+
 class TimedResponse:
     """One measured request, and the iterable handed back to the server (in C)."""
 

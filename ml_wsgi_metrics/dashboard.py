@@ -14,14 +14,12 @@ The JSON is built with plain dicts (:mod:`._grafana`); the README says why.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from ._grafana import (
     Grid,
     Panel,
-    Query,
     datasource_variable,
     line_at,
     panel,
@@ -29,40 +27,24 @@ from ._grafana import (
     ratio,
     render_json,
 )
+from ._model_panels import (
+    HOSTS,
+    MODEL_PANELS,
+    ModelView,
+    Series,
+    feature_panels,
+    timeseries,
+)
 from ._promql import MODEL, Names, Selector, increase, max_by, on, positive, rate, sum_by
-from .profile import CategoricalProfile, FeatureProfile, NumericProfile, ReferenceProfile
-from .rules import RuleSettings, effective_bins
+from .profile import ReferenceProfile
+from .rules import RuleSettings
 
 __all__ = ["MODEL_PANELS", "ModelView", "generate_dashboard", "render_json"]
-
-#: The variables' matchers: raw series of the selected job and instances; chosen models.
-HOSTS = Selector().variables("job", "instance")
-CHOSEN = Selector().variables(*MODEL)
-
-
-def _ts(title: str, queries: Sequence[Query], **options: Any) -> Panel:
-    return panel("timeseries", title, queries, **options)
-
-
-@dataclass(frozen=True)
-class _Series:
-    """The rules' settings and names: series as the package exports them (of the selected
-    job and instances by default) and as the rules record them."""
-
-    settings: RuleSettings
-    names: Names
-
-    def raw(self, name: str, selector: Selector = HOSTS) -> str:
-        return selector.series(self.names.metric(name))
-
-    def recorded(self, name: str, selector: Selector = CHOSEN) -> str:
-        return selector.series(self.names.record(name))
-
 
 # -- every dashboard: service and models ----------------------------------------------------
 
 
-def _request_panels(s: _Series) -> list[Panel]:
+def _request_panels(s: Series) -> list[Panel]:
     ow, requests = s.settings.ops_window, s.names.metric("http_requests_total")
     per_job = sum_by(("job",), rate(HOSTS, requests, ow))
     client_errors = sum_by(("job",), rate(HOSTS.matching("status", "4.."), requests, ow))
@@ -72,12 +54,12 @@ def _request_panels(s: _Series) -> list[Panel]:
         return f"histogram_quantile({q}, {sum_by(('le', 'route'), rate(HOSTS, duration, ow))})"
 
     return [
-        _ts(
+        timeseries(
             "Request rate by route and status",
             [(sum_by(("route", "status"), rate(HOSTS, requests, ow)), "{{route}} {{status}}")],
             unit="reqps",
         ),
-        _ts(
+        timeseries(
             "Error rate",
             [
                 (s.recorded(f"http_error_ratio:{ow}", Selector().variables("job")), "5xx {{job}}"),
@@ -92,17 +74,17 @@ def _request_panels(s: _Series) -> list[Panel]:
             unit="percentunit",
             defaults=ratio(),
         ),
-        _ts(
+        timeseries(
             "In-progress requests",
             [(sum_by(("route",), s.raw("http_requests_in_progress")), "{{route}}")],
         ),
-        _ts("Request latency p95 per endpoint", [(quantile(0.95), "{{route}}")], unit="s"),
-        _ts(
+        timeseries("Request latency p95 per endpoint", [(quantile(0.95), "{{route}}")], unit="s"),
+        timeseries(
             "Request latency p50 and p99 per endpoint",
             [(quantile(0.5), "p50 {{route}}"), (quantile(0.99), "p99 {{route}}")],
             unit="s",
         ),
-        _ts(
+        timeseries(
             "Requests per instance",
             [(sum_by(("instance",), rate(HOSTS, requests, ow)), "{{instance}}")],
             unit="reqps",
@@ -110,19 +92,19 @@ def _request_panels(s: _Series) -> list[Panel]:
     ]
 
 
-def _worker_panels(s: _Series) -> list[Panel]:
+def _worker_panels(s: Series) -> list[Panel]:
     ow, w, names = s.settings.ops_window, s.settings.window, s.names
     cpu = rate(HOSTS, names.metric("gunicorn_worker_cpu_seconds_total"), ow)
     restarts = increase(HOSTS, names.metric("gunicorn_worker_restarts_total"), w)
     each = "{{instance}} {{worker}}"
     return [
-        _ts(
+        timeseries(
             "Worker memory (RSS)",
             [(s.raw("gunicorn_worker_resident_memory_bytes"), each)],
             unit="bytes",
         ),
-        _ts("Worker CPU", [(cpu, each)], unit="percentunit"),
-        _ts(
+        timeseries("Worker CPU", [(cpu, each)], unit="percentunit"),
+        timeseries(
             "Workers alive and restarts",
             [
                 (sum_by(("instance",), s.raw("gunicorn_workers")), "alive {{instance}}"),
@@ -132,13 +114,13 @@ def _worker_panels(s: _Series) -> list[Panel]:
     ]
 
 
-def _prediction_panels(s: _Series) -> list[Panel]:
+def _prediction_panels(s: Series) -> list[Panel]:
     ow, mv = s.settings.ops_window, "{{model}} {{version}}"
     predictions = s.raw("model_predictions_total", HOSTS.variables(*MODEL))
     return [
-        _ts("Total predictions by model", [(sum_by(MODEL, predictions), mv)]),
-        _ts("Prediction rate", [(s.recorded(f"predictions:rate{ow}"), mv)], unit="ops"),
-        _ts(
+        timeseries("Total predictions by model", [(sum_by(MODEL, predictions), mv)]),
+        timeseries("Prediction rate", [(s.recorded(f"predictions:rate{ow}"), mv)], unit="ops"),
+        timeseries(
             "Prediction latency p95",
             [(s.recorded(f"prediction_latency_seconds:p95_{ow}"), mv)],
             unit="s",
@@ -146,18 +128,18 @@ def _prediction_panels(s: _Series) -> list[Panel]:
     ]
 
 
-def _drift_panels(s: _Series) -> list[Panel]:
+def _drift_panels(s: Series) -> list[Panel]:
     w = s.settings.window
     psi = s.recorded(f"feature_psi:{w}")
     critical = s.recorded(f"feature_psi_critical:{w}")
     return [
-        _ts(
+        timeseries(
             "PSI per feature",
             [(psi, "{{model}} {{version}} {{feature}}")],
             description=f"Population stability index over {w} against the reference profile.",
             width=12,
         ),
-        _ts(
+        timeseries(
             "Drift: PSI / critical value per feature",
             [
                 (
@@ -185,7 +167,7 @@ def _drift_panels(s: _Series) -> list[Panel]:
     ]
 
 
-def _ground_truth_panels(s: _Series) -> list[Panel]:
+def _ground_truth_panels(s: Series) -> list[Panel]:
     w, mv, chosen = s.settings.window, "{{model}} {{version}}", HOSTS.variables(*MODEL)
     held_out = s.raw("model_reference_accuracy", chosen)
     delay = rate(chosen, s.names.metric("model_label_delay_seconds_bucket"), w)
@@ -193,7 +175,7 @@ def _ground_truth_panels(s: _Series) -> list[Panel]:
     firing = Selector(alertstate="firing").series("ALERTS")
     alerts = f"count by (alertname) ({firing}) or {on(())} vector(0)"
     return [
-        _ts(
+        timeseries(
             "Accuracy",
             [
                 (s.recorded(f"accuracy:{w}"), f"accuracy {mv}"),
@@ -204,14 +186,14 @@ def _ground_truth_panels(s: _Series) -> list[Panel]:
             unit="percentunit",
             defaults=ratio(),
         ),
-        _ts(
+        timeseries(
             "Labels received and rejected",
             [
                 (s.recorded(f"labels:increase{w}"), f"labels {mv}"),
                 (sum_by(("reason",), rejected), "rejected {{reason}}"),
             ],
         ),
-        _ts(
+        timeseries(
             "Label delay (median)",
             [(f"histogram_quantile(0.5, {sum_by(('le', *MODEL), delay)})", mv)],
             unit="s",
@@ -227,174 +209,10 @@ def _ground_truth_panels(s: _Series) -> list[Panel]:
     ]
 
 
-# -- per model of the profiles -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """A model of the profiles (every version given) and the series its panels read."""
-
-    name: str
-    profiles: tuple[ReferenceProfile, ...]
-    series: _Series
-
-    @property
-    def window(self) -> str:
-        return self.series.settings.window
-
-    def recorded(self, name: str, **labels: str) -> str:
-        """A recorded series of this model, in the versions the variable selects."""
-        selector = Selector(model=self.name).variables("version").where(**labels)
-        return self.series.recorded(name, selector)
-
-    @property
-    def hosts(self) -> Selector:
-        """Raw series of this model on the selected hosts, in the selected versions."""
-        return HOSTS.where(model=self.name).variables("version")
-
-    def features(self) -> list[list[FeatureProfile]]:
-        """Each feature (first seen first), as profiled in each version that has it."""
-        found: dict[str, list[FeatureProfile]] = {}
-        for profile in self.profiles:
-            for feature in profile.features:
-                found.setdefault(feature.name, []).append(feature)
-        return list(found.values())
-
-
-def _psi_queries(
-    view: ModelView, kind: str, profiled: Sequence[FeatureProfile], **labels: str
-) -> list[Query]:
-    """PSI of a feature or the score, and its critical value (recorded for two or more
-    reference bins)."""
-    w = view.window
-    queries = [(view.recorded(f"{kind}_psi:{w}", **labels), "PSI {{version}}")]
-    if any(effective_bins(p.shares) >= 2 for p in profiled):
-        critical = view.recorded(f"{kind}_psi_critical:{w}", **labels)
-        queries.append((critical, "critical {{version}}"))
-    return queries
-
-
-def _model_predictions(view: ModelView) -> list[Panel]:
-    counts = view.series.names.metric("model_predictions_total")
-    query = sum_by(("version", "class"), rate(view.hosts, counts, view.series.settings.ops_window))
-    return [_ts(f"{view.name}: predictions by class", [(query, "{{class}} {{version}}")])]
-
-
-def _model_score(view: ModelView) -> list[Panel]:
-    scores = [p.score for p in view.profiles if p.score is not None]
-    if not scores:
-        return []
-    w = view.window
-    queries = _psi_queries(view, "score", scores)
-    queries += [
-        (view.recorded(f"score_mean:{w}"), "mean {{version}}"),
-        (view.recorded(f"score_stddev:{w}"), "stddev {{version}}"),
-    ]
-    return [_ts(f"{view.name}: score PSI, mean and standard deviation", queries)]
-
-
-def _model_quality(view: ModelView) -> list[Panel]:
-    w = view.window
-    queries = [
-        (view.recorded(f"feature_{what}_ratio:{w}"), what.replace("_", " ") + " {{feature}}")
-        for what in ("missing", "out_of_range", "unseen")
-    ]
-    if any(p.score is not None for p in view.profiles):
-        queries.append((view.recorded(f"score_missing_ratio:{w}"), "missing score"))
-    return [
-        _ts(
-            f"{view.name}: data quality",
-            queries,
-            description="Shares of rows with a feature missing, a number outside the "
-            "reference range, a category outside the vocabulary; scores missing.",
-            unit="percentunit",
-            defaults=ratio(),
-        )
-    ]
-
-
-def _model_accuracy(view: ModelView) -> list[Panel]:
-    if not any(p.classes for p in view.profiles):
-        return []  # no confusion matrix: the rules record no accuracy
-    w = view.window
-    queries = [
-        (view.recorded(f"accuracy:{w}"), "accuracy {{version}}"),
-        (view.recorded(f"precision:{w}"), "precision {{class}} {{version}}"),
-        (view.recorded(f"recall:{w}"), "recall {{class}} {{version}}"),
-    ]
-    if any(p.accuracy is not None for p in view.profiles):
-        held_out = view.series.raw("model_reference_accuracy", view.hosts)
-        queries.append((max_by(("version",), held_out), "held-out {{version}}"))
-    return [
-        _ts(
-            f"{view.name}: accuracy, precision and recall",
-            queries,
-            description=f"From the labels received over {w} (model_confusion_total).",
-            unit="percentunit",
-            defaults=ratio(),
-        )
-    ]
-
-
-def _model_estimated_accuracy(view: ModelView) -> list[Panel]:
-    if not any(p.score is not None for p in view.profiles):
-        return []  # no scores: nothing to estimate from
-    w = view.window
-    queries = [(view.recorded(f"estimated_accuracy:{w}"), "estimated {{version}}")]
-    if any(p.estimated_accuracy is not None for p in view.profiles):
-        queries.append((view.recorded("reference_estimated_accuracy"), "held-out {{version}}"))
-    return [
-        _ts(
-            f"{view.name}: estimated accuracy (no labels)",
-            queries,
-            description=f"Mean predicted-class probability over {w}: no label needed.",
-            unit="percentunit",
-            defaults=ratio(),
-        )
-    ]
-
-
-#: The panels of each model's row, in order; each function gives zero or more panels.
-MODEL_PANELS: tuple[Callable[[ModelView], list[Panel]], ...] = (
-    _model_predictions,
-    _model_score,
-    _model_quality,
-    _model_accuracy,
-    _model_estimated_accuracy,
-)
-
-
-def _feature_panels(view: ModelView, profiled: Sequence[FeatureProfile]) -> list[Panel]:
-    """PSI against the critical value; mean and stddev, or category shares."""
-    name, w = profiled[0].name, view.window
-    panels = [
-        _ts(
-            f"{name}: PSI and critical value",
-            _psi_queries(view, "feature", profiled, feature=name),
-            description=f"Model {view.name}, feature {name}: PSI over {w}; drift above the "
-            "critical value.",
-            width=12,
-        )
-    ]
-    if any(isinstance(p, NumericProfile) for p in profiled):
-        mean = view.recorded(f"feature_mean:{w}", feature=name)
-        stddev = view.recorded(f"feature_stddev:{w}", feature=name)
-        queries = [(mean, "mean {{version}}"), (stddev, "stddev {{version}}")]
-        panels.append(_ts(f"{name}: mean and standard deviation", queries, width=12))
-    if any(isinstance(p, CategoricalProfile) for p in profiled):
-        live = view.recorded(f"feature_live_share:{w}", feature=name)
-        reference = view.recorded("feature_reference_share", feature=name)
-        queries = [(live, "live {{bin}}"), (reference, "reference {{bin}}")]
-        panels.append(
-            panel("bargauge", f"{name}: category shares", queries, unit="percentunit", width=12)
-        )
-    return panels
-
-
 # -- the dashboard -------------------------------------------------------------------------
 
 
-def _variables(s: _Series) -> list[dict[str, Any]]:
+def _variables(s: Series) -> list[dict[str, Any]]:
     requests = s.names.metric("http_requests_total")
     predictions = s.names.metric("model_predictions_total")
     of_job = Selector().variables("job").series(requests)
@@ -408,7 +226,7 @@ def _variables(s: _Series) -> list[dict[str, Any]]:
     ]
 
 
-def _models(profiles: Sequence[ReferenceProfile], series: _Series) -> list[ModelView]:
+def _models(profiles: Sequence[ReferenceProfile], series: Series) -> list[ModelView]:
     if len({p.key for p in profiles}) != len(profiles):
         raise ValueError("profiles: the same model version is given twice")
     grouped: dict[str, list[ReferenceProfile]] = {}
@@ -417,7 +235,7 @@ def _models(profiles: Sequence[ReferenceProfile], series: _Series) -> list[Model
     return [ModelView(name, tuple(group), series) for name, group in grouped.items()]
 
 
-def _panels(profiles: Sequence[ReferenceProfile], series: _Series) -> list[Panel]:
+def _panels(profiles: Sequence[ReferenceProfile], series: Series) -> list[Panel]:
     grid = Grid()
     grid.row("Service: traffic, errors, latency (job and instance variables)")
     grid.add(*_request_panels(series), *_worker_panels(series))
@@ -428,7 +246,7 @@ def _panels(profiles: Sequence[ReferenceProfile], series: _Series) -> list[Panel
         grid.add(*(item for make in MODEL_PANELS for item in make(view)))
         grid.row(f"Model {view.name}: features", collapsed=True)
         for profiled in view.features():
-            grid.add(*_feature_panels(view, profiled))
+            grid.add(*feature_panels(view, profiled))
     return grid.panels
 
 
@@ -442,7 +260,7 @@ def generate_dashboard(
     """The Grafana dashboard (its JSON model) for ``profiles``; ``settings`` as given to the
     rules (namespace, window, ops window), so the panels read the series they record."""
     settings = settings or RuleSettings()
-    series = _Series(settings, Names(settings.namespace))
+    series = Series(settings, Names(settings.namespace))
     described = ", ".join(f"{p.model} {p.version}" for p in profiles)
     return {
         "uid": uid,

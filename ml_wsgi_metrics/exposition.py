@@ -74,9 +74,10 @@ def exposition_bytes(
     _errors.export_kept()
     from ._merge import merger_for  # numpy: loaded at the first scrape, not at import
 
-    merged = merger_for(directory, multiprocess.SLOT_FILE).text(encoder)
+    ours = multiprocess.active_directory() is not None  # slot files, not prometheus_client's
+    merged = merger_for(directory, multiprocess.SLOT_FILE, share_files=ours).text(encoder)
     others = CollectorRegistry(auto_describe=False)
-    if multiprocess.active_directory() is not None:  # the pid files of this package's hooks
+    if ours:  # the pid files of this package's hooks
         others.register(WorkerProcessCollector(directory, namespace))
     return merged + encoder(others)
 

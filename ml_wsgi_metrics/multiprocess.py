@@ -36,7 +36,7 @@ from typing import Any
 import prometheus_client.values
 from prometheus_client.multiprocess import mark_process_dead
 
-from . import _errors, _retired
+from . import _errors, _retired, _scrape_cache
 from ._slotfile import IDENTIFIER, MODEL_FILES, SLOT_FILE, CorruptFile, readable_file
 from ._slots import (
     RETRY_SECONDS,
@@ -170,7 +170,8 @@ class SlotFilesCollector:
         _errors.export_kept()
         from ._merge import merger_for  # numpy: loaded at the first scrape, not at import
 
-        return merger_for(self._directory, SLOT_FILE).families()
+        ours = active_directory() is not None  # slot files, not prometheus_client's
+        return merger_for(self._directory, SLOT_FILE, share_files=ours).families()
 
 
 def activate(directory: str | os.PathLike[str] | None = None) -> str:
@@ -269,5 +270,6 @@ def clear_directory() -> None:
             for path in slot_files(State.directory):
                 remove_file(path)
             _retired.remove(State.directory)
+            _scrape_cache.remove(State.directory)
         for value in State.values:
             value._open()

@@ -35,6 +35,7 @@ from ._promql import (
     Rule,
     Selector,
     alerting_rule,
+    exact_increase,
     increase,
     label_list,
     max_by,
@@ -161,7 +162,7 @@ def _accuracy_rules(names: Names, settings: RuleSettings, profile: ReferenceProf
             confusion,
             sum_by(
                 (*MODEL, "predicted", "actual"),
-                increase(model, names.metric("model_confusion_total"), w),
+                exact_increase(model, names.metric("model_confusion_total"), w),
             ),
         ),
         recording_rule(labelled, sum_by(MODEL, model.series(confusion))),
@@ -231,7 +232,7 @@ def _estimated_accuracy_rules(
     rules = [
         recording_rule(
             expected,
-            sum_by(MODEL, increase(model, names.metric("model_expected_correct_total"), w)),
+            sum_by(MODEL, exact_increase(model, names.metric("model_expected_correct_total"), w)),
         ),
         recording_rule(
             names.record(f"estimated_accuracy:{w}"),

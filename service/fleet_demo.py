@@ -19,15 +19,12 @@ webhook receiver are also the fleet tests' (``tests/fleet_support.py``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import http.server
 import json
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +43,7 @@ import yaml  # type: ignore[import-untyped]
 
 from ml_wsgi_metrics.__main__ import main as rules_main
 from service import loadgen
+from service._servers import REPO, _Process, free_port, http_request, wait_until
 from service.pipeline import PROFILE_FILE, latest_version, load_config, train
 
 __all__ = [
@@ -59,7 +57,6 @@ __all__ = [
     "main",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
 AGENT_FILE = REPO / "prometheus" / "agent.yml"
 CENTRAL_FILE = REPO / "prometheus" / "central.yml"
 ALERTMANAGER_FILE = REPO / "alertmanager.yml"
@@ -199,82 +196,24 @@ class Webhook:
 # -- the demo's servers ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def _poll(condition: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(message)
-        time.sleep(0.2)
-    return result
-
-
-class _Server:
-    """A child in its own process group (Ctrl-C reaches only the demo, which stops it),
-    logging to ``log``, ready once ``ready_url`` answers 200; stopped as a group."""
+class _Server(_Process):
+    """A child of the demo (its own process group: Ctrl-C reaches only the demo, which stops
+    it), logging to ``log``, ready once ``ready_url`` answers 200."""
 
     def __init__(
         self, name: str, command: list[str], log: Path, ready_url: str, env: dict[str, str]
     ) -> None:
-        self.name, self.command, self.log, self.ready_url, self.env = (
-            name,
-            command,
-            log,
-            ready_url,
-            env,
-        )
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(log, cwd=REPO, env=env, startup_timeout=60.0)
+        self.name, self.command, self.ready_url = name, command, ready_url
+
+    def _command(self) -> list[str]:
+        return self.command
 
     def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
-        with contextlib.suppress(OSError):
-            return _get(self.ready_url)[0] == 200
-        return False
-
-    def __enter__(self) -> _Server:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
         try:
-            _poll(self._ready, 60, f"{self.name} did not start: see {self.log}")
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+            return http_request(self.ready_url, timeout=5)[0] == 200
+        except OSError:
+            return False
 
 
 class Fleet:
@@ -282,9 +221,9 @@ class Fleet:
 
     def __init__(self, directory: Path, models_dir: Path, rules: Path, webhook: str) -> None:
         self.directory = directory
-        self.central = f"http://127.0.0.1:{_free_port()}"
-        self.alertmanager = f"127.0.0.1:{_free_port()}"
-        self.instances = [f"127.0.0.1:{_free_port()}" for _ in range(HOSTS)]
+        self.central = f"http://127.0.0.1:{free_port()}"
+        self.alertmanager = f"127.0.0.1:{free_port()}"
+        self.instances = [f"127.0.0.1:{free_port()}" for _ in range(HOSTS)]
         env = dict(os.environ, CHURN_MODELS_DIR=str(models_dir))
         env["CHURN_FEEDBACK_TOKEN"] = self.token = secrets.token_urlsafe(32)
         self.servers = [
@@ -337,7 +276,7 @@ class Fleet:
                 f"http://{self.alertmanager}/-/ready",
                 env,
             )
-        port = urllib.parse.urlsplit(self.central).port if name == "central" else _free_port()
+        port = urllib.parse.urlsplit(self.central).port if name == "central" else free_port()
         command = ["prometheus", f"--config.file={file}", f"--web.listen-address=127.0.0.1:{port}"]
         if name == "central":
             command += [
@@ -366,7 +305,7 @@ class Fleet:
     def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query on the central server."""
         url = f"{self.central}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        status, body = _get(url)
+        status, body = http_request(url, timeout=10)
         if status != 200:
             raise RuntimeError(f"central Prometheus: {status} {body[:300]!r}")
         return list(json.loads(body)["data"]["result"])
@@ -479,7 +418,9 @@ def run(models_dir: Path, out: Callable[[str], Any]) -> int:
         say(f"starting {HOSTS} instances, their agents, the central Prometheus, Alertmanager")
         fleet.start(stack)
         hosts = 'count by (host) (up{job="flask_app"} == 1)'
-        _poll(lambda: len(fleet.query(hosts)) == HOSTS, 60, "the agents' samples never arrived")
+        wait_until(
+            lambda: len(fleet.query(hosts)) == HOSTS, 60, 0.2, "the agents' samples never arrived"
+        )
         say(
             f"central Prometheus {fleet.central} receives all {HOSTS} hosts; Alertmanager "
             f"http://{fleet.alertmanager}; webhook {webhook.url}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,7 @@ __all__ = [
     "psi",
     "publish",
     "range_samples",
+    "rules_increase",
     "running",
     "score_batches",
     "serve_version",
@@ -497,6 +499,31 @@ def decode_png(data: bytes) -> Image:
         rows[y] = previous = row
     pixels = rows.reshape(height, width, channels)[:, :, :3]
     return Image(width, height, pixels)
+
+
+def rules_increase(
+    samples: Sequence[tuple[int, float]], start: int, end: int, lookback: int = 300_000
+) -> float | None:
+    """What the rules' increase (:func:`ml_wsgi_metrics._promql.exact_increase`) gives for
+    one counter's raw ``(ms, value)`` samples (from ``lookback`` before ``start`` on) over the
+    window ``[start, end]``: ``None`` with no sample in the window; its last sample less its
+    baseline (its last sample by ``start``, within ``lookback``; else 0) when it never went
+    down from ``start - lookback`` on, plus its largest in the window when it went down once,
+    in the window, and stayed below; else :func:`prometheus_increase`. Staleness markers,
+    which range queries do not return, are not modelled."""
+    window = [v for t, v in samples if start <= t <= end]
+    if not window:
+        return None
+    before = [v for t, v in samples if start - lookback < t <= start]
+    baseline = before[-1] if before else 0.0
+    widened = [v for t, v in samples if start - lookback <= t <= end]
+    resets = sum(later < earlier for earlier, later in itertools.pairwise(widened))
+    if resets == 0:
+        return window[-1] - baseline
+    within = sum(later < earlier for earlier, later in itertools.pairwise(window))
+    if resets == within == 1 and max(window) > window[-1]:
+        return max(window) + window[-1] - baseline
+    return prometheus_increase([(t, v) for t, v in samples if start <= t <= end], start, end)
 
 
 def prometheus_increase(samples: Sequence[tuple[int, float]], start: int, end: int) -> float:

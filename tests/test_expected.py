@@ -23,6 +23,7 @@ from signals_support import signals_registry as signals_registry  # fixture "reg
 from storage_support import in_child
 
 from ml_wsgi_metrics import multiprocess, signals
+from ml_wsgi_metrics._expected import ExpectedCorrect, kinds
 from ml_wsgi_metrics.profile import ReferenceProfile, build_profile, estimate_accuracy
 from ml_wsgi_metrics.testing import isolated_signals
 
@@ -97,6 +98,47 @@ def test_a_string_array_of_classes_is_compared_without_a_loop(registry: Collecto
     predicted = np.where(np.array(scores) > 0.7, "Yes", "No")  # numpy's own string dtype
     signals.record_prediction(scores=np.array(scores), classes=predicted)
     assert value(registry, EXPECTED) == expected_by_hand(scores, predicted.tolist(), ["No", "Yes"])
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        pytest.param(lambda s: np.where(s > 0.3, "Yes", "No"), id="both-classes"),
+        pytest.param(lambda s: np.full(len(s), "No"), id="only-the-first-class"),
+        pytest.param(lambda s: np.full(len(s), "Yes"), id="only-the-second-class"),
+        pytest.param(
+            lambda s: np.array(["Yes", "No", "Maybe", ""])[np.arange(len(s)) % 4],
+            id="unknown-and-empty-labels",
+        ),
+    ],
+)
+def test_a_string_array_with_any_scores_counts_classes_and_expected_alike(
+    registry: CollectorRegistry, labels: Any
+) -> None:
+    """The class count's comparisons, reused by the expected sum: NaN, infinities and scores
+    outside [0, 1] among them."""
+    scores = np.array(dyadic_scores(500, seed=7))
+    predicted = labels(scores)
+    signals.record_prediction(scores=scores, classes=predicted)
+    hand = predicted.tolist()
+    assert value(registry, EXPECTED) == expected_by_hand(scores.tolist(), hand, ["No", "Yes"])
+    for label in ("No", "Yes"):
+        assert value(registry, "model_predictions_total", **{"class": label}) == hand.count(label)
+    assert value(registry, "model_predictions_total", **{"class": "__unseen__"}) == sum(
+        label not in ("No", "Yes") for label in hand
+    )
+
+
+def test_rows_already_compared_are_not_compared_again() -> None:
+    """The expected sum takes the class count's rows of a label as they are (here they
+    contradict the labels given, to show which one is read)."""
+    expected = ExpectedCorrect(kinds(["No", "Yes", "?"], ["No", "Yes"]), 2, lambda a: None)
+    scores = np.array([0.25, 0.5, 0.75, 1.0])
+    labels = np.array(["No"] * 4)
+    codes = {"No": 0, "Yes": 1}
+    yes = np.array([True, True, False, False])
+    assert expected.amount(scores, labels, codes, {"Yes": yes, "No": ~yes}) == 0.75 + 0.25
+    assert expected.amount(scores, labels, codes) == 0.75 + 0.5 + 0.25 + 0.0  # all "No"
 
 
 @pytest.mark.parametrize(

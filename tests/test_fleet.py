@@ -9,24 +9,26 @@ which alerts a real Alertmanager running ``alertmanager.yml``, whose webhook is 
 server of the test. Two model versions are live at once, each with its own series:
 
 - version 2 (undrifted): 300 rows per instance, different rows on each, in two rounds; the
-  second round is sent while the agent of ``host-2`` is stopped for 30 s;
-- version 1 (drifted, ``MonthlyCharges`` x 1.3): the same size, the same 300 rows on each
-  instance (see :func:`test_fleet_psi_from_the_central_rules_equals_the_pooled_rows` for why).
+  second round is sent while the agent of ``host-2`` is stopped for 30 s, and the agent of
+  ``host-1`` is SIGKILLed and started again between its two batches;
+- version 1 (drifted, ``MonthlyCharges`` x 1.3): the same size, different rows on each too.
 
-Every version's series exist at zero before the first scrape, and the rules' window starts
-before the traffic: each series' first sample in it is that zero.
+Every version's series exist at zero before the first scrape, and the rules' window (older
+than the series) starts before the traffic.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,7 @@ from fleet_support import (
 from support import FEEDBACK_TOKEN, REPO, bearer, http_request, parse_samples, wait_until
 
 from ml_wsgi_metrics import UNMATCHED
+from ml_wsgi_metrics._promql import Selector, exact_increase, increase
 from ml_wsgi_metrics.profile import ReferenceProfile
 from ml_wsgi_metrics.rules import critical_value, effective_bins
 from service.pipeline import MODEL_FILE, POSITIVE_CLASS
@@ -259,49 +262,113 @@ def _bodies(rows: Sequence[Any], batches: range) -> list[bytes]:
     return [predict_body(rows[b * BATCH : (b + 1) * BATCH]) for b in batches]
 
 
+def _last_scrape(agent: AgentServer) -> str:
+    """When the agent last scraped its instance (RFC 3339, from its own targets API)."""
+    (target,) = agent.api("targets", state="active")["activeTargets"]
+    return str(target["lastScrape"])
+
+
+def _seconds(rfc3339: str) -> float:
+    """An RFC 3339 time of Prometheus' (nanoseconds, ``Z``) in seconds since the epoch."""
+    whole, _, fraction = rfc3339.rstrip("Z").partition(".")
+    stamp = datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp()
+    return stamp + float(f"0.{fraction or 0}")
+
+
+@dataclass
+class Outage:
+    """One agent's outage: what its host had counted before it (each value the central
+    server may hold last, oldest first) and after it, and when it went and came back."""
+
+    host: str
+    counted: list[Counter[Key]]  # by the host before the agent went
+    rows: list[int]  # the same, rows predicted
+    after: Counter[Key] = field(default_factory=Counter)  # by the host when the agent came back
+    rows_after: int = 0
+    down: float = 0.0  # the agent stopped, or killed
+    up: float = 0.0  # its new agent started
+    scraped: float = 0.0  # the killed agent's last scrape, just before the kill
+
+    def back(self, fleet: Fleet, sent: Sent, index: int) -> None:
+        """A new agent on the same write-ahead log."""
+        self.after, self.rows_after = Counter(sent.requests[self.host]), sent.rows[self.host]
+        self.up = time.time()
+        fleet.agents[index] = fleet.stack.enter_context(fleet.agent(index))
+
+
+def _stop(fleet: Fleet, sent: Sent, index: int) -> Outage:
+    """SIGTERM the agent of instance ``index`` (it flushes its queue)."""
+    host = f"host-{index}"
+    outage = Outage(host, [Counter(sent.requests[host])], [sent.rows[host]])
+    fleet.agents[index].stop()
+    outage.down = time.time()
+    return outage
+
+
+def _kill(fleet: Fleet, sent: Sent, index: int, earlier: Counter[Key], rows: int) -> Outage:
+    """SIGKILL the agent of instance ``index`` just after a scrape (its samples most likely
+    not sent yet: the queue sends every 250 ms); ``earlier``: what the host had counted
+    before the last requests (the central server may hold only that)."""
+    host, agent = f"host-{index}", fleet.agents[index]
+    outage = Outage(host, [earlier, Counter(sent.requests[host])], [rows, sent.rows[host]])
+    previous = _last_scrape(agent)
+    scraped = wait_until(
+        lambda: (last := _last_scrape(agent)) != previous and last,
+        10,
+        interval=0.01,
+        message=f"the agent of {host} did not scrape",
+    )
+    os.killpg(agent.pid, signal.SIGKILL)
+    outage.down, outage.scraped = time.time(), _seconds(scraped)
+    agent.stop()  # reaps it
+    return outage
+
+
 @dataclass
 class Scenario:
     fleet: Fleet
     sent: Sent
     started: float  # before any traffic
-    before_outage: Counter[Key]  # what host-2 had counted when its agent stopped
-    after_outage: Counter[Key]  # and when it started again
-    stopped: float  # the agent of host-2 stopped (after the central server had it all)
-    restarting: float  # its new agent started
+    synced: float  # the first round at the central server, before any agent went down
+    stopped: Outage  # the agent of host-2, stopped for OUTAGE s
+    killed: Outage  # the agent of host-1, SIGKILLed during the other's outage, started again
+    during: list[pd.DataFrame]  # the undrifted rows sent during the outages
     undrifted: float  # every undrifted row at the central server
     drifted: float  # every drifted row at the central server
 
 
 @pytest.fixture(scope="module")
 def scenario(fleet: Fleet) -> Scenario:
-    """Undrifted rows (different on each instance), in two rounds, the second while the
-    agent of host-2 is stopped for :data:`OUTAGE` s; then the drifted rows, the same on each
-    instance, each in its own order."""
+    """Undrifted rows, in two rounds, the second while the agent of host-2 is stopped for
+    :data:`OUTAGE` s; between the second round's two batches, the agent of host-1 is
+    SIGKILLed, then started again at once; then the drifted rows. Every instance gets rows
+    of its own."""
     sent, started = Sent(), time.time()
     rows = [feature_rows(sum(ROUNDS) * BATCH, seed=UNDRIFTED_SEED + i)[0] for i in range(HOSTS)]
     first, second = range(ROUNDS[0]), range(ROUNDS[0], sum(ROUNDS))
     ids = _predict(fleet, sent, UNDRIFTED, [_bodies(r, first) for r in rows])
     _other_requests(fleet, sent, ids)
-    _synchronise(fleet, sent)
+    synced = _synchronise(fleet, sent)
 
-    before_outage = Counter(sent.requests["host-2"])
-    fleet.agents[2].stop()
-    stopped = time.time()
-    _predict(fleet, sent, UNDRIFTED, [_bodies(r, second) for r in rows])
-    after_outage = Counter(sent.requests["host-2"])
-    time.sleep(max(0.0, stopped + OUTAGE - time.time()))  # the outage itself, not a wait
-    restarting = time.time()
-    fleet.agents[2] = fleet.stack.enter_context(fleet.agent(2))  # on the same WAL
+    stopped, sent_before = _stop(fleet, sent, 2), len(sent.frames[UNDRIFTED])
+    earlier, earlier_rows = Counter(sent.requests["host-1"]), sent.rows["host-1"]
+    _predict(fleet, sent, UNDRIFTED, [_bodies(r, second[:1]) for r in rows])
+    killed = _kill(fleet, sent, 1, earlier, earlier_rows)
+    _predict(fleet, sent, UNDRIFTED, [_bodies(r, second[1:]) for r in rows])
+    killed.back(fleet, sent, 1)
+    time.sleep(max(0.0, stopped.down + OUTAGE - time.time()))  # the outage itself, not a wait
+    stopped.back(fleet, sent, 2)
+    during = sent.frames[UNDRIFTED][sent_before:]
     undrifted = _synchronise(fleet, sent)
 
     serve_version(fleet.models, DRIFTED, fleet.services)
-    drifted_rows, _ = feature_rows(sum(ROUNDS) * BATCH, seed=1212, scale={"MonthlyCharges": 1.3})
-    bodies = _bodies(drifted_rows, range(sum(ROUNDS)))
-    _predict(fleet, sent, DRIFTED, [bodies[i:] + bodies[:i] for i in range(HOSTS)])
+    scale = {"MonthlyCharges": 1.3}
+    drifted_rows = [
+        feature_rows(sum(ROUNDS) * BATCH, seed=1212 + i, scale=scale)[0] for i in range(HOSTS)
+    ]
+    _predict(fleet, sent, DRIFTED, [_bodies(r, range(sum(ROUNDS))) for r in drifted_rows])
     drifted = _synchronise(fleet, sent)
-    return Scenario(
-        fleet, sent, started, before_outage, after_outage, stopped, restarting, undrifted, drifted
-    )
+    return Scenario(fleet, sent, started, synced, stopped, killed, during, undrifted, drifted)
 
 
 # -- the files ----------------------------------------------------------------------------------
@@ -360,7 +427,8 @@ SCRAPE_SERIES = 5
 
 def test_every_host_writes_its_own_series_to_the_central_server(scenario: Scenario) -> None:
     """Each host's agent writes exactly its instance's series (and the scrape's own) under
-    its ``host`` label; prints the central server's series count for the three hosts."""
+    its ``host`` label; prints the central server's series count for the three hosts, and
+    how long its rules took to evaluate."""
     central = scenario.fleet.central
     expected = {
         (f"host-{i}",): float(len(parse_samples(http_request(s.url + "/metrics")[1].decode())))
@@ -371,10 +439,13 @@ def test_every_host_writes_its_own_series_to_the_central_server(scenario: Scenar
     assert central.values(written, "host") == expected
     assert central.value('count({__name__=~".+", host=""})') is not None  # the rules' output
     recorded = central.value('count({__name__=~".+", host=""})')
+    groups = central.api("rules")["groups"]
+    evaluation = sum(group["evaluationTime"] for group in groups) * 1000
     print(
         f"\ncentral series, three hosts: {sum(expected.values()):.0f} written by the agents "
         f"({', '.join(f'{n:.0f}' for n in expected.values())}), {recorded:.0f} recorded by the "
-        "rules (two model versions)"
+        f"rules (two model versions), whose {len(groups)} groups took {evaluation:.0f} ms to "
+        "evaluate last"
     )
 
 
@@ -398,47 +469,53 @@ def _recorded(fleet: Fleet, name: str, version: str, since: float) -> dict[str, 
     return found
 
 
-def _central_psi(fleet: Fleet, version: str, since: float) -> dict[float, dict[str, float]]:
+def _central_psi(
+    fleet: Fleet, version: str, rows: int, since: float
+) -> tuple[dict[float, dict[str, float]], int]:
     """The PSI the central rules recorded per evaluation since ``since``, only evaluations
-    whose rules all saw the same samples of each host: every feature and the score count the
-    same rows (a host's scrape written in two requests, one evaluated before the other,
-    would give its series two extrapolation factors)."""
-    rows = _recorded(fleet, f"ml:feature_rows:increase{WINDOW}", version, since)
-    rows |= _recorded(fleet, f"ml:score_rows:increase{WINDOW}", version, since)
+    whose every feature and the score counted all ``rows`` sent (a host's scrape written in
+    two remote-write requests is evaluated between them, now and then: some of its series
+    are a scrape behind); and how many evaluations were left out."""
+    counted = _recorded(fleet, f"ml:feature_rows:increase{WINDOW}", version, since)
+    counted |= _recorded(fleet, f"ml:score_rows:increase{WINDOW}", version, since)
     values = _recorded(fleet, f"ml:feature_psi:{WINDOW}", version, since)
     values |= _recorded(fleet, f"ml:score_psi:{WINDOW}", version, since)
-    found: dict[float, dict[str, float]] = {}
-    times = [set(series) for series in values.values()]
-    for t in set.intersection(*times) if times else ():
-        counted = [r.get(t, math.nan) for r in rows.values()]
-        if all(math.isclose(c, counted[0], rel_tol=1e-12) for c in counted):
-            found[t] = {name: series[t] for name, series in values.items()}
-    return found
+    times = set.intersection(*(set(series) for series in values.values())) if values else set()
+    found = {
+        t: {name: series[t] for name, series in values.items()}
+        for t in times
+        if all(series.get(t) == rows for series in counted.values())
+    }
+    return found, len(times) - len(found)
 
 
-def test_fleet_psi_from_the_central_rules_equals_the_pooled_rows(scenario: Scenario) -> None:
-    """The drifted version's PSI per feature and for the score, recorded by the central rules
-    over the three hosts, equals the PSI of the pooled rows within :data:`TOLERANCE`.
+@pytest.mark.parametrize("version", [DRIFTED, UNDRIFTED])
+def test_fleet_psi_from_the_central_rules_equals_the_pooled_rows(
+    scenario: Scenario, version: str
+) -> None:
+    """Each version's PSI per feature and for the score, recorded by the central rules over
+    the three hosts (different rows on each), equals the PSI of the pooled rows within
+    :data:`TOLERANCE`, in every evaluation whose row counts are all the rows sent (``==``).
 
-    Why every instance got the same rows: ``increase()`` scales a series' raw increase by
-    ``(sampled + to_end) / sampled`` (its first sample in the window is the zero from before
-    the traffic), one factor per host, since a host's series are scraped together; each
-    host's factor depends on its own scrape phase. Summed over hosts, the factors cancel in
-    the live shares only when the hosts' bin counts are proportional. With different rows on
-    each host (the undrifted version), the gap to the pooled rows' PSI is printed.
+    The rules count each series from its sample at the window's start (here none: the
+    window is older than the series, which count from zero) to its last sample, without
+    ``increase()``'s extrapolation, whose factor differs per host (its scrape phase) and
+    moved the fleet's PSI by up to 1e-4 from the pooled rows' when hosts had different rows.
+    The undrifted version's window holds both agents' outages.
     """
-    fleet = scenario.fleet
-    expected = _pooled_psi(fleet, scenario.sent, DRIFTED)
-    since = scenario.drifted + 2  # every drifted sample stored before the evaluation
-    evaluations = wait_until(
+    fleet, sent = scenario.fleet, scenario.sent
+    expected = _pooled_psi(fleet, sent, version)
+    rows = len(sent.scores[version])
+    since = {DRIFTED: scenario.drifted, UNDRIFTED: scenario.undrifted}[version]
+    evaluations, skipped = wait_until(
         lambda: (
-            (found := _central_psi(fleet, DRIFTED, since)) and len(found) >= EVALUATIONS and found
+            len((found := _central_psi(fleet, version, rows, since))[0]) >= EVALUATIONS and found
         ),
         30,
         interval=0.5,
-        message="too few consistent evaluations of the drifted version's PSI",
+        message=f"too few evaluations of version {version}'s PSI counted all {rows} rows",
     )
-    assert len(expected) == 20  # 19 features and the score
+    assert len(expected) == 20 and rows == HOSTS * sum(ROUNDS) * BATCH  # 19 features, score
     worst = 0.0
     for t, recorded in evaluations.items():
         assert set(recorded) == set(expected), t
@@ -447,50 +524,97 @@ def test_fleet_psi_from_the_central_rules_equals_the_pooled_rows(scenario: Scena
                 f"PSI {name} at {t}", value, expected[name], rel=TOLERANCE, abs_=TOLERANCE
             )
             worst = max(worst, error)
-
-    undrifted = _pooled_psi(fleet, scenario.sent, UNDRIFTED)
-    gaps = [
-        (abs(value - undrifted[name]), abs(value - undrifted[name]) / undrifted[name])
-        for recorded in _central_psi(fleet, UNDRIFTED, scenario.undrifted + 2).values()
-        for name, value in recorded.items()
-    ]
     print(
-        f"\nfleet PSI, the same rows on each host: {len(evaluations)} evaluations, largest "
-        f"relative error {worst:.1e}; different rows on each host: largest gap "
-        f"{max(gaps)[0]:.1e} (relative {max(g for _, g in gaps):.1e})"
+        f"\nfleet PSI of version {version}, different rows on each host: {len(evaluations)} "
+        f"evaluations, largest relative error {worst:.1e}; {skipped} saw part of a host's "
+        "last scrape"
     )
 
 
-def test_an_agent_stopped_for_30_s_loses_no_count(scenario: Scenario) -> None:
-    """The agent of host-2 stopped for 30 s while its instance served another round, then
-    started again on its write-ahead log: the central server has no sample of host-2 in
-    between, and no counter of host-2 ever goes down; the last sample before the stop holds
-    exactly what host-2 had counted, the first after the restart exactly what it counted
-    during the outage on top (requests, and rows predicted)."""
-    fleet = scenario.fleet
+def test_a_window_from_before_the_outages_counts_what_was_sent_during_them(
+    scenario: Scenario,
+) -> None:
+    """The rules' increase over a window that starts after the first round reached the
+    central server and ends after the second (both agents' outages inside): each series
+    counts from its sample at the window's start, so every host counts exactly the rows it
+    served in the second round, and the bins hold exactly the pooled second round's rows;
+    ``increase()`` of the same window, extrapolated, is printed beside them."""
+    fleet, at = scenario.fleet, scenario.undrifted
+    window = f"{round((at - scenario.synced) * 1000)}ms"
+    model = Selector(model=MODEL, version=UNDRIFTED)
+    predictions = exact_increase(model, "model_predictions_total", window)
+    counted = fleet.central.query(f"sum by (host) ({predictions})", time=at)
+    assert {r["metric"]["host"]: float(r["value"][1]) for r in counted} == {
+        f"host-{i}": ROUNDS[1] * BATCH for i in range(HOSTS)
+    }
+    bins = exact_increase(model, "model_feature_bin_total", window)
+    found = fleet.central.query(f"sum by (feature, bin) ({bins})", time=at)
+    frame = pd.concat(scenario.during, ignore_index=True)
+    expected = {
+        (f.name, b): float(n)
+        for f in fleet.profiles[UNDRIFTED].features
+        for b, n in zip(f.bins, bin_counts(f, frame[f.name].tolist()), strict=True)
+    }
+    assert {(r["metric"]["feature"], r["metric"]["bin"]): float(r["value"][1]) for r in found} == (
+        expected
+    )
+    extrapolated = fleet.central.query(
+        f"sum by (host) ({increase(model, 'model_predictions_total', window)})", time=at
+    )
+    estimates = ", ".join(
+        f"{r['metric']['host']} {float(r['value'][1]):.1f}"
+        for r in sorted(extrapolated, key=lambda r: r["metric"]["host"])
+    )
+    print(
+        f"\nthe second round over a {window} window: {ROUNDS[1] * BATCH} rows per host; "
+        f"increase() estimated {estimates or 'nothing'}"
+    )
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_an_agent_down_while_its_instance_serves_loses_no_count(
+    scenario: Scenario, how: str
+) -> None:
+    """The agent of host-2 stopped (SIGTERM) for 30 s while its instance served another
+    round, and the agent of host-1 SIGKILLed just after a scrape between that round's two
+    batches; each started again on its write-ahead log. The central server has no sample of
+    the host between the agent's end and its new start, and no counter of the host ever goes
+    down; its last sample before holds what the host had counted (for the killed agent: with
+    or without the last batch, which its last scrape may hold unsent), and its first after
+    exactly what the host counted during the outage on top (requests, rows predicted)."""
+    fleet, outage = scenario.fleet, getattr(scenario, how)
     counters = "http_requests_total|model_predictions_total|model_feature_bin_total"
-    selector = f'{{host="host-2", __name__=~"{counters}"}}'
-    series = range_samples(fleet.central, selector, scenario.stopped - 10, scenario.undrifted)
+    selector = f'{{host="{outage.host}", __name__=~"{counters}"}}'
+    series = range_samples(fleet.central, selector, outage.down - 10, scenario.undrifted)
     assert len(series) > 100
     requests: dict[Key, tuple[float, float]] = {}
-    rows = 0.0, 0.0
+    rows, last_before, first_after = (0.0, 0.0), 0.0, 0.0
     for labels, samples in series:
         values = [v for _, v in samples]
         assert values == sorted(values), f"{labels} went down: {samples}"
-        stamps = [t for t, _ in samples]
-        assert not [t for t in stamps if scenario.stopped < t < scenario.restarting], labels
-        before = [v for t, v in samples if t < scenario.stopped][-1]
-        after = next(v for t, v in samples if t > scenario.restarting)
+        assert not [t for t, _ in samples if outage.down < t < outage.up], labels
+        last_before, before = [(t, v) for t, v in samples if t < outage.down][-1]
+        first_after, after = next((t, v) for t, v in samples if t > outage.up)
         if labels["__name__"] == "http_requests_total":
             requests[(labels["method"], labels["route"], labels["status"])] = before, after
         elif labels["__name__"] == "model_predictions_total":
             rows = rows[0] + before, rows[1] + after
 
-    assert {k: b for k, (b, _) in requests.items() if b} == scenario.before_outage
-    during = {k: a - b for k, (b, a) in requests.items() if a - b}
-    assert during == {("POST", "/predict", "200"): ROUNDS[1]}
-    assert scenario.after_outage == scenario.before_outage + Counter(during)
-    assert rows == (ROUNDS[0] * BATCH, sum(ROUNDS) * BATCH)
+    before = Counter({k: int(b) for k, (b, _) in requests.items() if b})
+    assert before in outage.counted
+    seen = outage.counted.index(before)
+    assert rows == (outage.rows[seen], outage.rows_after)
+    assert Counter({k: int(a) for k, (_, a) in requests.items() if a}) == outage.after
+    assert outage.after == outage.counted[0] + Counter({("POST", "/predict", "200"): ROUNDS[1]})
+    assert outage.rows_after == sum(ROUNDS) * BATCH
+    if how == "killed":
+        sent = "reached" if abs(last_before - outage.scraped) < 1e-3 else "lost"
+        print(
+            f"\nthe agent killed {outage.down - outage.scraped:.3f} s after its last scrape, "
+            f"whose samples were {sent}: the central server's last sample before the kill "
+            f"{outage.down - last_before:.1f} s before it, its first after the restart "
+            f"{first_after - outage.up:.1f} s after the new agent started"
+        )
 
 
 # -- alerts -------------------------------------------------------------------------------------

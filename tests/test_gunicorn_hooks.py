@@ -290,6 +290,8 @@ def test_on_starting_removes_only_the_files_this_package_writes(hooks: ModuleTyp
         "summary_w2.db",
         "w7.pid",
         "w7.pid.tmp",  # a pid file being written when a run crashed
+        "scrape-waiting.cache",  # the shared scrape's files
+        "scrape-0123456789abcdef.cache",
     ]
     foreign = [
         "nginx.pid",

@@ -229,36 +229,69 @@ def test_a_corrupt_or_linked_file_is_left_out_and_reported(
     assert _errors.count(("storage_read",)) - before == 4  # each file, at each scrape
 
 
-def test_concurrent_scrapes_share_one_merge(
+def hold_first_merge(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The first merge from now on stops once it has read the files, until ``release``;
+    ``read`` is set when it got there."""
+    read, release = threading.Event(), threading.Event()
+    combine = _merge._combine
+
+    def held(layout: Any, began: int) -> _merge.MergeResult:
+        result = combine(layout, began)
+        if not read.is_set():
+            read.set()
+            release.wait(timeout=60)
+        return result
+
+    monkeypatch.setattr(_merge, "_combine", held)
+    return read, release
+
+
+def count_arrivals(monkeypatch: pytest.MonkeyPatch, arrived: Callable[[], None]) -> None:
+    """Call ``arrived`` whenever a scrape arrives or a merge begins (each takes the time)."""
+    arrival = _merge.arrival
+
+    def counted() -> int:
+        now = arrival()
+        arrived()
+        return now
+
+    monkeypatch.setattr(_merge, "arrival", counted)
+
+
+def test_concurrent_scrapes_share_a_merge_and_see_every_count_before_them(
     multiprocess_dir: Path, merger: _merge.Merger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A scrape arriving while a merge runs does not take that merge's values (read before
+    it arrived): the seven scrapes that arrive while the first is merging share the next
+    merge, which holds a count made after the first merge read the files."""
     run_process(work, 1, slot="w0")
-    expected = theirs(multiprocess_dir, text_format)
-    release = threading.Event()
-    listing = merger._files.current
+    before = theirs(multiprocess_dir, text_format)
+    read, release = hold_first_merge(monkeypatch)
+    arrivals = []
+    count_arrivals(monkeypatch, lambda: arrivals.append(1))
+    results: dict[int, bytes] = {}
 
-    def held_listing() -> Any:  # the first merge stops here until the others are waiting
-        release.wait(timeout=60)
-        return listing()
+    def scrape(number: int) -> None:
+        results[number] = merger.text(text_format)
 
-    monkeypatch.setattr(merger._files, "current", held_listing)
-    results: list[bytes] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(merger.text(text_format))) for _ in range(8)
-    ]
+    threads = [threading.Thread(target=scrape, args=(n,)) for n in range(8)]
     threads[0].start()
-    wait_until(lambda: merger._flight is not None, timeout=30)
+    assert read.wait(timeout=30)
+    run_process(work, 2, slot="w1")  # counted after the first merge read the files
+    after = theirs(multiprocess_dir, text_format)
     for thread in threads[1:]:
         thread.start()
-    wait_until(lambda: merger.waiting == 7, timeout=30)
+    wait_until(lambda: len(arrivals) == 9, timeout=30)  # 8 scrapes and the first merge's start
     release.set()
     for thread in threads:
         thread.join(timeout=60)
 
-    assert merger.merges == 1
-    assert results == [expected] * 8
+    assert before != after
+    assert results == {0: before} | {n: after for n in range(1, 8)}
+    assert merger.merges == 2
+    assert merger._shared.served == 6  # one of the seven merged, six took its text
     merger.text(text_format)
-    assert merger.merges == 2  # a scrape after that merge runs its own
+    assert merger.merges == 3  # a scrape after those merges runs its own
 
 
 PROMETHEUS_ACCEPT = (  # what Prometheus 2.42 sends

@@ -1,0 +1,98 @@
+"""Counting a batch's categorical column per slot, without a Python step per row.
+
+Owns how one column's values reach the slots ``[categories..., unseen, missing]`` of
+:class:`._recorders.CategoricalSeries`, each value counted as ``code(value)`` would count it
+alone (the single-row rule): the values as a list (an array of objects or of strings read in
+one step), then the C counter of ``_speedups`` (it compares each text with the categories
+instead of hashing it) when it is built, counting by hashing otherwise; a pandas
+``Categorical`` is counted by its codes, each category coded once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._response import speedups
+
+__all__ = ["Code", "SlotCounter", "Values", "count_by_hashing", "count_slots", "slot_counter"]
+
+#: The slot of one value (``CategoricalSeries.code``).
+Code = Callable[[Any], int]
+#: What a counter reads: a list, a tuple or a 1-d array of objects.
+Values = Sequence[Any] | npt.NDArray[np.object_]
+#: Counts per slot ``[categories..., unseen, missing]`` of the values.
+SlotCounter = Callable[[Values, tuple[str, ...], Code], list[int]]
+
+
+def _counted_alike(value: Any) -> bool:
+    """Whether every value equal to ``value`` has its slot: a text, ``None`` or a float NaN
+    (numbers of other types can be equal and read differently: ``1``, ``1.0``, ``True``)."""
+    return value.__class__ is str or value is None or (value.__class__ is float and value != value)
+
+
+def count_by_hashing(values: Values, categories: tuple[str, ...], code: Code) -> list[int]:
+    """The pure-Python counter: distinct values counted by hashing, each coded once."""
+    slots = [0] * (len(categories) + 2)
+    try:
+        counts = Counter(values)
+    except TypeError:  # unhashable values (lists...)
+        counts = None
+    if counts is not None and all(map(_counted_alike, counts)):
+        for value, count in counts.items():
+            slots[code(value)] += count
+    else:  # one by one: equal values of other types may fall in different slots
+        for value in values:
+            slots[code(value)] += 1
+    return slots
+
+
+def slot_counter() -> SlotCounter:
+    """The C counter when ``_speedups`` is built (and not turned off), else hashing."""
+    return count_by_hashing if speedups is None else speedups.count_categories
+
+
+_count = slot_counter()
+
+
+def count_slots(values: Any, categories: tuple[str, ...], code: Code) -> list[int]:
+    """Counts per slot of one column (a list, an array, a pandas array or Series)."""
+    codes = getattr(values, "codes", None)
+    if isinstance(codes, np.ndarray) and hasattr(values, "categories"):
+        return _count_categorical(codes, values.categories.tolist(), len(categories), code)
+    return _count(_as_list(values), categories, code)
+
+
+def _as_list(values: Any) -> Values:
+    """The values as a list, a tuple or a 1-d array of objects (read in place), each as
+    ``CategoricalSeries.code`` should see it."""
+    if isinstance(values, list | tuple):
+        return values
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            return list(values)
+        if values.dtype.kind == "O":
+            objects: npt.NDArray[np.object_] = values
+            return objects
+        if values.dtype.kind == "U":  # texts as str, not numpy's str_
+            texts: list[str] = values.tolist()
+            return texts
+        return list(values)
+    if hasattr(values, "to_numpy"):  # pandas: its missing values as they are stored
+        return _as_list(values.to_numpy(dtype=object))
+    return list(values)
+
+
+def _count_categorical(codes: np.ndarray, values: list[Any], known: int, code: Code) -> list[int]:
+    """A pandas Categorical's counts: rows per code (-1: missing), each category coded once."""
+    per_code = np.bincount(codes.astype(np.intp) + 1, minlength=len(values) + 1).tolist()
+    slots = [0] * (known + 2)
+    slots[known + 1] = per_code[0]
+    for value, count in zip(values, per_code[1:], strict=True):
+        if count:
+            slots[code(value)] += count
+    return slots

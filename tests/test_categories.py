@@ -1,0 +1,281 @@
+"""Categorical counts: the C counter and the pure-Python one count each value where the
+single-row rule (``CategoricalSeries.code``) puts it, for every value type, every column form
+(lists, arrays of objects, pandas' string storages, ``category`` columns) and every input
+form of ``record_prediction``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry
+from signals_support import churn_profile as churn_profile  # fixture "profile"
+from signals_support import value
+from support import require_speedups
+
+from ml_wsgi_metrics import _categories, signals
+from ml_wsgi_metrics._categories import SlotCounter, count_by_hashing, count_slots
+from ml_wsgi_metrics._recorders import CategoricalSeries
+from ml_wsgi_metrics.profile import UNSEEN, ReferenceProfile
+from ml_wsgi_metrics.testing import isolated_signals
+
+#: Texts of every storage kind of CPython's str (1, 2 and 4 bytes a character), the empty
+#: one, several of the same length (one bucket of the C table), and the texts of values that
+#: are equal but read differently (1, 1.0, True).
+CATEGORIES = (
+    *("No", "Yes", "1", "True", "1.0", "One year", "Two year", "", "café", "日本語"),
+    *("😀x", "No internet", "b'Yes'", "-0.0", "<NA>"),
+)
+
+
+class Text(str):
+    """A str subclass: coded by the Python rule (its ``str()``)."""
+
+
+class Shouting:
+    """Any object: coded by its text."""
+
+    def __str__(self) -> str:
+        return "Yes"
+
+
+def fresh(text: str) -> str:
+    """An equal str that is a new object (as pandas and JSON hand them over)."""
+    return "".join(list(text))
+
+
+def every_kind_of_value(rows: int, seed: int) -> list[Any]:
+    rng = np.random.default_rng(seed)
+    pool: list[Any] = [
+        *[fresh(c) for c in CATEGORIES],
+        *CATEGORIES,  # the categories' own objects: found by identity
+        "Maybe",
+        "no",
+        "Yes ",
+        "日本",
+        "😀y",
+        "One yeaR",
+        None,
+        math.nan,
+        float("nan"),
+        np.float64("nan"),
+        pd.NA,
+        pd.NaT,
+        1,
+        1.0,
+        True,
+        np.int64(1),
+        -0.0,
+        b"Yes",
+        Text("Yes"),
+        np.str_("No"),
+        Shouting(),
+        ("a", 1),
+    ]
+    return [pool[i] for i in rng.integers(0, len(pool), rows)]
+
+
+def objects(values: list[Any]) -> np.ndarray:
+    """A 1-d array of objects holding ``values`` themselves (tuples included)."""
+    array = np.empty(len(values), dtype=object)
+    for i, item in enumerate(values):
+        array[i] = item
+    return array
+
+
+def one_by_one(values: Any, categories: tuple[str, ...]) -> list[int]:
+    """The single-row rule: each value coded alone."""
+    code = CategoricalSeries("f", categories, []).code
+    counts = Counter(code(v) for v in values)
+    return [counts[slot] for slot in range(len(categories) + 2)]
+
+
+@pytest.fixture(params=["c", "python"])
+def counter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SlotCounter:
+    """The counter ``record_prediction`` uses: the C one (``_speedups``), then hashing."""
+    chosen: SlotCounter = (
+        count_by_hashing if request.param == "python" else require_speedups().count_categories
+    )
+    monkeypatch.setattr(_categories, "_count", chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("form", ["list", "tuple", "objects", "strided objects"])
+def test_each_value_counts_where_the_single_row_rule_puts_it(
+    counter: SlotCounter, seed: int, form: str
+) -> None:
+    values = every_kind_of_value(2000, seed)
+    categories = CATEGORIES[: 5 + 2 * seed]  # 5 to 15 categories
+    given: Any = {
+        "list": lambda: values,
+        "tuple": lambda: tuple(values),
+        "objects": lambda: objects(values),
+        "strided objects": lambda: objects([v for v in values for _ in (1, 2)])[::2],
+    }[form]()
+    code = CategoricalSeries("f", categories, []).code
+    assert counter(given, categories, code) == one_by_one(values, categories)
+
+
+def test_fifty_categories_of_one_length(counter: SlotCounter) -> None:
+    """A full vocabulary (profile.MAX_CATEGORIES) whose texts share lengths and characters."""
+    categories = tuple(f"A{i:02d}" for i in range(50))
+    values = [fresh(f"A{i:02d}") for i in range(60)] * 3 + ["A5", "A050", "a01"]
+    code = CategoricalSeries("f", categories, []).code
+    counts = counter(values, categories, code)
+    assert counts == one_by_one(values, categories) == [3] * 50 + [3 * 10 + 3, 0]
+
+
+@pytest.mark.parametrize("values", [[], (), np.array([], dtype=object)], ids=repr)
+def test_an_empty_column_counts_nothing(counter: SlotCounter, values: Any) -> None:
+    assert counter(values, ("a", "b"), CategoricalSeries("f", ("a", "b"), []).code) == [0] * 4
+
+
+def test_no_categories_leave_every_text_unseen(counter: SlotCounter) -> None:
+    values = ["a", "", None, 3]
+    assert counter(values, (), CategoricalSeries("f", (), []).code) == [3, 1]
+
+
+def test_the_c_counter_checks_what_code_gives_and_passes_its_errors() -> None:
+    count = require_speedups().count_categories
+    with pytest.raises(ValueError, match="code\\(\\) gave 7, not a slot"):
+        count([1], ("a",), lambda v: 7)
+    with pytest.raises(ZeroDivisionError):
+        count(["a", 2], ("a",), lambda v: 1 // 0)
+    with pytest.raises(TypeError, match="categories must be a tuple"):
+        count(["a"], ["a"], len)
+    with pytest.raises(TypeError, match="categories must be str"):
+        count(["a"], ("a", 1), len)
+    with pytest.raises(TypeError):
+        count(5, ("a",), len)
+
+
+def test_a_code_that_shrinks_the_list_ends_the_count_safely() -> None:
+    values: list[Any] = ["a", 1, *["a"] * 50]
+
+    def code(value: Any) -> int:
+        del values[2:]
+        return 1
+
+    assert require_speedups().count_categories(values, ("a",), code) == [1, 1, 0]
+
+
+def test_the_c_counter_is_chosen_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It follows the C record's choice (``ML_WSGI_METRICS_PURE_PYTHON`` turns both off:
+    ``tests/test_speedups.py``)."""
+    speedups = require_speedups()
+    assert _categories._count is _categories.slot_counter() is speedups.count_categories
+    monkeypatch.setattr(_categories, "speedups", None)
+    assert _categories.slot_counter() is count_by_hashing
+
+
+# -- pandas' column forms -----------------------------------------------------------------------
+
+
+def texts_with_gaps(rows: int, seed: int) -> list[Any]:
+    rng = np.random.default_rng(seed)
+    texts: list[Any] = rng.choice(["No", "Yes", "Maybe", "日本語"], rows).tolist()
+    for i in range(0, rows, 7):
+        texts[i] = None
+    return texts
+
+
+def string_columns() -> dict[str, Any]:
+    texts = texts_with_gaps(300, 3)
+    forms: dict[str, Any] = {
+        "str (python, NaN)": pd.Series(texts, dtype=pd.StringDtype("python", na_value=np.nan)),
+        "string (python, NA)": pd.Series(texts, dtype=pd.StringDtype("python")),
+        "object": pd.Series(texts, dtype=object),
+        "category": pd.Series(texts, dtype="category"),
+        "category, unused and unordered": pd.Series(
+            pd.Categorical(texts, categories=["Yes", "Never", "No", "Maybe", "日本語"])
+        ),
+        "category of numbers": pd.Series([1, 2, None, 2.5, 1] * 60, dtype="category"),
+        "numbers": pd.Series([1, 2, 3, 2, 1] * 60),
+        "booleans with NA": pd.Series([True, None, False] * 100, dtype="boolean"),
+        "numpy texts": np.array([t or "" for t in texts]),
+    }
+    try:
+        import pyarrow
+    except ImportError:
+        pass
+    else:  # pragma: no cover - pyarrow is optional
+        forms["string (pyarrow)"] = pd.Series(texts, dtype=pd.StringDtype("pyarrow"))
+        forms["ArrowDtype"] = pd.Series(texts, dtype=pd.ArrowDtype(pyarrow.string()))
+    return forms
+
+
+@pytest.mark.parametrize("form", list(string_columns()))
+def test_every_pandas_column_form_counts_as_its_values_one_by_one(
+    counter: SlotCounter, form: str
+) -> None:
+    column = string_columns()[form]
+    categories = ("No", "Yes", "日本語", "1", "2.5")
+    code = CategoricalSeries("f", categories, []).code
+    want = one_by_one(column.tolist(), categories)
+    stored = pd.DataFrame({"f": column})._get_column_array(0)  # as the frame reader reads it
+    assert count_slots(column, categories, code) == want
+    assert count_slots(stored, categories, code) == want
+
+
+def test_a_category_column_counts_by_its_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each category is coded once, not each row."""
+    column = pd.Categorical(["b", "a", None] * 400, categories=["a", "b", "z"])
+    coded: list[Any] = []
+    series = CategoricalSeries("f", ("a", "b"), [])
+
+    def code(v: Any) -> int:
+        coded.append(v)
+        return series.code(v)
+
+    assert count_slots(column, ("a", "b"), code) == [400, 400, 0, 400]
+    assert coded == ["a", "b"]  # "z" has no row
+
+
+# -- through record_prediction ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame_reader", ["stored arrays", "pandas' public path"])
+@pytest.mark.parametrize("form", [f for f in string_columns() if "numpy" not in f])
+def test_a_frame_records_what_a_dict_of_lists_records(
+    profile: ReferenceProfile,
+    counter: SlotCounter,
+    form: str,
+    frame_reader: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if frame_reader != "stored arrays":  # as where pandas lacks the private accessor
+        monkeypatch.delattr(pd.DataFrame, "_get_column_array")
+    contract = string_columns()[form]
+    rows = len(contract)
+    delta = np.linspace(-9, 9, rows)
+    frame = pd.DataFrame({"Contract": contract, "delta": delta})
+    recorded = []
+    for inputs in (frame, {"Contract": contract.tolist(), "delta": delta.tolist()}):
+        with registered(profile) as registry:
+            signals.record_prediction(inputs)
+            recorded.append(contract_samples(registry, profile))
+    assert recorded[0] == recorded[1]
+    assert sum(recorded[0].values()) == rows
+
+
+@contextmanager
+def registered(profile: ReferenceProfile) -> Iterator[CollectorRegistry]:
+    with isolated_signals() as registry:
+        signals.register_model(profile)
+        yield registry
+
+
+def contract_samples(registry: CollectorRegistry, profile: ReferenceProfile) -> dict[str, Any]:
+    key = {"feature": "Contract"}
+    bins = profile.feature("Contract").bins
+    samples = {b: value(registry, "model_feature_bin_total", **key, bin=b) for b in bins}
+    samples["missing"] = value(registry, "model_feature_missing_total", **key)
+    assert value(registry, "model_feature_unseen_total", **key) == samples[UNSEEN]
+    return samples

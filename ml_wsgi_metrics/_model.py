@@ -15,14 +15,14 @@ from ._expected import ExpectedCorrect, kinds
 from ._inputs import is_missing
 from ._recorders import (
     NO_CLASS,
+    CategoricalRow,
     CategoricalSeries,
     Inc,
     NumericBlock,
     NumericSeries,
     NumericSlots,
-    noop,
 )
-from ._series import child_adder, fast_observer
+from ._series import SlotCells, child_adder, fast_observer, noop, stored_value
 from .metrics import ModelMetrics, remove_child
 from .profile import UNSEEN, CategoricalProfile, NumericProfile, ReferenceProfile
 
@@ -66,15 +66,17 @@ class CompiledModel:
             else:
                 self.categorical.append(_categorical_series(metrics, child, labels, feature))
         self.numeric_names = [f.name for f in self.numeric]
+        self.categorical_row = CategoricalRow(self.categorical)
         self.block = NumericBlock(self.numeric)
         self.score = _score_series(metrics, child, labels, profile.score)
         self.score_block = NumericBlock([self.score])
         # Predicted classes: the profile's, then NO_CLASS, then UNSEEN (not a known class).
         self.classes = (*(profile.classes or ()), NO_CLASS, UNSEEN)
         self.class_codes = {c: i for i, c in enumerate(self.classes)}
-        self.class_incs = [
-            child_adder(child(metrics.predictions, *labels, c)) for c in self.classes
-        ]
+        self.class_slots = SlotCells(
+            [stored_value(child(metrics.predictions, *labels, c)) for c in self.classes]
+        )
+        self.class_incs = self.class_slots.adders()
         self.observe_latency = fast_observer(child(metrics.prediction_latency, *labels))
         self.observe_delay = fast_observer(child(metrics.label_delay, *labels))
         if profile.accuracy is not None:
@@ -137,17 +139,17 @@ def _categorical_series(
     metrics: ModelMetrics, child: Children, labels: tuple[str, ...], feature: CategoricalProfile
 ) -> CategoricalSeries:
     key = (*labels, feature.name)
-    incs = _bins(child, metrics.feature_bin, metrics.feature_reference_share, key, feature)
-    incs.append(child_adder(child(metrics.feature_missing, *key)))
-    incs.append(child_adder(child(metrics.feature_unseen, *key)))
-    return CategoricalSeries(feature.name, feature.categories, incs)
+    values = _bins(child, metrics.feature_bin, metrics.feature_reference_share, key, feature)
+    values.append(stored_value(child(metrics.feature_missing, *key)))
+    values.append(stored_value(child(metrics.feature_unseen, *key)))
+    return CategoricalSeries(feature.name, feature.categories, values)
 
 
 def _score_series(
     metrics: ModelMetrics, child: Children, labels: tuple[str, ...], score: NumericProfile | None
 ) -> NumericSeries:
     edges: tuple[float, ...] = ()
-    bins: list[Inc] = [noop]  # no reference bins: count missing values and sums only
+    bins: list[Any] = [None]  # no reference bins: count missing values and sums only
     if score is not None:
         edges = score.edges
         bins = _bins(child, metrics.score_bin, metrics.score_reference_share, labels, score)
@@ -169,30 +171,30 @@ def _bins(
     reference_share: Any,
     key: tuple[str, ...],
     profile: NumericProfile | CategoricalProfile,
-) -> list[Inc]:
-    """The adders of a profile's bins; their reference shares set."""
-    incs = [child_adder(child(counter, *key, b)) for b in profile.bins]
+) -> list[Any]:
+    """The stored values of a profile's bins; their reference shares set."""
+    values = [stored_value(child(counter, *key, b)) for b in profile.bins]
     for bin_label, share in zip(profile.bins, profile.shares, strict=True):
         child(reference_share, *key, bin_label).set(share)
-    return incs
+    return values
 
 
 def _numeric_slots(
     child: Children,
     key: tuple[str, ...],
-    bins: list[Inc],
+    bins: list[Any],
     *,
     missing: Any,
     out_of_range: Any | None,
     sums: Any,
     squares: Any,
 ) -> NumericSlots:
-    """The adders of one numeric series (``out_of_range`` ``None``: not counted)."""
+    """The stored values of one numeric series (``out_of_range`` ``None``: not counted)."""
     return NumericSlots(
         bins=bins,
-        missing=child_adder(child(missing, *key)),
-        out_of_range=noop if out_of_range is None else child_adder(child(out_of_range, *key)),
-        positive=child_adder(child(sums, *key, "positive")),
-        negative=child_adder(child(sums, *key, "negative")),
-        squares=child_adder(child(squares, *key)),
+        missing=stored_value(child(missing, *key)),
+        out_of_range=None if out_of_range is None else stored_value(child(out_of_range, *key)),
+        positive=stored_value(child(sums, *key, "positive")),
+        negative=stored_value(child(sums, *key, "negative")),
+        squares=stored_value(child(squares, *key)),
     )

@@ -2,11 +2,12 @@
 
 Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named by
 :class:`NumericSlots`, and :class:`NumericBlock` for many columns at once) and of a
-categorical one (:class:`CategoricalSeries`), the single-row path (plain Python, one lock)
-and the batch path (one ``searchsorted`` and one ``bincount`` per block of numeric columns,
-one count per categorical column, then only the non-zero slots incremented under one
-lock). Which series a registered model has is :mod:`._model`'s job, reading the inputs
-:mod:`._inputs`'.
+categorical one (:class:`CategoricalSeries`), the single-row path (one lock; a row's columns
+read and counted in C when the extension is built) and the batch path (a block of numeric
+columns in one pass of the C kernel, else a few numpy passes; one count per categorical
+column; then every recorder's non-zero slots added under one lock, in bulk through
+:class:`~._series.SlotCells`). Which series a registered model has is :mod:`._model`'s job,
+reading the inputs :mod:`._inputs`'.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ._inputs import (
     numeric_matrix,
     to_float,
 )
+from ._series import SlotCells, noop, speedups, take_cell, value_adder
 from .multiprocess import storage_lock
 from .profile import positive_scores
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NO_CLASS",
     "Batch",
+    "CategoricalRow",
     "CategoricalSeries",
     "Inc",
     "NumericBlock",
@@ -56,33 +59,29 @@ _INF = math.inf
 _COMPARED_EDGES = 16  # up to this many edges, binned by comparisons, not searchsorted
 
 Inc = Callable[[float], None]
-#: Increments per slot to apply: the slots' adders and one amount per slot.
-Updates = list[tuple[list[Inc], FloatArray]]
+#: Increments to apply: a recorder's slots and one amount per slot.
+Updates = list[tuple[SlotCells, FloatArray]]
 
 
-def noop(amount: float) -> None:
-    """The adder of a slot that is not recorded."""
-    return None
-
-
-def apply_updates(updates: Updates) -> None:
-    """Increment the slots whose amount is non-zero (a loop over slots, never over rows)."""
+def apply_updates(updates: Updates, adds: Sequence[tuple[Inc, float]] = ()) -> None:
+    """Add to the slots whose amount is non-zero (a loop over slots, never over rows), then
+    each of ``adds``: ``(adder, amount)``."""
     with storage_lock():
-        for incs, amounts in updates:
-            nonzero = np.flatnonzero(amounts)
-            for index, amount in zip(nonzero.tolist(), amounts[nonzero].tolist(), strict=True):
-                incs[index](amount)
+        for slots, amounts in updates:
+            slots.add(amounts)
+        for add, amount in adds:
+            add(amount)
 
 
 class NumericSlots(NamedTuple):
-    """The adders of one numeric column's series."""
+    """The stored values of one numeric column's series (``None``: not recorded)."""
 
-    bins: list[Inc]
-    missing: Inc
-    out_of_range: Inc
-    positive: Inc
-    negative: Inc
-    squares: Inc
+    bins: list[Any]
+    missing: Any
+    out_of_range: Any
+    positive: Any
+    negative: Any
+    squares: Any
 
 
 class NumericSeries:
@@ -99,18 +98,17 @@ class NumericSeries:
         "oor",
         "positive",
         "squares",
+        "values",
     )
 
     def __init__(
         self, name: str, edges: tuple[float, ...], low: float, high: float, slots: NumericSlots
     ) -> None:
         self.name, self.edges, self.low, self.high = name, edges, low, high
-        self.bins, self.missing, self.oor = slots.bins, slots.missing, slots.out_of_range
-        self.positive, self.negative, self.squares = slots.positive, slots.negative, slots.squares
-
-    def incs(self) -> list[Inc]:
-        """Every slot, in :class:`NumericBlock`'s order."""
-        return [*self.bins, self.missing, self.oor, self.positive, self.negative, self.squares]
+        self.values = [*slots.bins, *slots[1:]]  # every slot, in NumericBlock's order
+        incs = [noop if value is None else value_adder(value) for value in self.values]
+        self.bins = incs[: len(slots.bins)]
+        self.missing, self.oor, self.positive, self.negative, self.squares = incs[-5:]
 
     def record(self, value: float) -> int | None:
         """Count one value; returns its bin, or ``None`` when missing."""
@@ -133,19 +131,27 @@ class NumericSeries:
 class NumericBlock:
     """Numeric columns and their slots: per column ``[bins..., missing, oor, +sum, -sum, sq]``.
 
-    :meth:`amounts` turns an ``(n, columns)`` matrix into one increment per slot.
+    :meth:`amounts` turns an ``(n, columns)`` matrix into one increment per slot: in one pass
+    of the C kernel (``_speedups.NumericKernel``) when the extension is built, else with numpy
+    (:meth:`numpy_amounts`, the same numbers).
     """
 
     def __init__(self, series: Sequence[NumericSeries]) -> None:
-        self.incs: list[Inc] = []
+        values: list[Any] = []
         self.edges: list[FloatArray] = []
         bin_base, missing, extras = [], [], []
         for column in series:
-            bin_base.append(len(self.incs))
-            missing.append(len(self.incs) + len(column.edges) + 1)
-            extras.append(len(self.incs) + len(column.edges) + 2)
-            self.incs.extend(column.incs())
+            bin_base.append(len(values))
+            missing.append(len(values) + len(column.edges) + 1)
+            extras.append(len(values) + len(column.edges) + 2)
+            values.extend(column.values)
             self.edges.append(np.asarray(column.edges, dtype=np.float64))
+        self.slots = SlotCells(values)
+        self.kernel = None
+        if speedups is not None:
+            self.kernel = speedups.NumericKernel(
+                [c.edges for c in series], [c.low for c in series], [c.high for c in series]
+            )
         self.bin_base = np.asarray(bin_base, dtype=np.intp)
         self.missing = np.asarray(missing, dtype=np.intp)
         extra = np.asarray(extras, dtype=np.intp)
@@ -173,7 +179,15 @@ class NumericBlock:
         return codes + self.bin_base
 
     def amounts(self, matrix: FloatArray) -> FloatArray:
-        matrix = np.ascontiguousarray(matrix)
+        """One amount per slot for the rows of ``matrix``."""
+        if self.kernel is None:
+            return self.numpy_amounts(matrix)
+        amounts = np.empty(len(self.slots))
+        self.kernel.amounts(matrix, amounts)
+        return amounts
+
+    def numpy_amounts(self, matrix: FloatArray) -> FloatArray:
+        """:meth:`amounts` in numpy: each sum in row order, as the kernel adds them."""
         codes = self.codes(matrix)
         finite = np.isfinite(matrix)
         values = matrix
@@ -181,29 +195,45 @@ class NumericBlock:
         if not all_finite:
             np.copyto(codes, self.missing, where=~finite)
             values = np.where(finite, matrix, 0.0)
-        amounts = np.bincount(codes.ravel(), minlength=len(self.incs)).astype(np.float64)
+        amounts = np.bincount(codes.ravel(), minlength=len(self.slots)).astype(np.float64)
         outside = (values < self.low) | (values > self.high)
         if not all_finite:
             outside &= finite
         amounts[self.out_of_range] = np.add.reduce(outside, axis=0, dtype=np.intp)
-        amounts[self.positive] = np.maximum(values, 0.0).sum(axis=0)
-        amounts[self.negative] = -np.minimum(values, 0.0).sum(axis=0)
-        amounts[self.squares] = np.einsum("ij,ij->j", values, values)
+        amounts[self.positive], amounts[self.negative], amounts[self.squares] = _row_order_sums(
+            values
+        )
         return amounts
+
+
+def _row_order_sums(values: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Each column's positive, negative and squared values summed in row order, as the C kernel
+    adds them: numpy reduces the columns of a C-ordered matrix row by row (a single column
+    pairwise: it is accumulated)."""
+    if values.shape[1] == 1:
+        column = np.concatenate([[0.0], values[:, 0]])  # a sum of no rows is 0
+        terms = (np.maximum(column, 0.0), np.minimum(column, 0.0), column * column)
+        positive, negative, squares = (np.add.accumulate(t)[-1:] for t in terms)
+        return positive, -negative, squares
+    values = np.ascontiguousarray(values)
+    positive = np.maximum(values, 0.0).sum(axis=0)
+    negative = -np.minimum(values, 0.0).sum(axis=0)
+    return positive, negative, np.einsum("ij,ij->j", values, values)
 
 
 class CategoricalSeries:
     """One categorical column: vocabulary codes and series."""
 
-    __slots__ = ("categories", "codes", "incs", "missing_code", "name", "unseen_code")
+    __slots__ = ("categories", "codes", "incs", "missing_code", "name", "slots", "unseen_code")
 
-    def __init__(self, name: str, categories: Sequence[str], incs: list[Inc]) -> None:
-        # slots: [categories..., unseen bin, missing, unseen counter]
+    def __init__(self, name: str, categories: Sequence[str], values: Sequence[Any]) -> None:
+        # slots (their stored values): [categories..., unseen bin, missing, unseen counter]
         self.name, self.categories = name, tuple(categories)
         self.codes = {c: i for i, c in enumerate(categories)}
         self.unseen_code = len(categories)
         self.missing_code = len(categories) + 1
-        self.incs = incs
+        self.slots = SlotCells(values)
+        self.incs = self.slots.adders()
 
     def code(self, value: Any) -> int:
         code = self.codes.get(value) if value.__class__ is str else None
@@ -234,6 +264,33 @@ class CategoricalSeries:
         return amounts
 
 
+class CategoricalRow:
+    """A model's categorical columns for the single-row path: one set of cells over all their
+    slots, counted in C (``_speedups.add_categories``: each column's exact string looked up in
+    its vocabulary, anything else through :meth:`CategoricalSeries.code`)."""
+
+    __slots__ = ("codes", "firsts", "names", "slots", "vocabularies")
+
+    def __init__(self, series: Sequence[CategoricalSeries]) -> None:
+        self.names = [column.name for column in series]
+        self.vocabularies = [column.codes for column in series]
+        self.codes: list[Callable[[Any], int]] = [column.code for column in series]
+        self.firsts: list[int] = []
+        values: list[Any] = []
+        for column in series:
+            self.firsts.append(len(values))
+            values.extend(column.slots.values)
+        self.slots = SlotCells(values)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Count one row (the C extension is built); the storage lock is held."""
+        assert speedups is not None
+        cells, values = self.slots.cells(), self.slots.values
+        speedups.add_categories(
+            row, self.names, self.vocabularies, self.codes, self.firsts, cells, values, take_cell
+        )
+
+
 # -- recording one call ----------------------------------------------------------------------
 
 
@@ -242,20 +299,31 @@ def record_row(
 ) -> float | None:
     """Record one row given as a dict of scalars (the plain-Python path); returns the score
     as recorded (``None`` when not given)."""
-    get = row.get
     value = None if score is None else to_float(score)
     with storage_lock():  # one lock for all the updates (slot values add unlocked)
-        for feature in model.numeric:
-            raw = get(feature.name)
-            feature.record(raw if raw.__class__ is float else to_float(raw))
-        for categorical in model.categorical:
-            categorical.record(get(categorical.name))
+        _record_features(model, row)
         code = model.class_code(predicted)
         if value is not None:
             model.score.record(value)
             model.expected.record(value, code)
         model.class_incs[code](1)
     return value
+
+
+def _record_features(model: CompiledModel, row: Mapping[str, Any]) -> None:
+    """One row's features: in C when the extension is built, else one series at a time."""
+    kernel, slots = model.block.kernel, model.block.slots
+    if kernel is not None:
+        kernel.add_row(row, model.numeric_names, slots.cells(), slots.values, take_cell)
+        if model.categorical:
+            model.categorical_row.add(row)
+        return
+    get = row.get
+    for feature in model.numeric:
+        raw = get(feature.name)
+        feature.record(raw if raw.__class__ is float else to_float(raw))
+    for categorical in model.categorical:
+        categorical.record(get(categorical.name))
 
 
 class Batch(NamedTuple):
@@ -288,13 +356,13 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
     if column is not None:
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
-        updates.append((model.score_block.incs, model.score_block.amounts(score_values[:, None])))
+        updates.append((model.score_block.slots, model.score_block.amounts(score_values[:, None])))
     counted = _class_amounts(model, class_values, rows)
-    updates.append((model.class_incs, counted.amounts))
+    updates.append((model.class_slots, counted.amounts))
+    expected = 0.0
     if score_values is not None:
         expected = model.expected.amount(score_values, class_values, counted.codes, counted.matches)
-        updates.append(([model.expected.inc], np.array([expected])))
-    apply_updates(updates)
+    apply_updates(updates, [(model.expected.inc, expected)] if expected else ())
     return Batch(rows, class_values, score_values)
 
 
@@ -351,7 +419,7 @@ def _input_updates(
     updates: Updates = []
     if model.numeric:
         matrix = numeric_matrix(inputs, column, model.numeric_names, rows)
-        updates.append((model.block.incs, model.block.amounts(matrix)))
+        updates.append((model.block.slots, model.block.amounts(matrix)))
     for categorical in model.categorical:
-        updates.append((categorical.incs, categorical.amounts(column(categorical.name), rows)))
+        updates.append((categorical.slots, categorical.amounts(column(categorical.name), rows)))
     return updates

@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any, Protocol
 
-from . import _context, _settings
+from . import _context
 from ._context import current as bound_model
 from ._context import reset as reset_bound_model
 from ._errors import report
-from ._series import RouteSeries
+from ._series import RouteSeries, speedups
 from ._slots import State as storage_state
 from .metrics import RequestMetrics
 from .routes import REQUEST_KEY, UNMATCHED, mount_prefix
@@ -262,12 +262,7 @@ class PythonTimedResponse:
             instrumentation_failed(self, "record", error)
 
 
-try:
-    if _settings.PURE_PYTHON.get():
-        raise ImportError("ML_WSGI_METRICS_PURE_PYTHON is set")
-    from . import _speedups as speedups
-except ImportError:
-    speedups = None  # type: ignore[assignment]
+if speedups is None:  # not built, or ML_WSGI_METRICS_PURE_PYTHON set
     TimedResponse: type = PythonTimedResponse
 else:
     speedups.configure(

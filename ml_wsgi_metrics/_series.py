@@ -11,9 +11,12 @@ metrics._slots.SlotValue` (this package's multiprocess storage), prometheus_clie
   storage moves (``_slots.State.generation`` changes: a fork, a worker given its slot, a file
   retried), and is taken again then;
 - an **adder** ``add(amount)``, which follows the value wherever it moves: the handle the
-  signals API keeps for the life of a registered model.
+  signals API keeps for the life of a registered model, one value at a time.
 
-Both add to slot values without locking: the caller holds :func:`~ml_wsgi_metrics._slots.
+A recorder's slots are kept as :class:`SlotCells`: their values, and cells taken lazily (at the
+first add, and again after a move) to which a vector of amounts is added in one call (C
+``add_amounts`` when the extension is built). Every handle adds without locking, prometheus_
+client's in-memory value included: the caller holds :func:`~ml_wsgi_metrics._slots.
 storage_lock` around all the updates of one request or call. A value of a class unknown here is
 reached through its ``inc``, whatever the handle.
 """
@@ -21,22 +24,33 @@ reached through its ``inc``, whatever the handle.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client.values import MutexValue
 
+from . import _settings
 from ._slots import SlotValue, State, storage_lock
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy is imported by the signals API only, not by the middleware
+    import numpy as np
+    import numpy.typing as npt
+
     from .metrics import RequestMetrics
+
+    FloatArray = npt.NDArray[np.float64]
 
 __all__ = [
     "Adder",
     "Cell",
     "RouteSeries",
+    "SlotCells",
     "child_adder",
     "fast_observer",
+    "noop",
+    "speedups",
+    "stored_value",
+    "take_cell",
     "value_adder",
     "value_cell",
 ]
@@ -92,17 +106,101 @@ def value_cell(value: Any) -> Cell:
     return _IncStore(value.inc), 0
 
 
-def value_adder(value: Any) -> Adder:
-    """``add(amount)`` to a stored value: unlocked for slot values (the caller holds the lock)."""
-    add: Adder = value.add_unlocked if isinstance(value, SlotValue) else value.inc
+def noop(amount: float) -> None:
+    """The adder of a slot that is not recorded."""
+    return None
+
+
+def _cell_adder(store: Store, key: Any) -> Adder:
+    def add(amount: float) -> None:
+        store[key] += amount
+
     return add
+
+
+def value_adder(value: Any) -> Adder:
+    """``add(amount)`` to a stored value, unlocked (the caller holds the storage lock): a slot
+    value's ``add_unlocked``, prometheus_client's in-memory value's attribute (its ``inc`` would
+    take its own lock), anything else's ``inc``."""
+    if isinstance(value, SlotValue):
+        return value.add_unlocked
+    store, key = value_cell(value)
+    add: Adder = value.inc if isinstance(store, _IncStore) else _cell_adder(store, key)
+    return add
+
+
+def stored_value(child: Any) -> Any:
+    """What keeps a counter or gauge child's value: its value object, or the child itself
+    (added to through its ``inc``) when prometheus_client's internals changed."""
+    value = getattr(child, "_value", None)
+    return value if hasattr(value, "inc") else child
 
 
 def child_adder(child: Any) -> Adder:
     """The adder of a counter or gauge child's stored value, without its per-call checks."""
-    value = getattr(child, "_value", None)
-    add: Adder = value_adder(value) if hasattr(value, "inc") else child.inc
-    return add
+    return value_adder(stored_value(child))
+
+
+def take_cell(value: Any) -> Cell:
+    """:func:`value_cell`, after reopening a slot value whose file was closed under it
+    (reported, its value kept in memory): the ``take`` of :class:`SlotCells`."""
+    if isinstance(value, SlotValue):
+        value.add_unlocked(0.0)  # adds nothing; a closed view is found and replaced
+    return value_cell(value)
+
+
+def _add_amounts(
+    cells: list[Cell | None], values: list[Any], take: Callable[[Any], Cell], amounts: FloatArray, /
+) -> None:
+    """Add each non-zero amount to its slot, taking the cells still ``None`` (the C
+    ``add_amounts`` when the extension is built)."""
+    for index, amount in enumerate(amounts.tolist()):
+        if not amount:
+            continue
+        if values[index] is None:  # a slot not recorded
+            continue
+        for attempt in (0, 1):
+            cell = cells[index]
+            if cell is None:
+                cell = cells[index] = take(values[index])
+            store, key = cell
+            try:
+                store[key] += amount
+                break
+            except ValueError:  # a released view: its file was closed, the cell taken again
+                if attempt:
+                    raise
+                cells[index] = None
+
+
+class SlotCells:
+    """A recorder's slots: their stored values (``None``: a slot not recorded) and cells,
+    taken at a slot's first add and again once the storage moved; adds amounts in bulk."""
+
+    __slots__ = ("_cells", "_generation", "values")
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        self.values = list(values)
+        self._cells: list[Cell | None] = [None] * len(self.values)
+        self._generation = State.generation
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def cells(self) -> list[Cell | None]:
+        """The cells (``None`` until taken) as they are now; the storage lock is held."""
+        if self._generation != State.generation:
+            self._generation = State.generation
+            self._cells = [None] * len(self.values)
+        return self._cells
+
+    def add(self, amounts: FloatArray) -> None:
+        """Add a float64 vector of one amount per slot (zeros skipped); the lock is held."""
+        add_amounts(self.cells(), self.values, take_cell, amounts)
+
+    def adders(self) -> list[Adder]:
+        """One adder per slot, for updates one value at a time."""
+        return [noop if value is None else value_adder(value) for value in self.values]
 
 
 def _histogram(child: Any, take: Callable[[Any], _H]) -> tuple[tuple[float, ...], list[_H], _H]:
@@ -254,3 +352,14 @@ class RouteSeries:
             if was_started:
                 store, key = self._in_progress
                 store[key] -= 1
+
+
+try:
+    if _settings.PURE_PYTHON.get():
+        raise ImportError("ML_WSGI_METRICS_PURE_PYTHON is set")
+    from . import _speedups as speedups
+except ImportError:
+    speedups = None  # type: ignore[assignment]
+    add_amounts = _add_amounts
+else:
+    add_amounts = speedups.add_amounts

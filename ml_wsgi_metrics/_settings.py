@@ -147,7 +147,8 @@ PURE_PYTHON = Setting(
     False,
     _flag,
     "a flag",
-    "any non-empty value: the pure-Python request record, not the C one (read at import)",
+    "any non-empty value: the pure-Python request record and recorders, not the C extension "
+    "(read at import)",
 )
 PRIVATE_DIRECTORY = Setting(
     "ML_WSGI_METRICS_PRIVATE_DIRECTORY",

@@ -143,8 +143,9 @@ def compact(drop: Callable[[str], bool]) -> None:
 
     Keys are prometheus_client's ``mmap_key`` JSON strings. Forgotten values count on in memory
     only (a stale reference writes nowhere); the others reopen in the rewritten files at their
-    next use, continuing their values. Only model files (:data:`MODEL_FILES`) are rewritten:
-    the request series' cells never move during a request.
+    next use, continuing their values, and cells taken from them are stale (the generation
+    changes). Only model files (:data:`MODEL_FILES`) are rewritten: the request series' cells
+    never move during a request.
     """
     with _lock:
         kept = []
@@ -162,6 +163,7 @@ def compact(drop: Callable[[str], bool]) -> None:
             for value in kept:
                 if value._prefix == prefix:
                     value._view = None  # reopens in the new file at its next use
+            State.generation += 1  # cells of the old file's values (a model's slots) are stale
             try:
                 State.files[prefix] = rewritten(handle, drop)
             except (OSError, ValueError) as error:  # the old file stays, keys and all

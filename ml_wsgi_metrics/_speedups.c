@@ -17,9 +17,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define KERNEL_X86_64 /* the numeric kernel in SSE2, and in AVX2 when the CPU has it */
+#endif
 
 /* Set by configure(): the Python side this record works with. */
 static PyObject *storage_state;          /* _slots.State: .generation */
@@ -725,6 +731,844 @@ static PyTypeObject RecordType = {
     .tp_members = Record_members,
 };
 
+/* == model signals: the numeric kernel and bulk slot adds ==================================
+ *
+ * Used by ml_wsgi_metrics/_recorders.py (NumericBlock and the single-row path) and by
+ * ml_wsgi_metrics/_series.py (SlotCells); the pure-Python fallbacks there compute the same
+ * numbers. Nothing here reads a Python attribute by name.
+ *
+ * A block of numeric columns has, per column, the slots [bins (len(edges) + 1)..., missing,
+ * out of range, positive sum, negative sum, sum of squares]. A value's bin is bisect_left on
+ * its column's edges; NaN and infinities are missing and count nowhere else; out of range is
+ * below the column's low or above its high; the sums add one column's values in row order,
+ * as numpy's reduction along axis 0 of a C-ordered matrix does (the same doubles).
+ *
+ * Slots are written through cells (see the top of this file), one list per recorder, taken
+ * lazily: a None cell is taken by calling take(value) (None value: a slot not recorded).
+ * The caller holds the storage lock; writes hold the GIL throughout, except take().
+ */
+
+#define COMPARED_EDGES 16 /* up to this many edges, a value's bin is counted by comparisons */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t columns;
+    Py_ssize_t slots;
+    Py_ssize_t *offsets; /* columns + 1: column j's edges are edges[offsets[j]:offsets[j + 1]] */
+    double *edges;
+    double *low;
+    double *high;
+} NumericKernel;
+
+/* The first slot of column j: its bins, then missing, out of range and the three sums. */
+#define FIRST_SLOT(kernel, j) ((kernel)->offsets[j] + 6 * (j))
+
+static Py_ssize_t
+bisect_left(const double *edges, Py_ssize_t count, double value)
+{
+    if (count <= COMPARED_EDGES) {
+        Py_ssize_t below = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            below += edges[i] < value;
+        }
+        return below;
+    }
+    Py_ssize_t low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        if (edges[middle] < value) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    return low;
+}
+
+/* Column j's sums (each in row order), missing and out of range values; returns how many
+ * values are +inf. */
+static Py_ssize_t
+column_sums(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_ssize_t rows,
+            double *extra)
+{
+    double low = kernel->low[j], high = kernel->high[j];
+    double positive = 0.0, negative = 0.0, squares = 0.0;
+    Py_ssize_t missing = 0, infinite = 0, outside = 0;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        double x = values[i];
+        if (!isfinite(x)) {
+            missing++;
+            infinite += x > 0.0;
+            continue;
+        }
+        outside += (x < low) | (x > high);
+        positive += x > 0.0 ? x : 0.0; /* a sum plus zero is the same sum */
+        negative -= x > 0.0 ? 0.0 : x;
+        squares += x * x;
+    }
+    extra[0] = (double)missing;
+    extra[1] = (double)outside;
+    extra[2] = positive;
+    extra[3] = negative;
+    extra[4] = squares;
+    return infinite;
+}
+
+#ifdef KERNEL_X86_64
+static int has_avx2; /* set when the module is initialised */
+
+/* count_above() of up to four edges in one pass (missing ones: +inf, above which is none). */
+__attribute__((target("avx2"))) static void
+count_above_four(const double *values, Py_ssize_t rows, const double *edges, Py_ssize_t count,
+                 Py_ssize_t *above)
+{
+    double bound[4];
+    for (int t = 0; t < 4; t++) {
+        bound[t] = t < count ? edges[t] : Py_HUGE_VAL;
+    }
+    __m256d e0 = _mm256_set1_pd(bound[0]), e1 = _mm256_set1_pd(bound[1]);
+    __m256d e2 = _mm256_set1_pd(bound[2]), e3 = _mm256_set1_pd(bound[3]);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    Py_ssize_t i = 0;
+    for (; i + 4 <= rows; i += 4) { /* a true comparison is -1 in its lane */
+        __m256d x = _mm256_loadu_pd(values + i);
+        a0 = _mm256_sub_epi64(a0, _mm256_castpd_si256(_mm256_cmp_pd(x, e0, _CMP_GT_OQ)));
+        a1 = _mm256_sub_epi64(a1, _mm256_castpd_si256(_mm256_cmp_pd(x, e1, _CMP_GT_OQ)));
+        a2 = _mm256_sub_epi64(a2, _mm256_castpd_si256(_mm256_cmp_pd(x, e2, _CMP_GT_OQ)));
+        a3 = _mm256_sub_epi64(a3, _mm256_castpd_si256(_mm256_cmp_pd(x, e3, _CMP_GT_OQ)));
+    }
+    long long lanes[4][4];
+    _mm256_storeu_si256((__m256i *)lanes[0], a0);
+    _mm256_storeu_si256((__m256i *)lanes[1], a1);
+    _mm256_storeu_si256((__m256i *)lanes[2], a2);
+    _mm256_storeu_si256((__m256i *)lanes[3], a3);
+    for (Py_ssize_t t = 0; t < count && t < 4; t++) {
+        above[t] = (Py_ssize_t)(lanes[t][0] + lanes[t][1] + lanes[t][2] + lanes[t][3]);
+        for (Py_ssize_t k = i; k < rows; k++) {
+            above[t] += values[k] > bound[t];
+        }
+    }
+}
+#endif
+
+/* How many values are above `edge` (NaN never is). */
+static Py_ssize_t
+count_above_one(const double *values, Py_ssize_t rows, double edge)
+{
+    Py_ssize_t i = 0, total = 0;
+#ifdef KERNEL_X86_64
+    __m128i above = _mm_setzero_si128();
+    __m128d bound = _mm_set1_pd(edge);
+    for (; i + 2 <= rows; i += 2) {
+        __m128d greater = _mm_cmpgt_pd(_mm_loadu_pd(values + i), bound);
+        above = _mm_sub_epi64(above, _mm_castpd_si128(greater));
+    }
+    long long lanes[2];
+    _mm_storeu_si128((__m128i *)lanes, above);
+    total = (Py_ssize_t)(lanes[0] + lanes[1]);
+#endif
+    for (; i < rows; i++) {
+        total += values[i] > edge;
+    }
+    return total;
+}
+
+/* above[t]: how many values are above edges[t], for each of `count` edges. */
+static void
+count_above(const double *values, Py_ssize_t rows, const double *edges, Py_ssize_t count,
+            Py_ssize_t *above)
+{
+#ifdef KERNEL_X86_64
+    if (has_avx2) {
+        for (Py_ssize_t t = 0; t < count; t += 4) {
+            count_above_four(values, rows, edges + t, count - t, above + t);
+        }
+        return;
+    }
+#endif
+    for (Py_ssize_t t = 0; t < count; t++) {
+        above[t] = count_above_one(values, rows, edges[t]);
+    }
+}
+
+/* Column j's bins: by comparisons with each edge when there are few (a pass per edge, no
+ * branch), else by bisection. `finite` and `infinite` count its finite and +inf values. */
+static void
+column_bins(const NumericKernel *kernel, Py_ssize_t j, const double *values, Py_ssize_t rows,
+            double finite, Py_ssize_t infinite, double *bins)
+{
+    const double *edges = kernel->edges + kernel->offsets[j];
+    Py_ssize_t count = kernel->offsets[j + 1] - kernel->offsets[j];
+    if (count <= COMPARED_EDGES) {
+        Py_ssize_t counted[COMPARED_EDGES];
+        count_above(values, rows, edges, count, counted);
+        double previous = finite; /* values in bins from b on: those above edge b - 1 */
+        for (Py_ssize_t b = 0; b < count; b++) {
+            double above = (double)(counted[b] - infinite);
+            if (!isfinite(edges[b])) { /* +inf: none above; -inf: all finite ones */
+                above = edges[b] > 0 ? 0.0 : previous;
+            }
+            bins[b] = previous - above;
+            previous = above;
+        }
+        bins[count] = previous;
+        return;
+    }
+    for (Py_ssize_t b = 0; b <= count; b++) {
+        bins[b] = 0.0;
+    }
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (isfinite(values[i])) {
+            bins[bisect_left(edges, count, values[i])] += 1.0;
+        }
+    }
+}
+
+#ifdef KERNEL_X86_64
+/* column_sums() of columns j to j + 3 at once, a column per lane (each sum still in row order);
+ * `matrix` points at column j's first value. */
+__attribute__((target("avx2"))) static void
+four_column_sums(const NumericKernel *kernel, Py_ssize_t j, const char *matrix, Py_ssize_t rows,
+                 Py_ssize_t row_stride, Py_ssize_t column_stride, double *out,
+                 Py_ssize_t *infinite)
+{
+    const __m256d zero = _mm256_setzero_pd(), largest = _mm256_set1_pd(DBL_MAX);
+    const __m256d sign = _mm256_set1_pd(-0.0);
+    const __m256d low = _mm256_loadu_pd(kernel->low + j), high = _mm256_loadu_pd(kernel->high + j);
+    __m256d positive = zero, negative = zero, squares = zero;
+    __m256i finite_count = _mm256_setzero_si256(), outside = finite_count, above = finite_count;
+    const Py_ssize_t c = column_stride;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        const char *row = matrix + i * row_stride;
+        __m256d x = c == sizeof(double)
+                        ? _mm256_loadu_pd((const double *)row)
+                        : _mm256_set_pd(*(const double *)(row + 3 * c),
+                                        *(const double *)(row + 2 * c),
+                                        *(const double *)(row + c), *(const double *)row);
+        /* lanes of comparisons are all ones when true: subtracting them counts */
+        __m256d finite = _mm256_cmp_pd(_mm256_andnot_pd(sign, x), largest, _CMP_LE_OQ);
+        __m256d v = _mm256_and_pd(x, finite); /* missing values add zero */
+        __m256d out_of_range = _mm256_and_pd(
+            finite, _mm256_or_pd(_mm256_cmp_pd(v, low, _CMP_LT_OQ),
+                                 _mm256_cmp_pd(v, high, _CMP_GT_OQ)));
+        finite_count = _mm256_sub_epi64(finite_count, _mm256_castpd_si256(finite));
+        outside = _mm256_sub_epi64(outside, _mm256_castpd_si256(out_of_range));
+        above = _mm256_sub_epi64(
+            above, _mm256_castpd_si256(_mm256_cmp_pd(x, largest, _CMP_GT_OQ)));
+        positive = _mm256_add_pd(positive, _mm256_max_pd(v, zero));
+        negative = _mm256_sub_pd(negative, _mm256_min_pd(v, zero));
+        squares = _mm256_add_pd(squares, _mm256_mul_pd(v, v));
+    }
+    double sums[3][4];
+    long long counts[3][4];
+    _mm256_storeu_pd(sums[0], positive);
+    _mm256_storeu_pd(sums[1], negative);
+    _mm256_storeu_pd(sums[2], squares);
+    _mm256_storeu_si256((__m256i *)counts[0], finite_count);
+    _mm256_storeu_si256((__m256i *)counts[1], outside);
+    _mm256_storeu_si256((__m256i *)counts[2], above);
+    for (int lane = 0; lane < 4; lane++) {
+        Py_ssize_t column = j + lane;
+        double *extra = out + FIRST_SLOT(kernel, column) + kernel->offsets[column + 1] -
+                        kernel->offsets[column] + 1;
+        extra[0] = (double)(rows - counts[0][lane]);
+        extra[1] = (double)counts[1][lane];
+        extra[2] = sums[0][lane];
+        extra[3] = sums[1][lane];
+        extra[4] = sums[2][lane];
+        infinite[column] = (Py_ssize_t)counts[2][lane];
+    }
+}
+#endif
+
+/* Write every slot of a (rows, columns) matrix whose values are `row_stride` and
+ * `column_stride` bytes apart. `scratch` holds a column (used when a column is not
+ * contiguous) and `infinite` a count per column. */
+static void
+block_amounts(const NumericKernel *kernel, const char *matrix, Py_ssize_t rows,
+              Py_ssize_t row_stride, Py_ssize_t column_stride, double *scratch,
+              Py_ssize_t *infinite, double *out)
+{
+    Py_ssize_t summed = 0; /* columns whose sums are done */
+#ifdef KERNEL_X86_64
+    for (; has_avx2 && summed + 4 <= kernel->columns; summed += 4) {
+        four_column_sums(kernel, summed, matrix + summed * column_stride, rows, row_stride,
+                         column_stride, out, infinite);
+    }
+#endif
+    for (Py_ssize_t j = 0; j < kernel->columns; j++) {
+        const char *column = matrix + j * column_stride;
+        const double *values = (const double *)column;
+        if (row_stride != sizeof(double)) {
+            for (Py_ssize_t i = 0; i < rows; i++) {
+                scratch[i] = *(const double *)(column + i * row_stride);
+            }
+            values = scratch;
+        }
+        double *bins = out + FIRST_SLOT(kernel, j);
+        double *extra = bins + kernel->offsets[j + 1] - kernel->offsets[j] + 1;
+        if (j >= summed) {
+            infinite[j] = column_sums(kernel, j, values, rows, extra);
+        }
+        column_bins(kernel, j, values, rows, (double)rows - extra[0], infinite[j], bins);
+    }
+}
+
+/* A buffer of doubles (any strides): what a float64 numpy array exports. */
+static int
+get_doubles(PyObject *object, Py_buffer *view, int flags, int ndim, const char *what)
+{
+    if (PyObject_GetBuffer(object, view, flags | PyBUF_FORMAT | PyBUF_STRIDES) < 0) {
+        return -1;
+    }
+    if (view->ndim != ndim || view->itemsize != sizeof(double) || view->format == NULL ||
+        strcmp(view->format, "d") != 0) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s: a %d-dimensional array of float64", what, ndim);
+        return -1;
+    }
+    return 0;
+}
+
+/* -- writing slots through cells -- */
+
+typedef struct {
+    Py_buffer view; /* the store last written in place; view.obj NULL when none is held */
+} StoreCache;
+
+static void
+release_store(StoreCache *cache)
+{
+    if (cache->view.obj != NULL) {
+        PyBuffer_Release(&cache->view);
+        cache->view.obj = NULL;
+    }
+}
+
+/* store[key] += amount for a dict (prometheus_client's in-memory value's attributes). */
+static int
+add_to_dict(PyObject *store, PyObject *key, double amount)
+{
+    PyObject *stored = PyDict_GetItemWithError(store, key); /* borrowed */
+    if (stored == NULL || !PyFloat_CheckExact(stored)) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        PyObject *cell = PyTuple_Pack(2, store, key);
+        int status = cell == NULL ? -1 : add_to_cell(cell, amount);
+        Py_XDECREF(cell);
+        return status;
+    }
+    PyObject *sum = PyFloat_FromDouble(PyFloat_AS_DOUBLE(stored) + amount);
+    if (sum == NULL) {
+        return -1;
+    }
+    int status = PyDict_SetItem(store, key, sum);
+    Py_DECREF(sum);
+    return status;
+}
+
+/* cells[index], taken first when it is None: a new reference, or NULL (an error set, or
+ * none when the slot is not recorded). */
+static PyObject *
+slot_cell(StoreCache *cache, PyObject *cells, PyObject *values, PyObject *take,
+          Py_ssize_t index)
+{
+    PyObject *cell = PyList_GET_ITEM(cells, index);
+    if (cell != Py_None) {
+        return Py_NewRef(cell);
+    }
+    PyObject *value = PyList_GET_ITEM(values, index);
+    if (value == Py_None) {
+        return NULL; /* a slot not recorded */
+    }
+    release_store(cache); /* take() runs Python code, which may close a file */
+    Py_INCREF(value);
+    cell = PyObject_CallOneArg(take, value);
+    Py_DECREF(value);
+    if (cell != NULL && index >= PyList_GET_SIZE(cells)) {
+        Py_CLEAR(cell);
+        PyErr_SetString(PyExc_RuntimeError, "the cells changed while a cell was taken");
+    }
+    if (cell != NULL) {
+        PyList_SetItem(cells, index, Py_NewRef(cell)); /* steals one reference */
+    }
+    return cell;
+}
+
+/* Add to cells[index], taking the cell first when it is None, and once more when its file
+ * was closed under it (take() reopens the value: see _series.take_cell). */
+static int
+add_to_slot(StoreCache *cache, PyObject *cells, PyObject *values, PyObject *take,
+            Py_ssize_t index, double amount)
+{
+    for (int attempt = 0;; attempt++) {
+        PyObject *cell = slot_cell(cache, cells, values, take, index);
+        if (cell == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        int status = 0;
+        if (!PyTuple_Check(cell) || PyTuple_GET_SIZE(cell) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a cell is a (store, key) tuple");
+            status = -1;
+        }
+        else if (PyDict_CheckExact(PyTuple_GET_ITEM(cell, 0))) {
+            status = add_to_dict(PyTuple_GET_ITEM(cell, 0), PyTuple_GET_ITEM(cell, 1), amount);
+        }
+        else if (!PyMemoryView_Check(PyTuple_GET_ITEM(cell, 0)) ||
+                 !PyLong_CheckExact(PyTuple_GET_ITEM(cell, 1))) {
+            status = add_to_cell(cell, amount);
+        }
+        else {
+            PyObject *store = PyTuple_GET_ITEM(cell, 0);
+            if (cache->view.obj != store) {
+                release_store(cache);
+                if (get_doubles(store, &cache->view, PyBUF_WRITABLE, 1, "a store") < 0) {
+                    cache->view.obj = NULL;
+                    status = -1;
+                }
+            }
+            Py_ssize_t at = status < 0 ? -1 : PyLong_AsSsize_t(PyTuple_GET_ITEM(cell, 1));
+            if (at >= 0 && at < cache->view.shape[0]) {
+                *(double *)((char *)cache->view.buf + at * cache->view.strides[0]) += amount;
+            }
+            else if (status == 0) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_IndexError, "a cell's key is outside its store");
+                }
+                status = -1;
+            }
+        }
+        Py_DECREF(cell);
+        if (status == 0 || attempt > 0 || !PyErr_ExceptionMatches(PyExc_ValueError)) {
+            return status;
+        }
+        PyErr_Clear(); /* a released view: its file was closed, the cell is taken again */
+        PyList_SetItem(cells, index, Py_NewRef(Py_None));
+    }
+}
+
+static int
+check_cells(PyObject *cells, PyObject *values, PyObject *take, Py_ssize_t slots)
+{
+    if (!PyList_CheckExact(cells) || !PyList_CheckExact(values) || !PyCallable_Check(take) ||
+        PyList_GET_SIZE(cells) != slots || PyList_GET_SIZE(values) != slots) {
+        PyErr_Format(PyExc_TypeError, "cells and values: two lists of %zd, take: a callable",
+                     slots);
+        return -1;
+    }
+    return 0;
+}
+
+/* add_amounts(cells, values, take, amounts): add each non-zero amount to its slot. */
+static PyObject *
+add_amounts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "add_amounts(cells, values, take, amounts)");
+        return NULL;
+    }
+    Py_buffer amounts;
+    if (get_doubles(args[3], &amounts, PyBUF_SIMPLE, 1, "amounts") < 0) {
+        return NULL;
+    }
+    int failed = check_cells(args[0], args[1], args[2], amounts.shape[0]) < 0;
+    StoreCache cache = {.view = {.obj = NULL}};
+    for (Py_ssize_t i = 0; !failed && i < amounts.shape[0]; i++) {
+        double amount = *(const double *)((const char *)amounts.buf + i * amounts.strides[0]);
+        if (amount != 0.0) {
+            failed = add_to_slot(&cache, args[0], args[1], args[2], i, amount) < 0;
+        }
+    }
+    release_store(&cache);
+    PyBuffer_Release(&amounts);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* -- the kernel type -- */
+
+/* Copy each column's edges (sorted, no NaN), low and high into the kernel's arrays. */
+static int
+read_columns(NumericKernel *self, PyObject *columns, PyObject *lows, PyObject *highs,
+             Py_ssize_t total)
+{
+    for (Py_ssize_t j = 0, at = 0; j < PySequence_Fast_GET_SIZE(columns); j++) {
+        PyObject *column = PySequence_Fast(PySequence_Fast_GET_ITEM(columns, j), "edges");
+        if (column == NULL) {
+            return -1;
+        }
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(column), first = at;
+        for (Py_ssize_t i = 0; i < size && at < total; i++) {
+            self->edges[at++] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(column, i));
+        }
+        Py_DECREF(column);
+        self->offsets[j + 1] = at;
+        self->low[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(lows, j));
+        self->high[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(highs, j));
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        for (Py_ssize_t i = first; i < at; i++) {
+            if (isnan(self->edges[i]) || (i > first && self->edges[i] < self->edges[i - 1])) {
+                PyErr_SetString(PyExc_ValueError, "edges: sorted, without NaN");
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static int
+NumericKernel_init(NumericKernel *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *edges, *low, *high;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "NumericKernel takes positional arguments only");
+        return -1;
+    }
+    if (!PyArg_UnpackTuple(args, "NumericKernel", 3, 3, &edges, &low, &high) ||
+        self->offsets != NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "NumericKernel is initialised once");
+        }
+        return -1;
+    }
+    int status = -1;
+    PyObject *columns = PySequence_Fast(edges, "edges: a sequence of sequences of floats");
+    PyObject *lows = PySequence_Fast(low, "low: a sequence of floats");
+    PyObject *highs = PySequence_Fast(high, "high: a sequence of floats");
+    if (columns == NULL || lows == NULL || highs == NULL) {
+        goto done;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(columns), total = 0;
+    if (PySequence_Fast_GET_SIZE(lows) != count || PySequence_Fast_GET_SIZE(highs) != count) {
+        PyErr_SetString(PyExc_ValueError, "edges, low and high: one item per column");
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < count; j++) {
+        Py_ssize_t size = PyObject_Length(PySequence_Fast_GET_ITEM(columns, j));
+        if (size < 0) {
+            goto done;
+        }
+        total += size;
+    }
+    self->offsets = PyMem_Calloc(count + 1, sizeof(Py_ssize_t));
+    self->edges = PyMem_Calloc(total + 1, sizeof(double));
+    self->low = PyMem_Calloc(count + 1, sizeof(double));
+    self->high = PyMem_Calloc(count + 1, sizeof(double));
+    if (!self->offsets || !self->edges || !self->low || !self->high) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (read_columns(self, columns, lows, highs, total) < 0) {
+        goto done;
+    }
+    self->columns = count;
+    self->slots = self->offsets[count] + 6 * count;
+    status = 0;
+done:
+    Py_XDECREF(columns);
+    Py_XDECREF(lows);
+    Py_XDECREF(highs);
+    return status;
+}
+
+static PyObject *
+NumericKernel_amounts(NumericKernel *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "amounts(matrix, out)");
+        return NULL;
+    }
+    Py_buffer matrix, out;
+    if (get_doubles(args[0], &matrix, PyBUF_SIMPLE, 2, "matrix") < 0) {
+        return NULL;
+    }
+    if (get_doubles(args[1], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, 1, "out") < 0) {
+        PyBuffer_Release(&matrix);
+        return NULL;
+    }
+    int fits = matrix.shape[1] == self->columns && out.shape[0] == self->slots;
+    double *scratch = NULL;
+    Py_ssize_t *infinite = NULL;
+    if (!fits) {
+        PyErr_Format(PyExc_ValueError, "amounts: a matrix of %zd columns and %zd slots out",
+                     self->columns, self->slots);
+    }
+    else {
+        infinite = PyMem_Malloc((self->columns + 1) * sizeof(Py_ssize_t));
+        scratch = PyMem_Malloc((matrix.shape[0] + 1) * sizeof(double));
+        fits = infinite != NULL && scratch != NULL;
+        if (!fits) {
+            PyErr_NoMemory();
+        }
+    }
+    if (fits) {
+        block_amounts(self, matrix.buf, matrix.shape[0], matrix.strides[0], matrix.strides[1],
+                      scratch, infinite, (double *)out.buf);
+    }
+    PyMem_Free(scratch);
+    PyMem_Free(infinite);
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&out);
+    if (!fits) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* row.get(name): a new reference, NULL when absent (or with an error set). */
+static PyObject *
+row_get(PyObject *row, PyObject *name)
+{
+    if (PyDict_Check(row)) {
+        return Py_XNewRef(PyDict_GetItemWithError(row, name));
+    }
+    PyObject *item = PyObject_GetItem(row, name);
+    if (item == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+        PyErr_Clear();
+    }
+    return item;
+}
+
+/* row.get(name) as a float, as _inputs.to_float reads it: anything not a number is NaN. */
+static int
+row_value(PyObject *row, PyObject *name, double *value)
+{
+    PyObject *item = row_get(row, name);
+    if (item == NULL) {
+        *value = Py_NAN;
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *number = PyFloat_CheckExact(item) ? Py_NewRef(item) : PyNumber_Float(item);
+    Py_DECREF(item);
+    if (number == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) &&
+            !PyErr_ExceptionMatches(PyExc_ValueError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        *value = Py_NAN;
+        return 0;
+    }
+    *value = PyFloat_AS_DOUBLE(number);
+    Py_DECREF(number);
+    return 0;
+}
+
+/* The non-zero slots one value adds to, as (slot, amount) pairs; returns their number. */
+static int
+value_slots(const NumericKernel *self, Py_ssize_t j, double x, Py_ssize_t *slots,
+            double *amounts)
+{
+    Py_ssize_t first = FIRST_SLOT(self, j), count = self->offsets[j + 1] - self->offsets[j];
+    Py_ssize_t missing = first + count + 1;
+    if (!isfinite(x)) {
+        slots[0] = missing, amounts[0] = 1.0;
+        return 1;
+    }
+    int n = 0;
+    slots[n] = first + bisect_left(self->edges + self->offsets[j], count, x), amounts[n++] = 1.0;
+    if (x < self->low[j] || x > self->high[j]) {
+        slots[n] = missing + 1, amounts[n++] = 1.0;
+    }
+    if (x != 0.0) {
+        slots[n] = x > 0.0 ? missing + 2 : missing + 3, amounts[n++] = x > 0.0 ? x : -x;
+        slots[n] = missing + 4, amounts[n++] = x * x;
+    }
+    return n;
+}
+
+/* add_row(row, names, cells, values, take): record one row, a mapping of the column names. */
+static PyObject *
+NumericKernel_add_row(NumericKernel *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "add_row(row, names, cells, values, take)");
+        return NULL;
+    }
+    PyObject *row = args[0], *names = args[1];
+    if (!PyList_CheckExact(names) || PyList_GET_SIZE(names) != self->columns) {
+        PyErr_Format(PyExc_TypeError, "names: a list of %zd names", self->columns);
+        return NULL;
+    }
+    if (check_cells(args[2], args[3], args[4], self->slots) < 0) {
+        return NULL;
+    }
+    double *row_values = PyMem_Malloc((self->columns + 1) * sizeof(double));
+    if (row_values == NULL) {
+        return PyErr_NoMemory();
+    }
+    int failed = 0; /* every value read first: a bad row raises before anything counts */
+    for (Py_ssize_t j = 0; !failed && j < self->columns; j++) {
+        failed = row_value(row, PyList_GET_ITEM(names, j), &row_values[j]) < 0;
+    }
+    StoreCache cache = {.view = {.obj = NULL}};
+    for (Py_ssize_t j = 0; !failed && j < self->columns; j++) {
+        Py_ssize_t slots[4];
+        double amounts[4];
+        int count = value_slots(self, j, row_values[j], slots, amounts);
+        for (int i = 0; !failed && i < count; i++) {
+            failed = add_to_slot(&cache, args[2], args[3], args[4], slots[i], amounts[i]) < 0;
+        }
+    }
+    release_store(&cache);
+    PyMem_Free(row_values);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+NumericKernel_dealloc(NumericKernel *self)
+{
+    PyMem_Free(self->offsets);
+    PyMem_Free(self->edges);
+    PyMem_Free(self->low);
+    PyMem_Free(self->high);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef NumericKernel_methods[] = {
+    {"amounts", (PyCFunction)(void (*)(void))NumericKernel_amounts, METH_FASTCALL,
+     "amounts(matrix, out): write each slot's amount for a (rows, columns) float64 matrix."},
+    {"add_row", (PyCFunction)(void (*)(void))NumericKernel_add_row, METH_FASTCALL,
+     "add_row(row, names, cells, values, take): add one row's amounts to the slots."},
+    {NULL},
+};
+
+static PyMemberDef NumericKernel_members[] = {
+    {"slots", T_PYSSIZET, offsetof(NumericKernel, slots), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject NumericKernelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ml_wsgi_metrics._speedups.NumericKernel",
+    .tp_doc = "NumericKernel(edges, low, high): the slot amounts of a block of numeric columns.",
+    .tp_basicsize = sizeof(NumericKernel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)NumericKernel_init,
+    .tp_dealloc = (destructor)NumericKernel_dealloc,
+    .tp_methods = NumericKernel_methods,
+    .tp_members = NumericKernel_members,
+};
+
+/* use_avx2(enabled): the kernel's AVX2 code on or off (on only when the CPU has it); returns
+ * whether it was on. For tests of the code every CPU runs. */
+static PyObject *
+use_avx2(PyObject *module, PyObject *enabled)
+{
+    int on = PyObject_IsTrue(enabled);
+    if (on < 0) {
+        return NULL;
+    }
+#ifdef KERNEL_X86_64
+    int was = has_avx2;
+    has_avx2 = on && __builtin_cpu_supports("avx2");
+    return PyBool_FromLong(was);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+/* -- one row's categorical columns -- */
+
+/* The code of row[name] in a vocabulary: an exact string found there, else code(value). */
+static Py_ssize_t
+category_code(PyObject *row, PyObject *name, PyObject *vocabulary, PyObject *code)
+{
+    PyObject *item = row_get(row, name);
+    if (item == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    item = item == NULL ? Py_NewRef(Py_None) : item;
+    PyObject *found = PyUnicode_CheckExact(item) ? PyDict_GetItemWithError(vocabulary, item)
+                                                 : NULL; /* borrowed */
+    PyObject *result = found != NULL ? Py_NewRef(found)
+                       : PyErr_Occurred() ? NULL
+                                          : PyObject_CallOneArg(code, item);
+    Py_DECREF(item);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_ssize_t index = PyLong_Check(result) ? PyLong_AsSsize_t(result) : -1;
+    Py_DECREF(result);
+    if (index < 0 || index > PyDict_GET_SIZE(vocabulary) + 1) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a category code outside its column's slots");
+        }
+        return -1;
+    }
+    return index;
+}
+
+/* add_categories(row, names, vocabularies, codes, firsts, cells, values, take): count one row
+ * of categorical columns. Column j's slots start at firsts[j]: [categories..., unseen bin,
+ * missing, unseen]; an unseen value counts in its bin and in the unseen counter. */
+static PyObject *
+add_categories(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "add_categories(row, names, vocabularies, codes, firsts, cells, values, "
+                        "take)");
+        return NULL;
+    }
+    PyObject *names = args[1], *vocabularies = args[2], *codes = args[3], *firsts = args[4];
+    if (!PyList_CheckExact(names) || !PyList_CheckExact(vocabularies) ||
+        !PyList_CheckExact(codes) || !PyList_CheckExact(firsts) ||
+        PyList_GET_SIZE(vocabularies) != PyList_GET_SIZE(names) ||
+        PyList_GET_SIZE(codes) != PyList_GET_SIZE(names) ||
+        PyList_GET_SIZE(firsts) != PyList_GET_SIZE(names) || !PyList_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "names, vocabularies, codes, firsts: lists alike");
+        return NULL;
+    }
+    Py_ssize_t columns = PyList_GET_SIZE(names), slots = PyList_GET_SIZE(args[5]);
+    if (check_cells(args[5], args[6], args[7], slots) < 0) {
+        return NULL;
+    }
+    Py_ssize_t *at = PyMem_Malloc((2 * columns + 1) * sizeof(Py_ssize_t));
+    if (at == NULL) {
+        return PyErr_NoMemory();
+    }
+    int failed = 0; /* every code found first: a bad row raises before anything counts */
+    for (Py_ssize_t j = 0; !failed && j < columns; j++) {
+        PyObject *vocabulary = PyList_GET_ITEM(vocabularies, j);
+        Py_ssize_t first = PyLong_AsSsize_t(PyList_GET_ITEM(firsts, j));
+        Py_ssize_t code = PyDict_Check(vocabulary)
+                              ? category_code(args[0], PyList_GET_ITEM(names, j), vocabulary,
+                                              PyList_GET_ITEM(codes, j))
+                              : -1;
+        Py_ssize_t unseen = PyDict_Check(vocabulary) ? PyDict_GET_SIZE(vocabulary) : 0;
+        failed = code < 0 || first < 0 || first + unseen + 2 >= slots;
+        if (failed && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a column's slots outside the cells");
+        }
+        at[2 * j] = first + code;
+        at[2 * j + 1] = code == unseen ? first + unseen + 2 : -1;
+    }
+    StoreCache cache = {.view = {.obj = NULL}};
+    for (Py_ssize_t i = 0; !failed && i < 2 * columns; i++) {
+        if (at[i] >= 0) {
+            failed = add_to_slot(&cache, args[5], args[6], args[7], at[i], 1.0) < 0;
+        }
+    }
+    release_store(&cache);
+    PyMem_Free(at);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* == end of model signals ================================================================== */
+
 /* -- categorical counts (model signals' batch path) --------------------------------------
  *
  * count_categories(values, categories, code) counts a categorical column per slot
@@ -1036,6 +1880,13 @@ static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(storage_state, model_var, unmatched, instrumentation_failed, pass_file, "
      "mount_prefix, methods, other_method, request_key)"},
+    {"add_amounts", (PyCFunction)(void (*)(void))add_amounts, METH_FASTCALL,
+     "add_amounts(cells, values, take, amounts): add each non-zero amount to its slot."},
+    {"add_categories", (PyCFunction)(void (*)(void))add_categories, METH_FASTCALL,
+     "add_categories(row, names, vocabularies, codes, firsts, cells, values, take): count one "
+     "row of categorical columns."},
+    {"use_avx2", use_avx2, METH_O,
+     "use_avx2(enabled): the kernel's AVX2 code on or off; returns whether it was on."},
     {"count_categories", count_categories, METH_VARARGS,
      "count_categories(values, categories, code) -> counts per [categories..., unseen, "
      "missing]"},
@@ -1088,6 +1939,15 @@ PyInit__speedups(void)
     }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
+        return NULL;
+    }
+#ifdef KERNEL_X86_64
+    __builtin_cpu_init();
+    has_avx2 = __builtin_cpu_supports("avx2");
+#endif
+    if (PyType_Ready(&NumericKernelType) < 0 ||
+        PyModule_AddObjectRef(module, "NumericKernel", (PyObject *)&NumericKernelType) < 0) {
+        Py_DECREF(module);
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "TimedResponse", (PyObject *)&RecordType) < 0) {

@@ -1,18 +1,23 @@
-"""The C record's exports (``_speedups.c``), typed: the extension's contract with Python.
+"""The C extension's exports (``_speedups.c``), typed: the extension's contract with Python.
 
-What the C code reads from the Python side by name is listed in the docstring of
-:mod:`ml_wsgi_metrics._response`; ``tests/test_speedups.py`` checks both against the C source.
+The request record (``configure``, ``TimedResponse``): what its C code reads from the Python
+side by name is listed in the docstring of :mod:`ml_wsgi_metrics._response`;
+``tests/test_speedups.py`` checks both against the C source. The model signals' kernel
+(``NumericKernel``, ``add_amounts``, ``add_categories``, ``use_avx2``) reads no name: see
+:mod:`ml_wsgi_metrics._recorders` and :class:`ml_wsgi_metrics._series.SlotCells`.
 """
 
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ._series import RouteSeries
+from ._series import Cell, RouteSeries
 from .metrics import RequestMetrics
+
+_Floats = npt.NDArray[np.float64]
 
 def configure(
     storage_state: type,
@@ -65,3 +70,51 @@ class TimedResponse:
     def close(self) -> None: ...
     def __iter__(self) -> Iterator[bytes]: ...
     def __next__(self) -> bytes: ...
+
+def add_amounts(
+    cells: list[Cell | None],
+    values: list[Any],
+    take: Callable[[Any], Cell],
+    amounts: _Floats,
+    /,
+) -> None:
+    """Add each non-zero amount to its slot's cell, taking the cells still ``None``."""
+
+def add_categories(
+    row: Mapping[str, Any],
+    names: list[str],
+    vocabularies: list[dict[str, int]],
+    codes: list[Callable[[Any], int]],
+    firsts: list[int],
+    cells: list[Cell | None],
+    values: list[Any],
+    take: Callable[[Any], Cell],
+    /,
+) -> None:
+    """Count one row of categorical columns, each in its slots from ``firsts[j]`` on."""
+
+def use_avx2(enabled: bool, /) -> bool:
+    """The kernel's AVX2 code on or off (on only when the CPU has it); whether it was on."""
+
+class NumericKernel:
+    """The slot amounts of a block of numeric columns (see ``_recorders.NumericBlock``)."""
+
+    @property
+    def slots(self) -> int: ...
+    def __init__(
+        self,
+        edges: Sequence[Sequence[float]],
+        low: Sequence[float],
+        high: Sequence[float],
+        /,
+    ) -> None: ...
+    def amounts(self, matrix: _Floats, out: _Floats, /) -> None: ...
+    def add_row(
+        self,
+        row: Mapping[str, Any],
+        names: list[str],
+        cells: list[Cell | None],
+        values: list[Any],
+        take: Callable[[Any], Cell],
+        /,
+    ) -> None: ...

@@ -18,8 +18,8 @@ when there is one.
 
 Everything is a counter or histogram per reference bin, so PSI, means, standard deviations and
 accuracy merge exactly across workers and hosts (see :mod:`ml_wsgi_metrics.rules`). Recording is
-vectorised per feature (one ``searchsorted`` and one ``bincount``) and only non-zero bins are
-incremented; a single-row dict takes a plain-Python fast path. Works from any thread and outside
+vectorised (numeric features in one pass of a C kernel, see :mod:`._recorders`) and only non-zero
+slots are added to; a single-row dict takes a fast path. Works from any thread and outside
 requests (batch jobs); nothing is computed or stored while the app records nothing.
 
 This module is the public door: the verbs, :class:`Prediction` and the checks of

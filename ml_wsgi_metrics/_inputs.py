@@ -74,13 +74,12 @@ def is_missing(value: Any) -> bool:
         return True
 
 
+_SCALARS = (str, bytes, int, float, np.generic)  # a tuple: built once, not at every call
+
+
 def is_scalar(value: Any) -> bool:
     """One value (not a sequence of values)."""
-    return (
-        value is None
-        or isinstance(value, str | bytes | int | float | np.generic)
-        or (np.ndim(value) == 0)
-    )
+    return value is None or isinstance(value, _SCALARS) or (np.ndim(value) == 0)
 
 
 def columns(inputs: Any) -> tuple[int, Column]:

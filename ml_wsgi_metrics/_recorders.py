@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ._categories import count_slots
+from ._categories import CategoryColumns, count_slots
 from ._inputs import (
     FloatArray,
     check_rows,
@@ -265,11 +265,12 @@ class CategoricalSeries:
 
 
 class CategoricalRow:
-    """A model's categorical columns for the single-row path: one set of cells over all their
-    slots, counted in C (``_speedups.add_categories``: each column's exact string looked up in
-    its vocabulary, anything else through :meth:`CategoricalSeries.code`)."""
+    """A model's categorical columns together: one set of cells over all their slots. One row
+    is counted in C (``_speedups.add_categories``: each column's exact string looked up in its
+    vocabulary, anything else through :meth:`CategoricalSeries.code`); a batch by
+    :attr:`columns` (every column in one call of the C counter)."""
 
-    __slots__ = ("codes", "firsts", "names", "slots", "vocabularies")
+    __slots__ = ("codes", "columns", "firsts", "names", "slots", "vocabularies")
 
     def __init__(self, series: Sequence[CategoricalSeries]) -> None:
         self.names = [column.name for column in series]
@@ -281,6 +282,7 @@ class CategoricalRow:
             self.firsts.append(len(values))
             values.extend(column.slots.values)
         self.slots = SlotCells(values)
+        self.columns = CategoryColumns([c.categories for c in series], self.codes)
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Count one row (the C extension is built); the storage lock is held."""
@@ -420,6 +422,8 @@ def _input_updates(
     if model.numeric:
         matrix = numeric_matrix(inputs, column, model.numeric_names, rows)
         updates.append((model.block.slots, model.block.amounts(matrix)))
-    for categorical in model.categorical:
-        updates.append((categorical.slots, categorical.amounts(column(categorical.name), rows)))
+    if model.categorical:
+        row = model.categorical_row
+        amounts = row.columns.amounts([column(name) for name in row.names], rows)
+        updates.append((row.slots, amounts))
     return updates

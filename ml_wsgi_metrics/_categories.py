@@ -120,21 +120,16 @@ class CategoryColumns:
 def _as_list(values: Any) -> Values:
     """The values as a list, a tuple or a 1-d array of objects (read in place), each as
     ``CategoricalSeries.code`` should see it."""
-    if isinstance(values, list | tuple):
-        return values
-    if isinstance(values, np.ndarray):
-        if values.ndim != 1:
-            return list(values)
+    if values.__class__ is not np.ndarray and hasattr(values, "to_numpy"):
+        values = values.to_numpy(dtype=object)  # pandas: its missing values as they are stored
+    if isinstance(values, np.ndarray) and values.ndim == 1:
         if values.dtype.kind == "O":
             objects: npt.NDArray[np.object_] = values
             return objects
         if values.dtype.kind == "U":  # texts as str, not numpy's str_
             texts: list[str] = values.tolist()
             return texts
-        return list(values)
-    if hasattr(values, "to_numpy"):  # pandas: its missing values as they are stored
-        return _as_list(values.to_numpy(dtype=object))
-    return list(values)
+    return values if isinstance(values, list | tuple) else list(values)
 
 
 def _count_categorical(codes: np.ndarray, values: list[Any], known: int, code: Code) -> list[int]:

@@ -1594,8 +1594,20 @@ typedef struct {
     Py_ssize_t next; /* the next category in the same bucket, or -1 */
 } Category;
 
+/* A bucket of the ASCII table: at most one one-byte category (length -1: none). */
+typedef struct {
+    Py_ssize_t length;
+    uint64_t words[3]; /* text_words */
+    const char *data;
+    Py_ssize_t slot;
+} AsciiBucket;
+
+#define ASCII_BUCKETS_MAX 4096
+
 typedef struct {
     PyObject *texts;     /* the tuple of categories (holds their data) */
+    AsciiBucket *ascii;  /* buckets of the one-byte categories, one in each (NULL: none) */
+    size_t ascii_mask;
     Category *categories;
     Py_ssize_t known;    /* slots: the categories, then unseen (known), missing (known + 1) */
     Py_ssize_t *buckets; /* the first category of each bucket, or -1 */
@@ -1699,6 +1711,91 @@ coded_slot(const SlotCounts *counts, PyObject *value)
     return slot;
 }
 
+/* The first, second (when longer than 16) and last 8 bytes of a one-byte text as words,
+ * a text shorter than 8 bytes as one word (its bytes, then zeros) in all three. ``data`` must have 8 readable bytes
+ * before it (a compact str's header) when ``length`` < 8. Little-endian order: elsewhere
+ * the bytes are compared one by one (same_bytes). */
+static inline void
+text_words(const char *data, Py_ssize_t length, uint64_t words[3])
+{
+    uint64_t first, middle, last;
+    memcpy(&first, length >= 8 ? data : data + length - 8, 8);
+    memcpy(&middle, length > 16 ? data + 8 : data + length - 8, 8);
+    memcpy(&last, data + length - 8, 8);
+    words[2] = length >= 8 ? last : (last >> (8 * (7 - length))) >> 8;
+    words[0] = length >= 8 ? first : words[2];
+    words[1] = length > 16 ? middle : words[2];
+}
+
+#define COUNT_LANES 4 /* rows counted in turn into 4 copies of the counts: no increment waits
+                       * for the previous one to the same slot */
+
+/* The ASCII bucket of a one-byte text, from its length and words. */
+static inline size_t
+ascii_bucket(Py_ssize_t length, const uint64_t words[3], size_t mask)
+{
+    uint64_t key = (words[0] * 0x9E3779B97F4A7C15u) ^ words[2] ^ (uint64_t)length;
+    return (size_t)(key >> 40 ^ key >> 17) & mask;
+}
+
+/* Whether the bytes from 16 to length - 8 of two texts (longer than 24) are equal. */
+static inline int
+same_rest(const char *a, const char *b, Py_ssize_t length)
+{
+    for (Py_ssize_t at = 16; at < length - 8; at += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + at, 8);
+        memcpy(&y, b + at, 8);
+        if (x != y) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+/* Count the compact ASCII str from ``item`` on (at most n, ``stride`` bytes apart) up to the
+ * first other value, each compared with the one category of its bucket by length, then by
+ * its first and last 8 bytes (no branch on the length up to 16 characters). Returns how many
+ * were counted (0 when the table has no ASCII buckets: text_slot counts them). */
+static Py_ssize_t
+count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
+                Py_ssize_t *lanes)
+{
+    const AsciiBucket *buckets = table->ascii;
+    const size_t mask = table->ascii_mask;
+    const Py_ssize_t known = table->known, width = known + 2;
+    Py_ssize_t i = 0;
+    for (; buckets != NULL && i < n; i++, item += stride) {
+        PyObject *value = *(PyObject *const *)item;
+        if (value == NULL || !Py_IS_TYPE(value, &PyUnicode_Type) ||
+            !PyUnicode_IS_COMPACT_ASCII(value)) {
+            break;
+        }
+        Py_ssize_t length = ((PyASCIIObject *)value)->length;
+        const char *data = (const char *)(((PyASCIIObject *)value) + 1);
+        uint64_t words[3];
+        text_words(data, length, words);
+        const AsciiBucket *bucket = &buckets[ascii_bucket(length, words, mask)];
+        int same = (bucket->length == length) & (bucket->words[0] == words[0]) &
+                   (bucket->words[1] == words[1]) & (bucket->words[2] == words[2]);
+        if (length > 24) { /* rare */
+            same = same && same_rest(bucket->data, data, length);
+        }
+        Py_ssize_t slot = same ? bucket->slot : known;
+        lanes[(i % COUNT_LANES) * width + slot]++;
+    }
+    return i;
+}
+#else
+static Py_ssize_t
+count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
+                Py_ssize_t *lanes)
+{
+    return 0; /* big-endian: text_slot compares bytes */
+}
+#endif
+
 /* The slot of a value other than a compact ASCII str; -1 with an exception set. */
 static Py_ssize_t
 other_slot(const SlotCounts *counts, PyObject *value)
@@ -1719,9 +1816,6 @@ other_slot(const SlotCounts *counts, PyObject *value)
     return coded_slot(counts, value);
 }
 
-#define COUNT_LANES 4 /* rows counted in turn into 4 copies of the counts: no increment waits
-                       * for the previous one to the same slot */
-
 /* Count ``n`` values, ``stride`` bytes apart from ``item`` (``list``: the list they are in,
  * its size and items read again after code() ran); 0, or -1 with an exception set. The
  * counts have COUNT_LANES lanes of known + 2 slots. */
@@ -1729,29 +1823,23 @@ static int
 count_items(SlotCounts *counts, PyObject *list, const char *item, Py_ssize_t n,
             Py_ssize_t stride)
 {
-    const CategoryTable table = *counts->table; /* a local copy: the increments alias nothing */
-    Py_ssize_t *lanes = counts->counts, width = table.known + 2;
+    Py_ssize_t *lanes = counts->counts;
     for (Py_ssize_t i = 0; i < n; i++, item += stride) {
+        Py_ssize_t run = count_ascii_run(counts->table, item, n - i, stride, lanes);
+        i += run, item += run * stride;
+        if (i == n) {
+            break;
+        }
         PyObject *value = *(PyObject *const *)item;
-        Py_ssize_t slot;
-        if (value != NULL && Py_IS_TYPE(value, &PyUnicode_Type) &&
-            PyUnicode_IS_COMPACT_ASCII(value)) {
-            Py_ssize_t length = ((PyASCIIObject *)value)->length;
-            const char *data = (const char *)(((PyASCIIObject *)value) + 1);
-            Py_UCS4 last = length > 0 ? (unsigned char)data[length - 1] : 0;
-            slot = text_slot(&table, length, PyUnicode_1BYTE_KIND, data, last);
+        Py_ssize_t slot = other_slot(counts, value == NULL ? Py_None : value); /* numpy's None */
+        if (slot < 0) {
+            return -1;
         }
-        else {
-            slot = other_slot(counts, value == NULL ? Py_None : value); /* NULL: numpy's None */
-            if (slot < 0) {
-                return -1;
-            }
-            if (list != NULL) { /* code() may have resized the list */
-                n = PyList_GET_SIZE(list);
-                item = (const char *)(PySequence_Fast_ITEMS(list) + i);
-            }
+        if (list != NULL) { /* code() may have resized the list */
+            n = PyList_GET_SIZE(list);
+            item = (const char *)(PySequence_Fast_ITEMS(list) + i);
         }
-        lanes[(i % COUNT_LANES) * width + slot]++;
+        lanes[slot]++;
     }
     return 0;
 }
@@ -1806,9 +1894,69 @@ count_slots(SlotCounts *counts, PyObject *values, Py_ssize_t *slots)
     return 0;
 }
 
+/* Fill the ASCII buckets (``table->ascii_mask`` + 1 of them); 1 when each category has a
+ * bucket of its own, 0 when two share one. */
+static int
+fill_ascii_buckets(CategoryTable *table)
+{
+    for (size_t b = 0; b <= table->ascii_mask; b++) {
+        table->ascii[b].length = -1;
+    }
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        const Category *category = &table->categories[i];
+        if (category->kind != PyUnicode_1BYTE_KIND) {
+            continue; /* an ASCII str never equals it */
+        }
+        char padded[16] = {0}; /* a text shorter than 8 after 8 bytes to read: its words */
+        const char *data = category->data;
+        if (category->length < 8) {
+            memcpy(padded + 8, data, (size_t)category->length);
+            data = padded + 8;
+        }
+        uint64_t words[3];
+        text_words(data, category->length, words);
+        AsciiBucket *bucket = &table->ascii[ascii_bucket(category->length, words,
+                                                         table->ascii_mask)];
+        if (bucket->length >= 0) {
+            return 0;
+        }
+        *bucket = (AsciiBucket){category->length, {words[0], words[1], words[2]},
+                                category->data, i};
+    }
+    return 1;
+}
+
+/* The ASCII buckets: as few as give each one-byte category a bucket of its own, none when
+ * ASCII_BUCKETS_MAX do not (the chained buckets serve). 0, or -1 with an exception set. */
+static int
+make_ascii_buckets(CategoryTable *table)
+{
+    for (table->ascii_mask = 15; table->ascii_mask < ASCII_BUCKETS_MAX;
+         table->ascii_mask = table->ascii_mask * 2 + 1) {
+        if (table->ascii_mask + 1 < 2 * (size_t)table->known) {
+            continue;
+        }
+        AsciiBucket *buckets =
+            PyMem_Realloc(table->ascii, (table->ascii_mask + 1) * sizeof(AsciiBucket));
+        if (buckets == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        table->ascii = buckets;
+        if (fill_ascii_buckets(table)) {
+            return 0;
+        }
+    }
+    PyMem_Free(table->ascii);
+    table->ascii = NULL;
+    return 0;
+}
+
 static void
 clear_table(CategoryTable *table)
 {
+    PyMem_Free(table->ascii);
+    table->ascii = NULL;
     PyMem_Free(table->categories);
     PyMem_Free(table->buckets);
     Py_CLEAR(table->texts);
@@ -1859,7 +2007,7 @@ make_table(CategoryTable *table, PyObject *texts)
         category->next = table->buckets[b];
         table->buckets[b] = i;
     }
-    return 0;
+    return make_ascii_buckets(table);
 }
 
 static PyObject *

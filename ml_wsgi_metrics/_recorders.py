@@ -4,10 +4,10 @@ Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named 
 :class:`NumericSlots`, and :class:`NumericBlock` for many columns at once) and of a
 categorical one (:class:`CategoricalSeries`), the single-row path (one lock; a row's columns
 read and counted in C when the extension is built) and the batch path (a block of numeric
-columns in one pass of the C kernel, else a few numpy passes; one count per categorical
-column; then every recorder's non-zero slots added under one lock, in bulk through
-:class:`~._series.SlotCells`). Which series a registered model has is :mod:`._model`'s job,
-reading the inputs :mod:`._inputs`'.
+columns in one pass of the C kernel, else a few numpy passes; the categorical columns
+together, :class:`._categories.CategoryColumns`; then every recorder's non-zero slots added
+under one lock, in bulk through :class:`~._series.SlotCells`). Which series a registered
+model has is :mod:`._model`'s job, reading the inputs :mod:`._inputs`'.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ._categories import CategoryColumns, count_slots
+from ._categories import CategoryColumns
 from ._inputs import (
     FloatArray,
     check_rows,
@@ -248,20 +248,6 @@ class CategoricalSeries:
         self.incs[code](1)
         if code == self.unseen_code:
             self.incs[-1](1)
-
-    def amounts(self, values: Any, rows: int) -> FloatArray:
-        """Counts per slot of ``rows`` values (:func:`._categories.count_slots`); ``None``:
-        the inputs lack the column, every row is missing."""
-        amounts = np.zeros(len(self.incs))
-        if values is None:
-            amounts[self.missing_code] = rows
-            return amounts
-        counts = count_slots(values, self.categories, self.code)
-        if sum(counts) != rows:
-            raise ValueError(f"expected {rows} values per column, got {sum(counts)}")
-        amounts[: len(counts)] = counts
-        amounts[-1] = amounts[self.unseen_code]
-        return amounts
 
 
 class CategoricalRow:

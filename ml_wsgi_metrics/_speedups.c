@@ -1755,8 +1755,8 @@ same_rest(const char *a, const char *b, Py_ssize_t length)
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 /* Count the compact ASCII str from ``item`` on (at most n, ``stride`` bytes apart) up to the
- * first other value, each compared with the one category of its bucket by length, then by
- * its first and last 8 bytes (no branch on the length up to 16 characters). Returns how many
+ * first other value, each compared with the one category of its bucket by length and its
+ * first, middle and last 8 bytes (one loop past 24 characters). Returns how many
  * were counted (0 when the table has no ASCII buckets: text_slot counts them). */
 static Py_ssize_t
 count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,

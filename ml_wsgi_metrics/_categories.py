@@ -5,7 +5,9 @@ Owns how one column's values reach the slots ``[categories..., unseen, missing]`
 alone (the single-row rule): the values as a list (an array of objects or of strings read in
 one step), then the C counter of ``_speedups`` (it compares each text with the categories
 instead of hashing it) when it is built, counting by hashing otherwise; a pandas
-``Categorical`` is counted by its codes, each category coded once.
+``Categorical`` is counted by its codes, each category coded once. :class:`CategoryColumns`
+counts all of a model's columns in one call of ``_speedups.CategoryCounter`` (its tables made
+once, when the model is registered).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import numpy.typing as npt
 
 from ._response import speedups
 
-__all__ = ["Code", "SlotCounter", "Values", "count_by_hashing", "count_slots", "slot_counter"]
+__all__ = [
+    "CategoryColumns",
+    "Code",
+    "SlotCounter",
+    "Values",
+    "count_by_hashing",
+    "count_slots",
+    "slot_counter",
+]
 
 #: The slot of one value (``CategoricalSeries.code``).
 Code = Callable[[Any], int]
@@ -61,30 +71,65 @@ _count = slot_counter()
 
 def count_slots(values: Any, categories: tuple[str, ...], code: Code) -> list[int]:
     """Counts per slot of one column (a list, an array, a pandas array or Series)."""
-    codes = getattr(values, "codes", None)
-    if isinstance(codes, np.ndarray) and hasattr(values, "categories"):
-        return _count_categorical(codes, values.categories.tolist(), len(categories), code)
+    if _is_categorical(values):
+        return _count_categorical(values.codes, values.categories.tolist(), len(categories), code)
     return _count(_as_list(values), categories, code)
+
+
+def _is_categorical(values: Any) -> bool:
+    """A pandas ``Categorical`` (or a Series of one): counted by its codes."""
+    return isinstance(getattr(values, "codes", None), np.ndarray) and hasattr(values, "categories")
+
+
+class CategoryColumns:
+    """A model's categorical columns, counted together: one amount per slot, each column's
+    slots ``[categories..., unseen bin, missing, unseen counter]`` one after the other (the
+    layout of :class:`._recorders.CategoricalRow`'s cells). The columns of texts or objects
+    are counted in one call of the C counter when the extension is built; a pandas
+    ``Categorical`` column, or every column without the extension, by :func:`count_slots`."""
+
+    def __init__(self, vocabularies: list[tuple[str, ...]], codes: list[Code]) -> None:
+        self.vocabularies, self.codes = vocabularies, codes
+        self.firsts = np.cumsum([0] + [len(v) + 3 for v in vocabularies]).tolist()
+        self.counter = None if speedups is None else speedups.CategoryCounter(vocabularies)
+
+    def amounts(self, columns: list[Any], rows: int) -> npt.NDArray[np.float64]:
+        """The amounts of ``rows`` rows, given each column's values (``None``: the inputs
+        lack it, every row is missing)."""
+        amounts = np.zeros(self.firsts[-1])
+        counted: list[Any] = []
+        for j, values in enumerate(columns):
+            known, first = len(self.vocabularies[j]), self.firsts[j]
+            if values is None:
+                amounts[first + known + 1] = rows
+            elif self.counter is not None and not _is_categorical(values):
+                counted.append(_as_list(values))
+                continue
+            else:
+                counts = count_slots(values, self.vocabularies[j], self.codes[j])
+                if sum(counts) != rows:
+                    raise ValueError(f"expected {rows} values per column, got {sum(counts)}")
+                amounts[first : first + known + 2] = counts
+                amounts[first + known + 2] = counts[known]
+            counted.append(None)
+        if self.counter is not None:
+            self.counter.amounts(counted, self.codes, rows, amounts)
+        return amounts
 
 
 def _as_list(values: Any) -> Values:
     """The values as a list, a tuple or a 1-d array of objects (read in place), each as
     ``CategoricalSeries.code`` should see it."""
-    if isinstance(values, list | tuple):
-        return values
-    if isinstance(values, np.ndarray):
-        if values.ndim != 1:
-            return list(values)
+    if values.__class__ is not np.ndarray and hasattr(values, "to_numpy"):
+        values = values.to_numpy(dtype=object)  # pandas: its missing values as they are stored
+    if isinstance(values, np.ndarray) and values.ndim == 1:
         if values.dtype.kind == "O":
             objects: npt.NDArray[np.object_] = values
             return objects
         if values.dtype.kind == "U":  # texts as str, not numpy's str_
             texts: list[str] = values.tolist()
             return texts
-        return list(values)
-    if hasattr(values, "to_numpy"):  # pandas: its missing values as they are stored
-        return _as_list(values.to_numpy(dtype=object))
-    return list(values)
+    return values if isinstance(values, list | tuple) else list(values)
 
 
 def _count_categorical(codes: np.ndarray, values: list[Any], known: int, code: Code) -> list[int]:

@@ -4,10 +4,10 @@ Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named 
 :class:`NumericSlots`, and :class:`NumericBlock` for many columns at once) and of a
 categorical one (:class:`CategoricalSeries`), the single-row path (one lock; a row's columns
 read and counted in C when the extension is built) and the batch path (a block of numeric
-columns in one pass of the C kernel, else a few numpy passes; one count per categorical
-column; then every recorder's non-zero slots added under one lock, in bulk through
-:class:`~._series.SlotCells`). Which series a registered model has is :mod:`._model`'s job,
-reading the inputs :mod:`._inputs`'.
+columns in one pass of the C kernel, else a few numpy passes; the categorical columns
+together, :class:`._categories.CategoryColumns`; then every recorder's non-zero slots added
+under one lock, in bulk through :class:`~._series.SlotCells`). Which series a registered
+model has is :mod:`._model`'s job, reading the inputs :mod:`._inputs`'.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ._categories import count_slots
+from ._categories import CategoryColumns
 from ._inputs import (
     FloatArray,
     check_rows,
@@ -249,27 +249,14 @@ class CategoricalSeries:
         if code == self.unseen_code:
             self.incs[-1](1)
 
-    def amounts(self, values: Any, rows: int) -> FloatArray:
-        """Counts per slot of ``rows`` values (:func:`._categories.count_slots`); ``None``:
-        the inputs lack the column, every row is missing."""
-        amounts = np.zeros(len(self.incs))
-        if values is None:
-            amounts[self.missing_code] = rows
-            return amounts
-        counts = count_slots(values, self.categories, self.code)
-        if sum(counts) != rows:
-            raise ValueError(f"expected {rows} values per column, got {sum(counts)}")
-        amounts[: len(counts)] = counts
-        amounts[-1] = amounts[self.unseen_code]
-        return amounts
-
 
 class CategoricalRow:
-    """A model's categorical columns for the single-row path: one set of cells over all their
-    slots, counted in C (``_speedups.add_categories``: each column's exact string looked up in
-    its vocabulary, anything else through :meth:`CategoricalSeries.code`)."""
+    """A model's categorical columns together: one set of cells over all their slots. One row
+    is counted in C (``_speedups.add_categories``: each column's exact string looked up in its
+    vocabulary, anything else through :meth:`CategoricalSeries.code`); a batch by
+    :attr:`columns` (every column in one call of the C counter)."""
 
-    __slots__ = ("codes", "firsts", "names", "slots", "vocabularies")
+    __slots__ = ("codes", "columns", "firsts", "names", "slots", "vocabularies")
 
     def __init__(self, series: Sequence[CategoricalSeries]) -> None:
         self.names = [column.name for column in series]
@@ -281,6 +268,7 @@ class CategoricalRow:
             self.firsts.append(len(values))
             values.extend(column.slots.values)
         self.slots = SlotCells(values)
+        self.columns = CategoryColumns([c.categories for c in series], self.codes)
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Count one row (the C extension is built); the storage lock is held."""
@@ -420,6 +408,8 @@ def _input_updates(
     if model.numeric:
         matrix = numeric_matrix(inputs, column, model.numeric_names, rows)
         updates.append((model.block.slots, model.block.amounts(matrix)))
-    for categorical in model.categorical:
-        updates.append((categorical.slots, categorical.amounts(column(categorical.name), rows)))
+    if model.categorical:
+        row = model.categorical_row
+        amounts = row.columns.amounts([column(name) for name in row.names], rows)
+        updates.append((row.slots, amounts))
     return updates

@@ -1571,42 +1571,59 @@ add_categories(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* -- categorical counts (model signals' batch path) --------------------------------------
  *
- * count_categories(values, categories, code) counts a categorical column per slot
- * [categories..., unseen, missing], each value where code(value) puts it (the single-row
- * rule, CategoricalSeries.code), without hashing each value: pandas and JSON hand over a fresh
- * str object per row, and hashing it costs more than comparing it. An exact str is looked up
- * in a small table keyed by its length, kind and last character, then compared with the
- * candidates by identity, or by length, kind and bytes (str equality: compact strings of equal
- * text have equal kind and bytes). None and float NaN are missing; any other value (str
- * subclasses, numbers, bytes, pandas' NA...) goes to code(value). The values are a list, a
- * tuple, or an array of objects read through the buffer protocol (numpy's dtype=object: no
- * list is made); anything else is made a list first.
+ * A categorical column is counted per slot [categories..., unseen, missing], each value where
+ * code(value) puts it (the single-row rule, CategoricalSeries.code), without hashing each
+ * value: pandas and JSON hand over a fresh str object per row, and hashing it costs more than
+ * comparing it. A CategoryTable (made once per column) keys its categories by length, kind and
+ * last character; an exact str is compared with the candidates of its bucket by length, kind
+ * and bytes (str equality: compact strings of equal text have equal kind and bytes). A compact
+ * ASCII str, the common case, has its length and bytes read straight from the object. None and
+ * float NaN are missing; any other value (str subclasses, numbers, bytes, pandas' NA...) goes
+ * to code(value). The values are a list, a tuple, or an array of objects read through the
+ * buffer protocol (numpy's dtype=object: no list is made); anything else is made a list first.
+ *
+ * CategoryCounter(vocabularies) holds one table per column, made when the model is
+ * registered; its amounts() counts every column of a batch in one call.
+ * count_categories(values, categories, code) counts one column with a table made for the call.
  */
 
 typedef struct {
-    PyObject *text;
     Py_ssize_t length;
     int kind;
-    const void *data;
+    const char *data;
     Py_ssize_t next; /* the next category in the same bucket, or -1 */
 } Category;
 
+/* A bucket of the ASCII table: at most one one-byte category (length -1: none). */
 typedef struct {
+    Py_ssize_t length;
+    uint64_t words[3]; /* text_words */
+    const char *data;
+    Py_ssize_t slot;
+} AsciiBucket;
+
+#define ASCII_BUCKETS_MAX 4096
+
+typedef struct {
+    PyObject *texts;     /* the tuple of categories (holds their data) */
+    AsciiBucket *ascii;  /* buckets of the one-byte categories, one in each (NULL: none) */
+    size_t ascii_mask;
     Category *categories;
-    Py_ssize_t known;   /* slots: the categories, then unseen (known), missing (known + 1) */
+    Py_ssize_t known;    /* slots: the categories, then unseen (known), missing (known + 1) */
     Py_ssize_t *buckets; /* the first category of each bucket, or -1 */
     size_t mask;         /* buckets - 1 */
-    PyObject *code;      /* code(value) -> slot, for values other than str, None and NaN */
-    Py_ssize_t *counts;  /* per slot */
+} CategoryTable;
+
+typedef struct {
+    const CategoryTable *table;
+    PyObject *code;     /* code(value) -> slot, for values other than str, None and NaN */
+    Py_ssize_t *counts; /* per slot */
 } SlotCounts;
 
-static size_t
-category_bucket(Py_ssize_t length, int kind, const void *data, size_t mask)
+static inline size_t
+category_bucket(Py_ssize_t length, int kind, Py_UCS4 last, size_t mask)
 {
-    size_t key = (size_t)length * 31u + (size_t)kind;
-    if (length > 0) {
-        key = key * 131u + PyUnicode_READ(kind, data, length - 1);
-    }
+    size_t key = ((size_t)length * 31u + (size_t)kind) * 131u + last;
     return (key ^ (key >> 11)) & mask;
 }
 
@@ -1640,14 +1657,12 @@ same_bytes(const char *a, const char *b, size_t size)
         return x == y;
     }
     if (size >= 4) {
+        uint32_t s, t;
         memcpy(&u, a, 4);
         memcpy(&v, b, 4);
-        if (u != v) {
-            return 0;
-        }
-        memcpy(&u, a + size - 4, 4);
-        memcpy(&v, b + size - 4, 4);
-        return u == v;
+        memcpy(&s, a + size - 4, 4); /* the last 4 bytes, overlapping */
+        memcpy(&t, b + size - 4, 4);
+        return u == v && s == t;
     }
     for (size_t at = 0; at < size; at++) {
         if (a[at] != b[at]) {
@@ -1657,19 +1672,17 @@ same_bytes(const char *a, const char *b, size_t size)
     return 1;
 }
 
-/* The slot of an exact str: its category's index, or unseen. */
-static Py_ssize_t
-text_slot(const SlotCounts *table, PyObject *text)
+/* The slot of a text of ``length`` characters of ``kind`` bytes each: its category's index,
+ * or unseen. */
+static inline Py_ssize_t
+text_slot(const CategoryTable *table, Py_ssize_t length, int kind, const char *data,
+          Py_UCS4 last)
 {
-    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
-    for (Py_ssize_t i = table->buckets[category_bucket(length, kind, data, table->mask)];
+    for (Py_ssize_t i = table->buckets[category_bucket(length, kind, last, table->mask)];
          i >= 0; i = table->categories[i].next) {
         const Category *category = &table->categories[i];
-        if (category->text == text ||
-            (category->length == length && category->kind == kind &&
-             same_bytes(category->data, data, (size_t)length * (size_t)kind))) {
+        if (category->length == length && category->kind == kind &&
+            same_bytes(category->data, data, (size_t)length * (size_t)kind)) {
             return i;
         }
     }
@@ -1678,10 +1691,10 @@ text_slot(const SlotCounts *table, PyObject *text)
 
 /* The slot code(value) gives, checked to be one of the slots; -1 on error. */
 static Py_ssize_t
-coded_slot(const SlotCounts *table, PyObject *value)
+coded_slot(const SlotCounts *counts, PyObject *value)
 {
     Py_INCREF(value); /* code() runs Python code: it may drop what holds the value */
-    PyObject *result = PyObject_CallOneArg(table->code, value);
+    PyObject *result = PyObject_CallOneArg(counts->code, value);
     Py_DECREF(value);
     if (result == NULL) {
         return -1;
@@ -1691,74 +1704,163 @@ coded_slot(const SlotCounts *table, PyObject *value)
     if (slot == -1 && PyErr_Occurred()) {
         return -1;
     }
-    if (slot < 0 || slot > table->known + 1) {
+    if (slot < 0 || slot > counts->table->known + 1) {
         PyErr_Format(PyExc_ValueError, "count_categories: code() gave %zd, not a slot", slot);
         return -1;
     }
     return slot;
 }
 
-/* Count one value; 0, or -1 with an exception set. */
-static inline int
-count_value(SlotCounts *table, PyObject *value)
+/* The first, second (when longer than 16) and last 8 bytes of a one-byte text as words,
+ * a text shorter than 8 bytes as one word (its bytes, then zeros) in all three. ``data`` must have 8 readable bytes
+ * before it (a compact str's header) when ``length`` < 8. Little-endian order: elsewhere
+ * the bytes are compared one by one (same_bytes). */
+static inline void
+text_words(const char *data, Py_ssize_t length, uint64_t words[3])
 {
-    Py_ssize_t slot;
+    uint64_t first, middle, last;
+    memcpy(&first, length >= 8 ? data : data + length - 8, 8);
+    memcpy(&middle, length > 16 ? data + 8 : data + length - 8, 8);
+    memcpy(&last, data + length - 8, 8);
+    words[2] = length >= 8 ? last : (last >> (8 * (7 - length))) >> 8;
+    words[0] = length >= 8 ? first : words[2];
+    words[1] = length > 16 ? middle : words[2];
+}
+
+#define COUNT_LANES 4 /* rows counted in turn into 4 copies of the counts: no increment waits
+                       * for the previous one to the same slot */
+
+/* The ASCII bucket of a one-byte text, from its length and words. */
+static inline size_t
+ascii_bucket(Py_ssize_t length, const uint64_t words[3], size_t mask)
+{
+    uint64_t key = (words[0] * 0x9E3779B97F4A7C15u) ^ words[2] ^ (uint64_t)length;
+    return (size_t)(key >> 40 ^ key >> 17) & mask;
+}
+
+/* Whether the bytes from 16 to length - 8 of two texts (longer than 24) are equal. */
+static inline int
+same_rest(const char *a, const char *b, Py_ssize_t length)
+{
+    for (Py_ssize_t at = 16; at < length - 8; at += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + at, 8);
+        memcpy(&y, b + at, 8);
+        if (x != y) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+/* Count the compact ASCII str from ``item`` on (at most n, ``stride`` bytes apart) up to the
+ * first other value, each compared with the one category of its bucket by length and its
+ * first, middle and last 8 bytes (one loop past 24 characters). Returns how many
+ * were counted (0 when the table has no ASCII buckets: text_slot counts them). */
+static Py_ssize_t
+count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
+                Py_ssize_t *lanes)
+{
+    const AsciiBucket *buckets = table->ascii;
+    const size_t mask = table->ascii_mask;
+    const Py_ssize_t known = table->known, width = known + 2;
+    Py_ssize_t i = 0;
+    for (; buckets != NULL && i < n; i++, item += stride) {
+        PyObject *value = *(PyObject *const *)item;
+        if (value == NULL || !Py_IS_TYPE(value, &PyUnicode_Type) ||
+            !PyUnicode_IS_COMPACT_ASCII(value)) {
+            break;
+        }
+        Py_ssize_t length = ((PyASCIIObject *)value)->length;
+        const char *data = (const char *)(((PyASCIIObject *)value) + 1);
+        uint64_t words[3];
+        text_words(data, length, words);
+        const AsciiBucket *bucket = &buckets[ascii_bucket(length, words, mask)];
+        int same = (bucket->length == length) & (bucket->words[0] == words[0]) &
+                   (bucket->words[1] == words[1]) & (bucket->words[2] == words[2]);
+        if (length > 24) { /* rare */
+            same = same && same_rest(bucket->data, data, length);
+        }
+        Py_ssize_t slot = same ? bucket->slot : known;
+        lanes[(i % COUNT_LANES) * width + slot]++;
+    }
+    return i;
+}
+#else
+static Py_ssize_t
+count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
+                Py_ssize_t *lanes)
+{
+    return 0; /* big-endian: text_slot compares bytes */
+}
+#endif
+
+/* The slot of a value other than a compact ASCII str; -1 with an exception set. */
+static Py_ssize_t
+other_slot(const SlotCounts *counts, PyObject *value)
+{
     if (PyUnicode_CheckExact(value)) {
         if (ready_text(value) < 0) {
             return -1;
         }
-        slot = text_slot(table, value);
+        Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+        int kind = PyUnicode_KIND(value);
+        const void *data = PyUnicode_DATA(value);
+        Py_UCS4 last = length > 0 ? PyUnicode_READ(kind, data, length - 1) : 0;
+        return text_slot(counts->table, length, kind, data, last);
     }
-    else if (value == Py_None ||
-             (PyFloat_CheckExact(value) && Py_IS_NAN(PyFloat_AS_DOUBLE(value)))) {
-        slot = table->known + 1;
+    if (value == Py_None || (PyFloat_CheckExact(value) && Py_IS_NAN(PyFloat_AS_DOUBLE(value)))) {
+        return counts->table->known + 1;
     }
-    else if ((slot = coded_slot(table, value)) < 0) {
-        return -1;
-    }
-    table->counts[slot]++;
-    return 0;
+    return coded_slot(counts, value);
 }
 
-/* Count a list or tuple; its size is read again each time (code() may shrink a list). */
+/* Count ``n`` values, ``stride`` bytes apart from ``item`` (``list``: the list they are in,
+ * its size and items read again after code() ran); 0, or -1 with an exception set. The
+ * counts have COUNT_LANES lanes of known + 2 slots. */
 static int
-count_sequence(SlotCounts *table, PyObject *values)
+count_items(SlotCounts *counts, PyObject *list, const char *item, Py_ssize_t n,
+            Py_ssize_t stride)
 {
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(values); i++) {
-        if (count_value(table, PySequence_Fast_GET_ITEM(values, i)) < 0) {
-            return -1;
+    Py_ssize_t *lanes = counts->counts;
+    for (Py_ssize_t i = 0; i < n; i++, item += stride) {
+        Py_ssize_t run = count_ascii_run(counts->table, item, n - i, stride, lanes);
+        i += run, item += run * stride;
+        if (i == n) {
+            break;
         }
-    }
-    return 0;
-}
-
-/* Count a 1-d buffer of objects (exported: numpy resizes nothing meanwhile). */
-static int
-count_objects(SlotCounts *table, const Py_buffer *view)
-{
-    const char *item = view->buf;
-    for (Py_ssize_t i = 0; i < view->shape[0]; i++, item += view->strides[0]) {
         PyObject *value = *(PyObject *const *)item;
-        if (count_value(table, value == NULL ? Py_None : value) < 0) { /* NULL: numpy's None */
+        Py_ssize_t slot = other_slot(counts, value == NULL ? Py_None : value); /* numpy's None */
+        if (slot < 0) {
             return -1;
         }
+        if (list != NULL) { /* code() may have resized the list */
+            n = PyList_GET_SIZE(list);
+            item = (const char *)(PySequence_Fast_ITEMS(list) + i);
+        }
+        lanes[slot]++;
     }
     return 0;
 }
 
 /* Count ``values`` in whichever form it comes; 0, or -1 with an exception set. */
 static int
-count_any(SlotCounts *table, PyObject *values)
+count_any(SlotCounts *counts, PyObject *values)
 {
     if (PyList_CheckExact(values) || PyTuple_CheckExact(values)) {
-        return count_sequence(table, values);
+        return count_items(counts, PyList_CheckExact(values) ? values : NULL,
+                           (const char *)PySequence_Fast_ITEMS(values),
+                           PySequence_Fast_GET_SIZE(values), sizeof(PyObject *));
     }
     Py_buffer view;
     if (PyObject_CheckBuffer(values) &&
         PyObject_GetBuffer(values, &view, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
         int objects = view.ndim == 1 && view.format != NULL && strcmp(view.format, "O") == 0 &&
                       view.itemsize == sizeof(PyObject *);
-        int done = objects ? count_objects(table, &view) : 0;
+        /* exported: numpy resizes nothing meanwhile */
+        int done = objects ? count_items(counts, NULL, view.buf, view.shape[0], view.strides[0])
+                           : 0;
         PyBuffer_Release(&view);
         if (objects) {
             return done;
@@ -1769,46 +1871,151 @@ count_any(SlotCounts *table, PyObject *values)
     if (list == NULL) {
         return -1;
     }
-    int done = count_sequence(table, list);
+    int done = count_any(counts, list);
     Py_DECREF(list);
     return done;
 }
 
-/* The table of categories (a tuple of exact str); 0, or -1 with an exception set. */
+/* Count ``values`` into ``slots`` (known + 2 of them; COUNT_LANES times that as scratch). */
 static int
-fill_categories(SlotCounts *table, PyObject *texts)
+count_slots(SlotCounts *counts, PyObject *values, Py_ssize_t *slots)
 {
+    Py_ssize_t width = counts->table->known + 2;
+    memset(slots, 0, (size_t)(COUNT_LANES * width) * sizeof(Py_ssize_t));
+    counts->counts = slots;
+    if (count_any(counts, values) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t lane = 1; lane < COUNT_LANES; lane++) {
+        for (Py_ssize_t slot = 0; slot < width; slot++) {
+            slots[slot] += slots[lane * width + slot];
+        }
+    }
+    return 0;
+}
+
+/* Fill the ASCII buckets (``table->ascii_mask`` + 1 of them); 1 when each category has a
+ * bucket of its own, 0 when two share one. */
+static int
+fill_ascii_buckets(CategoryTable *table)
+{
+    for (size_t b = 0; b <= table->ascii_mask; b++) {
+        table->ascii[b].length = -1;
+    }
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        const Category *category = &table->categories[i];
+        if (category->kind != PyUnicode_1BYTE_KIND) {
+            continue; /* an ASCII str never equals it */
+        }
+        char padded[16] = {0}; /* a text shorter than 8 after 8 bytes to read: its words */
+        const char *data = category->data;
+        if (category->length < 8) {
+            memcpy(padded + 8, data, (size_t)category->length);
+            data = padded + 8;
+        }
+        uint64_t words[3];
+        text_words(data, category->length, words);
+        AsciiBucket *bucket = &table->ascii[ascii_bucket(category->length, words,
+                                                         table->ascii_mask)];
+        if (bucket->length >= 0) {
+            return 0;
+        }
+        *bucket = (AsciiBucket){category->length, {words[0], words[1], words[2]},
+                                category->data, i};
+    }
+    return 1;
+}
+
+/* The ASCII buckets: as few as give each one-byte category a bucket of its own, none when
+ * ASCII_BUCKETS_MAX do not (the chained buckets serve). 0, or -1 with an exception set. */
+static int
+make_ascii_buckets(CategoryTable *table)
+{
+    for (table->ascii_mask = 15; table->ascii_mask < ASCII_BUCKETS_MAX;
+         table->ascii_mask = table->ascii_mask * 2 + 1) {
+        if (table->ascii_mask + 1 < 2 * (size_t)table->known) {
+            continue;
+        }
+        AsciiBucket *buckets =
+            PyMem_Realloc(table->ascii, (table->ascii_mask + 1) * sizeof(AsciiBucket));
+        if (buckets == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        table->ascii = buckets;
+        if (fill_ascii_buckets(table)) {
+            return 0;
+        }
+    }
+    PyMem_Free(table->ascii);
+    table->ascii = NULL;
+    return 0;
+}
+
+static void
+clear_table(CategoryTable *table)
+{
+    PyMem_Free(table->ascii);
+    table->ascii = NULL;
+    PyMem_Free(table->categories);
+    PyMem_Free(table->buckets);
+    Py_CLEAR(table->texts);
+    table->categories = NULL;
+    table->buckets = NULL;
+}
+
+/* Make the table of ``texts`` (a tuple of exact str); 0, or -1 with an exception set. */
+static int
+make_table(CategoryTable *table, PyObject *texts)
+{
+    if (!PyTuple_CheckExact(texts)) {
+        PyErr_SetString(PyExc_TypeError, "categories must be a tuple of str");
+        return -1;
+    }
+    table->known = PyTuple_GET_SIZE(texts);
+    table->mask = 15;
+    while (table->mask + 1 < 4 * (size_t)table->known) {
+        table->mask = table->mask * 2 + 1;
+    }
+    table->texts = Py_NewRef(texts);
+    table->categories = PyMem_Calloc((size_t)table->known + 1, sizeof(Category));
+    table->buckets = PyMem_Malloc((table->mask + 1) * sizeof(Py_ssize_t));
+    if (table->categories == NULL || table->buckets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     for (size_t b = 0; b <= table->mask; b++) {
         table->buckets[b] = -1;
     }
     for (Py_ssize_t i = 0; i < table->known; i++) {
         PyObject *text = PyTuple_GET_ITEM(texts, i);
         if (!PyUnicode_CheckExact(text)) {
-            PyErr_SetString(PyExc_TypeError, "count_categories: categories must be str");
+            PyErr_SetString(PyExc_TypeError, "categories must be str");
             return -1;
         }
         if (ready_text(text) < 0) {
             return -1;
         }
         Category *category = &table->categories[i];
-        category->text = text;
         category->length = PyUnicode_GET_LENGTH(text);
         category->kind = PyUnicode_KIND(text);
         category->data = PyUnicode_DATA(text);
-        size_t b = category_bucket(category->length, category->kind, category->data,
-                                   table->mask);
+        Py_UCS4 last = category->length > 0
+                           ? PyUnicode_READ(category->kind, category->data, category->length - 1)
+                           : 0;
+        size_t b = category_bucket(category->length, category->kind, last, table->mask);
         category->next = table->buckets[b];
         table->buckets[b] = i;
     }
-    return 0;
+    return make_ascii_buckets(table);
 }
 
 static PyObject *
-slot_counts_list(const SlotCounts *table)
+slot_counts_list(const Py_ssize_t *counts, Py_ssize_t slots)
 {
-    PyObject *result = PyList_New(table->known + 2);
-    for (Py_ssize_t slot = 0; result != NULL && slot < table->known + 2; slot++) {
-        PyObject *count = PyLong_FromSsize_t(table->counts[slot]);
+    PyObject *result = PyList_New(slots);
+    for (Py_ssize_t slot = 0; result != NULL && slot < slots; slot++) {
+        PyObject *count = PyLong_FromSsize_t(counts[slot]);
         if (count == NULL) {
             Py_CLEAR(result);
             break;
@@ -1821,33 +2028,183 @@ slot_counts_list(const SlotCounts *table)
 static PyObject *
 count_categories(PyObject *module, PyObject *args)
 {
-    PyObject *values, *texts, *result = NULL;
-    SlotCounts table = {.mask = 7};
-    if (!PyArg_UnpackTuple(args, "count_categories", 3, 3, &values, &texts, &table.code)) {
+    PyObject *values, *texts, *code, *result = NULL;
+    if (!PyArg_UnpackTuple(args, "count_categories", 3, 3, &values, &texts, &code)) {
         return NULL;
     }
-    if (!PyTuple_CheckExact(texts)) {
-        PyErr_SetString(PyExc_TypeError, "count_categories: categories must be a tuple of str");
-        return NULL;
+    CategoryTable table = {.texts = NULL};
+    Py_ssize_t *slots = NULL;
+    if (make_table(&table, texts) == 0) {
+        slots = PyMem_Malloc((size_t)(COUNT_LANES * (table.known + 2)) * sizeof(Py_ssize_t));
+        SlotCounts counts = {.table = &table, .code = code};
+        if (slots == NULL) {
+            PyErr_NoMemory();
+        }
+        else if (count_slots(&counts, values, slots) == 0) {
+            result = slot_counts_list(slots, table.known + 2);
+        }
     }
-    table.known = PyTuple_GET_SIZE(texts);
-    while (table.mask + 1 < 2 * (size_t)table.known) {
-        table.mask = table.mask * 2 + 1;
-    }
-    table.categories = PyMem_Calloc((size_t)table.known + 1, sizeof(Category));
-    table.buckets = PyMem_Calloc(table.mask + 1, sizeof(Py_ssize_t));
-    table.counts = PyMem_Calloc((size_t)table.known + 2, sizeof(Py_ssize_t));
-    if (table.categories == NULL || table.buckets == NULL || table.counts == NULL) {
-        PyErr_NoMemory();
-    }
-    else if (fill_categories(&table, texts) == 0 && count_any(&table, values) == 0) {
-        result = slot_counts_list(&table);
-    }
-    PyMem_Free(table.categories);
-    PyMem_Free(table.buckets);
-    PyMem_Free(table.counts);
+    PyMem_Free(slots);
+    clear_table(&table);
     return result;
 }
+
+/* -- CategoryCounter: every categorical column of a batch in one call -- */
+
+typedef struct {
+    PyObject_HEAD
+    CategoryTable *tables;
+    Py_ssize_t columns;
+    Py_ssize_t slots;   /* in all: per column [categories..., unseen bin, missing, unseen] */
+    Py_ssize_t deepest; /* the most slots of one column's counts */
+} CategoryCounter;
+
+static void
+CategoryCounter_clear(CategoryCounter *self)
+{
+    for (Py_ssize_t j = 0; self->tables != NULL && j < self->columns; j++) {
+        clear_table(&self->tables[j]);
+    }
+    PyMem_Free(self->tables);
+    self->tables = NULL;
+    self->columns = self->slots = self->deepest = 0;
+}
+
+static int
+CategoryCounter_init(CategoryCounter *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *vocabularies;
+    if (!PyArg_ParseTuple(args, "O!:CategoryCounter", &PyList_Type, &vocabularies)) {
+        return -1;
+    }
+    CategoryCounter_clear(self);
+    Py_ssize_t columns = PyList_GET_SIZE(vocabularies);
+    self->tables = PyMem_Calloc((size_t)columns + 1, sizeof(CategoryTable));
+    if (self->tables == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->columns = columns;
+    for (Py_ssize_t j = 0; j < columns; j++) {
+        if (make_table(&self->tables[j], PyList_GET_ITEM(vocabularies, j)) < 0) {
+            CategoryCounter_clear(self);
+            return -1;
+        }
+        self->slots += self->tables[j].known + 3;
+        if (self->tables[j].known + 2 > self->deepest) {
+            self->deepest = self->tables[j].known + 2;
+        }
+    }
+    return 0;
+}
+
+/* Count column j's values into ``counts``; 0, or -1 with an exception set. */
+static int
+count_column(const CategoryCounter *self, Py_ssize_t j, PyObject *values, PyObject *code,
+             Py_ssize_t rows, Py_ssize_t *counts)
+{
+    Py_ssize_t known = self->tables[j].known, total = 0;
+    SlotCounts slot_counts = {.table = &self->tables[j], .code = code};
+    if (count_slots(&slot_counts, values, counts) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t slot = 0; slot < known + 2; slot++) {
+        total += counts[slot];
+    }
+    if (total != rows) {
+        PyErr_Format(PyExc_ValueError, "expected %zd values per column, got %zd", rows, total);
+        return -1;
+    }
+    return 0;
+}
+
+/* amounts(columns, codes, rows, out): add each column's counts to ``out`` (float64, one
+ * amount per slot, the columns' slots in order); a column given as None is skipped. */
+static PyObject *
+CategoryCounter_amounts(CategoryCounter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
+        PyList_GET_SIZE(args[0]) != self->columns || PyList_GET_SIZE(args[1]) != self->columns) {
+        PyErr_Format(PyExc_TypeError, "amounts(columns, codes, rows, out): lists of %zd",
+                     self->columns);
+        return NULL;
+    }
+    Py_ssize_t rows = PyLong_AsSsize_t(args[2]);
+    if (rows == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer out;
+    if (get_doubles(args[3], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, 1, "out") < 0) {
+        return NULL;
+    }
+    Py_ssize_t *counts = PyMem_Malloc((size_t)(COUNT_LANES * self->deepest) * sizeof(Py_ssize_t));
+    int failed = counts == NULL;
+    if (failed) {
+        PyErr_NoMemory();
+    }
+    else if (out.shape[0] != self->slots) {
+        PyErr_Format(PyExc_ValueError, "out: %zd slots, not %zd", out.shape[0], self->slots);
+        failed = 1;
+    }
+    double *amounts = out.buf;
+    for (Py_ssize_t j = 0, first = 0; !failed && j < self->columns; j++) {
+        Py_ssize_t known = self->tables[j].known;
+        if (PyList_GET_SIZE(args[0]) != self->columns || PyList_GET_SIZE(args[1]) != self->columns) {
+            PyErr_SetString(PyExc_RuntimeError, "amounts: columns or codes changed size");
+            failed = 1;
+            break;
+        }
+        PyObject *values = PyList_GET_ITEM(args[0], j);
+        if (values != Py_None) {
+            PyObject *code = Py_NewRef(PyList_GET_ITEM(args[1], j)); /* code() may edit lists */
+            Py_INCREF(values);
+            failed = count_column(self, j, values, code, rows, counts) < 0;
+            Py_DECREF(values);
+            Py_DECREF(code);
+            for (Py_ssize_t slot = 0; !failed && slot < known + 2; slot++) {
+                amounts[first + slot] += (double)counts[slot];
+            }
+            amounts[first + known + 2] += failed ? 0.0 : (double)counts[known];
+        }
+        first += known + 3;
+    }
+    PyMem_Free(counts);
+    PyBuffer_Release(&out);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+CategoryCounter_dealloc(CategoryCounter *self)
+{
+    CategoryCounter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef CategoryCounter_methods[] = {
+    {"amounts", (PyCFunction)(void (*)(void))CategoryCounter_amounts, METH_FASTCALL,
+     "amounts(columns, codes, rows, out): add each column's counts to its slots in out."},
+    {NULL},
+};
+
+static PyMemberDef CategoryCounter_members[] = {
+    {"slots", T_PYSSIZET, offsetof(CategoryCounter, slots), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject CategoryCounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ml_wsgi_metrics._speedups.CategoryCounter",
+    .tp_doc = "CategoryCounter(vocabularies): the slot counts of a model's categorical columns.",
+    .tp_basicsize = sizeof(CategoryCounter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CategoryCounter_init,
+    .tp_dealloc = (destructor)CategoryCounter_dealloc,
+    .tp_methods = CategoryCounter_methods,
+    .tp_members = CategoryCounter_members,
+};
 
 /* -- the module ------------------------------------------------------------------------- */
 
@@ -1945,6 +2302,11 @@ PyInit__speedups(void)
     __builtin_cpu_init();
     has_avx2 = __builtin_cpu_supports("avx2");
 #endif
+    if (PyType_Ready(&CategoryCounterType) < 0 ||
+        PyModule_AddObjectRef(module, "CategoryCounter", (PyObject *)&CategoryCounterType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
     if (PyType_Ready(&NumericKernelType) < 0 ||
         PyModule_AddObjectRef(module, "NumericKernel", (PyObject *)&NumericKernelType) < 0) {
         Py_DECREF(module);

@@ -3,8 +3,9 @@
 The request record (``configure``, ``TimedResponse``): what its C code reads from the Python
 side by name is listed in the docstring of :mod:`ml_wsgi_metrics._response`;
 ``tests/test_speedups.py`` checks both against the C source. The model signals' kernel
-(``NumericKernel``, ``add_amounts``, ``add_categories``, ``use_avx2``) reads no name: see
-:mod:`ml_wsgi_metrics._recorders` and :class:`ml_wsgi_metrics._series.SlotCells`.
+(``NumericKernel``, ``CategoryCounter``, ``add_amounts``, ``add_categories``, ``use_avx2``)
+reads no name: see :mod:`ml_wsgi_metrics._recorders`, :mod:`ml_wsgi_metrics._categories` and
+:class:`ml_wsgi_metrics._series.SlotCells`.
 """
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,24 @@ def count_categories(
     """A categorical column's counts per slot ``[categories..., unseen, missing]``, each value
     where ``code(value)`` puts it (``_categories`` calls it; ``values``: a list, a tuple or a
     1-d array of objects)."""
+
+class CategoryCounter:
+    """A model's categorical columns, their category tables made once (see
+    ``_categories.CategoryColumns``)."""
+
+    @property
+    def slots(self) -> int: ...
+    def __init__(self, vocabularies: list[tuple[str, ...]], /) -> None: ...
+    def amounts(
+        self,
+        columns: list[Sequence[Any] | npt.NDArray[np.object_] | None],
+        codes: list[Callable[[Any], int]],
+        rows: int,
+        out: _Floats,
+        /,
+    ) -> None:
+        """Add each column's counts to its slots in ``out`` (``[categories..., unseen bin,
+        missing, unseen counter]`` per column); a column given as ``None`` is skipped."""
 
 class TimedResponse:
     """One measured request, and the iterable handed back to the server (in C)."""

@@ -20,7 +20,12 @@ from signals_support import value
 from support import require_speedups
 
 from ml_wsgi_metrics import _categories, signals
-from ml_wsgi_metrics._categories import SlotCounter, count_by_hashing, count_slots
+from ml_wsgi_metrics._categories import (
+    CategoryColumns,
+    SlotCounter,
+    count_by_hashing,
+    count_slots,
+)
 from ml_wsgi_metrics._recorders import CategoricalSeries
 from ml_wsgi_metrics.profile import UNSEEN, ReferenceProfile
 from ml_wsgi_metrics.testing import isolated_signals
@@ -103,6 +108,8 @@ def counter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         count_by_hashing if request.param == "python" else require_speedups().count_categories
     )
     monkeypatch.setattr(_categories, "_count", chosen)
+    if request.param == "python":  # models registered now count their batches in Python too
+        monkeypatch.setattr(_categories, "speedups", None)
     return chosen
 
 
@@ -173,6 +180,106 @@ def test_the_c_counter_is_chosen_when_built(monkeypatch: pytest.MonkeyPatch) -> 
     assert _categories._count is _categories.slot_counter() is speedups.count_categories
     monkeypatch.setattr(_categories, "speedups", None)
     assert _categories.slot_counter() is count_by_hashing
+
+
+# -- every column of a batch in one call ---------------------------------------------------------
+
+#: Long texts alike: 17 to 24 characters apart in their middle 8 bytes, over 24 apart only
+#: past them (the same first, middle and last words: one bucket), short ones.
+ALIKE = (
+    *("No internet service", "No internet servicf", "No internet_service", "x" * 30),
+    *("x" * 20 + "y" + "x" * 9, "x" * 17, "x" * 16, "x" * 8, "x" * 7, "x", ""),
+)
+#: Each column's vocabulary: the ASCII buckets (one category each), a vocabulary two of whose
+#: texts share a bucket (compared through the chained table), one without categories.
+VOCABULARIES = [
+    CATEGORIES[:5],
+    CATEGORIES,
+    ("x" * 30, "No internet service", "x" * 16, "x" * 7, ""),
+    ALIKE,
+    (),
+    ("Yes", "No"),
+    CATEGORIES[5:],
+]
+
+
+def every_column(rows: int, seed: int) -> list[Any]:
+    """One column per vocabulary, in every form a batch gives: lists, arrays of objects,
+    pandas' string arrays, a ``category`` column, an absent column (``None``)."""
+    rng = np.random.default_rng(seed)
+    mixed = every_kind_of_value(rows, seed) + [fresh(t) for t in ALIKE]
+    texts = [fresh(t) for t in rng.choice([*ALIKE, "x" * 29, "y" * 30], rows + len(ALIKE))]
+    gaps = [None if i % 5 == 0 else fresh(t) for i, t in enumerate(texts)]
+    return [
+        mixed,
+        objects(mixed),
+        objects(texts),
+        pd.array(gaps, dtype=pd.StringDtype("python")),
+        pd.Categorical(gaps),
+        None,
+        pd.Series(gaps, dtype=pd.StringDtype("python", na_value=np.nan)).array,
+    ]
+
+
+def each_column_alone(columns: list[Any], rows: int) -> list[float]:
+    """The amounts in the slots' layout, each column coded value by value."""
+    amounts: list[float] = []
+    for values, vocabulary in zip(columns, VOCABULARIES, strict=True):
+        counts = [0] * len(vocabulary) + [0, rows]
+        if values is not None:
+            counts = one_by_one(list(values), vocabulary)
+        amounts += [*counts, counts[len(vocabulary)]]
+    return amounts
+
+
+def codes_of(vocabularies: list[tuple[str, ...]]) -> list[Any]:
+    return [CategoricalSeries(f"f{j}", v, []).code for j, v in enumerate(vocabularies)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("counted", ["c", "python"])
+def test_every_column_of_a_batch_counts_as_each_column_alone(
+    seed: int, counted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if counted == "python":
+        monkeypatch.setattr(_categories, "speedups", None)
+        monkeypatch.setattr(_categories, "_count", count_by_hashing)
+    else:
+        require_speedups()
+    rows = 1500 + len(ALIKE)
+    columns = every_column(1500, seed)
+    counter = CategoryColumns(VOCABULARIES, codes_of(VOCABULARIES))
+    assert (counter.counter is None) == (counted == "python")
+    assert counter.amounts(columns, rows).tolist() == each_column_alone(columns, rows)
+
+
+def test_the_counter_adds_to_its_out_skipping_none() -> None:
+    speedups = require_speedups()
+    vocabularies = [("a", "b"), ("No internet service",)]
+    counter = speedups.CategoryCounter(vocabularies)
+    out = np.ones(counter.slots)
+    columns: list[Any] = [["a", fresh("b"), "c", None], None]
+    counter.amounts(columns, codes_of(vocabularies), 4, out)
+    assert counter.slots == 5 + 4
+    assert out.tolist() == [2, 2, 2, 2, 2] + [1] * 4
+
+
+def test_the_counter_refuses_a_column_of_other_length_and_passes_code_errors() -> None:
+    speedups = require_speedups()
+    vocabularies = [("a",), ("b",)]
+    counter = speedups.CategoryCounter(vocabularies)
+    codes = codes_of(vocabularies)
+    out = np.zeros(counter.slots)
+    with pytest.raises(ValueError, match="expected 2 values per column, got 3"):
+        counter.amounts([["a", "a"], ["b", "b", "b"]], codes, 2, out)
+    with pytest.raises(ZeroDivisionError):
+        counter.amounts([["a", 1], None], [lambda v: 1 // 0, codes[1]], 2, out)
+    with pytest.raises(ValueError, match="out: 3 slots, not 8"):
+        counter.amounts([None, None], codes, 2, np.zeros(3))
+    with pytest.raises(TypeError, match="lists of 2"):
+        counter.amounts([None], codes, 2, out)
+    with pytest.raises(TypeError, match="categories must be str"):
+        speedups.CategoryCounter([("a", 1)])
 
 
 # -- pandas' column forms -----------------------------------------------------------------------

@@ -108,6 +108,7 @@ def test_the_kernel_writes_numpys_numbers_to_the_bit(
 
 
 def test_the_kernel_refuses_what_does_not_fit() -> None:
+    require_speedups()
     block = block_of([(1.0, 2.0)], [0.0], [3.0])
     assert block.kernel is not None
     with pytest.raises(ValueError, match="1 columns and 8 slots"):

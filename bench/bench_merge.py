@@ -16,7 +16,8 @@ checked byte for byte (text and OpenMetrics). Exits 1 when ours is under 20x fas
 
 Then 8 processes (sync workers, each its own merger, warm) scrape the 46,080 series at once,
 5 times sharing merges through the directory and 5 times each merging on its own,
-interleaved: the merges run, the slowest scrape and the CPU of the burst.
+interleaved: the merges run, the slowest scrape and the CPU of the burst; and the CPU of a lone
+scrape through the shared file against its own merge only.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ def concurrent_scrapes(routes: int, bursts: int = 5) -> None:
         for _ in range(bursts):
             for shared in (True, False):
                 found[shared].append(burst(directory, change, shared))
+        lone = lone_scrape_cpu(directory, change)
         multiprocess.deactivate()
     print(f"{SCRAPERS} warm processes scraping at once, median of {bursts} bursts:")
     for shared, runs in found.items():
@@ -217,6 +219,30 @@ def concurrent_scrapes(routes: int, bursts: int = 5) -> None:
         cpu = statistics.median(c for _, _, c in runs)
         how = "shared (ours)" if shared else "each its own"
         print(f"  {how:14} merges {merges}, slowest scrape {slowest:7.1f} ms, CPU {cpu:7.1f} ms")
+    print(
+        f"a lone scrape, median CPU ms, interleaved: through the shared file {lone[True]:.2f}, "
+        f"its own merge only {lone[False]:.2f}"
+    )
+
+
+def lone_scrape_cpu(
+    directory: str, change: Callable[[], None], runs: int = 40
+) -> dict[bool, float]:
+    """Median CPU ms of one scrape nobody waits for: through the shared file or merging alone."""
+    merger = Merger(directory, multiprocess.SLOT_FILE)
+    merger.text(generate_latest)  # warm
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for run in range(runs):
+        for shared in (True, False) if run % 2 else (False, True):
+            change()
+            started = time.process_time()
+            if shared:
+                merger.text(generate_latest)
+            else:
+                merger._text(generate_latest, 0)
+            times[shared].append((time.process_time() - started) * 1000)
+    merger.close()
+    return {shared: statistics.median(values) for shared, values in times.items()}
 
 
 def main() -> int:

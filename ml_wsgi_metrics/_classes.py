@@ -5,8 +5,8 @@ Owns how :func:`._recorders.record_batch` counts predicted classes into the slot
 ``CompiledModel.class_code`` puts it alone (the single-row rule), and sums the rows' expected
 correctness (:mod:`._expected`'s rule): in one pass of ``_speedups.count_classes`` when the
 extension is built, else with numpy (:meth:`ClassCounter.numpy_count`). Both give the same
-counts, and the same sum to the bit: each adds the rows' terms one after the other, in row
-order.
+counts, and the same sum to the bit: row ``i``'s term goes to lane ``i % 4``, each lane adds
+its terms in row order, then ``(lane 0 + lane 1) + (lane 2 + lane 3)``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class ClassCounter:
         for slot, label in enumerate(self.labels):
             if not left:
                 break
+            if label.endswith("\0"):  # numpy would compare it without its trailing zeros
+                continue
             match = classes == label
             found = int(np.count_nonzero(match))
             codes[match] = slot

@@ -69,6 +69,8 @@ class ExpectedCorrect:
         ``i``'s term is added to lane ``i % 4``, each lane in row order (numpy sums the columns
         of a C-ordered matrix row by row), then ``(lane 0 + lane 1) + (lane 2 + lane 3)``: the
         order of the C pass, ``_speedups.count_classes``."""
+        if not len(scores):
+            return 0.0
         clipped = np.clip(scores, 0.0, 1.0)
         other = 1.0 - clipped
         larger = np.maximum(clipped, other)
@@ -80,8 +82,8 @@ class ExpectedCorrect:
             np.copyto(terms, other, where=row_kinds == NEGATIVE)
         lanes = np.zeros((len(scores) + 3) // 4 * 4)
         np.copyto(lanes[: len(scores)], terms, where=np.isfinite(scores))  # the others add 0.0
-        lane = lanes.reshape(-1, 4).sum(axis=0) if len(lanes) else lanes
-        return float((lane[0] + lane[1]) + (lane[2] + lane[3])) if len(lane) else 0.0
+        lane = lanes.reshape(-1, 4).sum(axis=0)
+        return float((lane[0] + lane[1]) + (lane[2] + lane[3]))
 
 
 def mean_expected(values: FloatArray, predicted: Any, classes: Sequence[str] | None) -> float:

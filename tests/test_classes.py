@@ -50,8 +50,8 @@ COUNTS = [pytest.param(c_count, id="c"), pytest.param(numpy_count, id="numpy")]
 @pytest.fixture(
     scope="module",
     name="model",
-    params=[["No", "Yes"], ["a", "b", "c"], None, ["1"]],
-    ids=["binary", "three", "no-classes", "one"],
+    params=[["No", "Yes"], ["a", "b", "c"], None, ["1"], ["No", "Yes\0"]],
+    ids=["binary", "three", "no-classes", "one", "a-label-ending-in-nul"],
 )
 def compiled_model(request: pytest.FixtureRequest) -> CompiledModel:
     return compiled(request.param)

@@ -2399,10 +2399,17 @@ class_remember(ClassPass *pass, PyObject *owner, Py_ssize_t length, int kind, co
 
 /* -- a list's rows -- */
 
-/* The slot of a list's value; -1 with an exception set. */
+/* The slot of a list's value; -1 with an exception set. An object met before is found by
+ * identity (a str is kept while its entry is free: a model's predict() repeats a few objects,
+ * JSON gives a new one a row). */
 static Py_ssize_t
 class_object_slot(ClassPass *pass, PyObject *value)
 {
+    size_t at = ((uintptr_t)value >> 4) & (CLASS_OBJECTS - 1);
+    if (pass->objects[at] == value) {
+        return pass->object_slots[at];
+    }
+    Py_ssize_t slot;
     if (PyUnicode_CheckExact(value)) {
         if (ready_text(value) < 0) {
             return -1;
@@ -2410,25 +2417,23 @@ class_object_slot(ClassPass *pass, PyObject *value)
         Py_ssize_t length = PyUnicode_GET_LENGTH(value);
         int kind = PyUnicode_KIND(value);
         const char *data = PyUnicode_DATA(value);
-        Py_ssize_t slot = class_text_slot(pass, length, kind, data);
+        slot = class_text_slot(pass, length, kind, data);
         if (slot < 0 && (slot = class_coded(pass, value)) >= 0) {
             class_remember(pass, value, length, kind, data, slot);
+        }
+        if (slot >= 0 && pass->objects[at] == NULL) {
+            pass->objects[at] = Py_NewRef(value), pass->object_slots[at] = slot;
         }
         return slot;
     }
     if (value == Py_None || (PyFloat_CheckExact(value) && isnan(PyFloat_AS_DOUBLE(value)))) {
         return pass->no_class;
     }
-    size_t at = ((uintptr_t)value >> 4) & (CLASS_OBJECTS - 1);
-    if (pass->objects[at] != value) {
-        Py_ssize_t slot = class_coded(pass, value);
-        if (slot < 0) {
-            return -1;
-        }
+    if ((slot = class_coded(pass, value)) >= 0) {
         Py_XSETREF(pass->objects[at], Py_NewRef(value));
         pass->object_slots[at] = slot;
     }
-    return pass->object_slots[at];
+    return slot;
 }
 
 /* The labels as texts (a list's rows are compared with them). */

@@ -2219,7 +2219,7 @@ static PyTypeObject CategoryCounterType = {
  * Each row goes to the slot code(value) gives (CompiledModel.class_code): an exact str equal
  * to a label is that label's slot, None and float NaN are the no-class slot, anything else is
  * coded by code(value), once per distinct text (CLASS_EXTRAS of them, then once per row) or
- * per object (a cache by identity). ``classes`` is None (every row: no class), a list, or a
+ * per object (a cache by identity, which finds a list's repeated str objects too). ``classes`` is None (every row: no class), a list, or a
  * 1-d numpy array of str in native byte order, read in place: each row's UCS4 characters
  * compared with each label's, padded with zeros to the array's width. Rows are taken
  * CLASS_CHUNK at a time: their slots found first, then counted and their terms added.

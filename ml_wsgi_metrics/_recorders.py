@@ -359,9 +359,9 @@ def _class_values(classes: Any) -> Any:
             return classes.copy()
         return classes.astype(classes.dtype.newbyteorder("="))  # a copy
     values = classes.tolist() if hasattr(classes, "tolist") else classes
-    if values.__class__ is list:  # not is_scalar(): np.ndim() would make an array of it
-        return values if values is not classes else list(values)
-    return [values] if is_scalar(values) else list(values)
+    if is_scalar(values):
+        return [values]
+    return values if values.__class__ is list and values is not classes else list(values)
 
 
 def _input_updates(

@@ -1625,6 +1625,7 @@ typedef struct {
     LengthEntry *lengths;   /* LENGTHS << sub_bits entries (NULL: text_slot counts ASCII) */
     int sub_shift;
     uint64_t sub_mask;
+    int words; /* the words the longest category needs (1 up to 8 characters ... 4 past 24) */
     Category *categories;
     Py_ssize_t known;    /* slots: the categories, then unseen (known), missing (known + 1) */
     Py_ssize_t *buckets; /* the first category of each bucket, or -1 */
@@ -1760,6 +1761,11 @@ typedef struct {
     Py_ssize_t unseen;
 } Lengths;
 
+/* Each unused word costs a read, a compare and an eighth of the loop's time: a table reads
+ * only the words its longest category needs (a value longer than that is unseen whatever its
+ * words are: its entry has no category). ``words`` and ``shared`` are constants in each of
+ * the loops count_ascii_run chooses from. */
+
 /* Where word k of a text of ``length`` characters starts: at 0, 8, 16 and length - 8, none
  * past length - 8 (a shorter text: all at length - 8, in the header before it). From the
  * length, not the entry: one read fewer before the words can be read. */
@@ -1781,29 +1787,36 @@ read_word(const char *text, Py_ssize_t length, int k)
 /* The slot of a compact ASCII str of ``length`` < LENGTHS characters (see LengthEntry);
  * ``shared``: whether categories share lengths (0: no sub bits to read). */
 static inline Py_ssize_t
-ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int shared)
+ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int words,
+           const int shared)
 {
     const char *text = value + sizeof(PyASCIIObject);
-    uint64_t w0 = read_word(text, length, 0), w1 = read_word(text, length, 1),
-             w2 = read_word(text, length, 2), w3 = read_word(text, length, 3);
+    uint64_t last = read_word(text, length, 3); /* a short text's: after the header's bytes */
     const LengthEntry *entry = &table->entries[length];
-    if (shared) { /* the last word's sub bits (a short text's: after the header's bytes) */
-        entry += (Py_ssize_t)((w3 >> table->sub_shift) & table->sub_mask) * LENGTHS;
+    if (shared) {
+        entry += (Py_ssize_t)((last >> table->sub_shift) & table->sub_mask) * LENGTHS;
     }
-    uint64_t diff = (w0 ^ entry->words[0]) | (w1 ^ entry->words[1]) | (w2 ^ entry->words[2]) |
-                    (w3 ^ entry->words[3]);
+    uint64_t diff = last ^ entry->words[3];
+    if (words >= 2) {
+        diff |= read_word(text, length, 0) ^ entry->words[0];
+    }
+    if (words >= 3) {
+        diff |= read_word(text, length, 1) ^ entry->words[1];
+    }
+    if (words >= 4) {
+        diff |= read_word(text, length, 2) ^ entry->words[2];
+    }
     Py_ssize_t slot = (diff & entry->keep) == 0 ? entry->slot : table->unseen;
-    if (length > 8 * LENGTH_WORDS && slot != table->unseen && /* rare: over 32 */
+    if (words >= 4 && length > 32 && slot != table->unseen && /* rare */
         !same_bytes(entry->rest, text + 24, (size_t)length - 32)) {
         return table->unseen;
     }
     return slot;
 }
 
-/* count_ascii_run, where ``shared`` is a constant: a loop for each. */
 static inline Py_ssize_t
 count_by_length(const Lengths *lengths, const char *item, Py_ssize_t n, Py_ssize_t stride,
-                Py_ssize_t *counts, const int shared)
+                Py_ssize_t *counts, const int words, const int shared)
 {
     const uint64_t bits = compact_ascii_bits();
     PyTypeObject *const str = &PyUnicode_Type;
@@ -1818,10 +1831,13 @@ count_by_length(const Lengths *lengths, const char *item, Py_ssize_t n, Py_ssize
         if (length >= LENGTHS) {
             break;
         }
-        counts[ascii_slot(lengths, value, length, shared)]++;
+        counts[ascii_slot(lengths, value, length, words, shared)]++;
     }
     return i;
 }
+
+#define COUNT_BY_LENGTH(words, shared)                                                       \
+    count_by_length(&lengths, item, n, stride, counts, words, shared)
 
 /* Count the compact ASCII str of fewer than LENGTHS characters from ``item`` on (at most n,
  * ``stride`` bytes apart) up to the first other value; returns how many were counted (0 when
@@ -1834,9 +1850,20 @@ count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_s
     if (lengths.entries == NULL) {
         return 0;
     }
-    return lengths.sub_mask == 0 ? count_by_length(&lengths, item, n, stride, counts, 0)
-                                 : count_by_length(&lengths, item, n, stride, counts, 1);
+    int shared = lengths.sub_mask != 0;
+    switch (table->words) {
+    case 1:
+        return shared ? COUNT_BY_LENGTH(1, 1) : COUNT_BY_LENGTH(1, 0);
+    case 2:
+        return shared ? COUNT_BY_LENGTH(2, 1) : COUNT_BY_LENGTH(2, 0);
+    case 3:
+        return shared ? COUNT_BY_LENGTH(3, 1) : COUNT_BY_LENGTH(3, 0);
+    default:
+        return shared ? COUNT_BY_LENGTH(4, 1) : COUNT_BY_LENGTH(4, 0);
+    }
 }
+
+#undef COUNT_BY_LENGTH
 
 /* The slot of a value other than a compact ASCII str; -1 with an exception set. */
 static Py_ssize_t
@@ -2042,10 +2069,14 @@ make_length_entries(CategoryTable *table)
         PyErr_NoMemory();
         return -1;
     }
+    table->words = 1;
     for (Py_ssize_t i = 0; i < table->known; i++) {
+        Py_ssize_t length = table->categories[i].length;
         if (has_length_entry(table, i)) {
             text_image(table, i, image);
-            memcpy(&lasts[i], image + sizeof(PyASCIIObject) + table->categories[i].length - 8, 8);
+            memcpy(&lasts[i], image + sizeof(PyASCIIObject) + length - 8, 8);
+            int words = length <= 8 ? 1 : length <= 16 ? 2 : length <= 24 ? 3 : 4;
+            table->words = words > table->words ? words : table->words;
         }
     }
     if (choose_sub_bits(table, lasts) == 0) {

@@ -1600,14 +1600,14 @@ typedef struct {
 /* A compact ASCII value of ``length`` characters (0-63) is found in the entry of that length:
  * entries[length + ((last >> sub_shift) & sub_mask) * LENGTHS], ``last`` its last 8 bytes, a
  * few bits of which choose among the categories of that length when several have it (sub_mask
- * 0 when none shares its length with another). The entry holds what the value's words must
- * be (LENGTH_WORDS of them, read where word_from says, cover every byte of a text of up to 32;
+ * 0 when none shares its length with another); by a hash of its length and last word when
+ * SUB_BITS_MAX bits do not set them apart (slower: the entry waits for the word and the hash).
+ * The entry holds what the value's words must be (LENGTH_WORDS of them, read where word_from says, cover every byte of a text of up to 32;
  * past 32, ``rest`` the others): the value is the entry's category when they all are, unseen
  * otherwise. The columns' values mix lengths at random ("No", "Yes", "No internet service"):
  * no branch depends on the length or the text, and the words are read from the length alone,
- * so that they can be read while the entry is (the loop is bound by how long one value's reads
- * take one after the other). Every word read is inside the object: a word of a text shorter
- * than 8 bytes starts in the object's header, whose bytes ``keep`` leaves out. */
+ * without waiting for the entry. Every word read is inside the object: a word of a text
+ * shorter than 8 bytes starts in the object's header, whose bytes ``keep`` leaves out. */
 #define LENGTHS 64
 #define LENGTH_WORDS 4
 #define SUB_BITS_MAX 4 /* at most 16 entries per length (64 KiB per column) */
@@ -1617,14 +1617,15 @@ typedef struct {
     uint64_t keep;                /* the bits compared (0: any value of this length is unseen) */
     Py_ssize_t slot;              /* the category's slot, or unseen */
     const char *rest;             /* the bytes after the first 24 of a category over 32 */
-    Py_ssize_t unused;            /* (64 bytes) */
+    Py_ssize_t length;            /* the category's length (-1: none; 64 bytes in all) */
 } LengthEntry;
 
 typedef struct {
     PyObject *texts;        /* the tuple of categories (holds their data) */
-    LengthEntry *lengths;   /* LENGTHS << sub_bits entries (NULL: text_slot counts ASCII) */
+    LengthEntry *lengths;   /* LENGTHS << sub bits, or by hash (NULL: text_slot counts ASCII) */
     int sub_shift;
     uint64_t sub_mask;
+    int hash_shift; /* entries by hash (hashed_entry) when not 0 */
     int words; /* the words the longest category needs (1 up to 8 characters ... 4 past 24) */
     Category *categories;
     Py_ssize_t known;    /* slots: the categories, then unseen (known), missing (known + 1) */
@@ -1758,13 +1759,31 @@ typedef struct {
     const LengthEntry *entries;
     int sub_shift;
     uint64_t sub_mask;
+    int hash_shift;
     Py_ssize_t unseen;
 } Lengths;
 
-/* Each unused word costs a read, a compare and an eighth of the loop's time: a table reads
- * only the words its longest category needs (a value longer than that is unseen whatever its
- * words are: its entry has no category). ``words`` and ``shared`` are constants in each of
- * the loops count_ascii_run chooses from. */
+enum { BY_LENGTH, BY_SUB_BITS, BY_HASH }; /* how a value's entry is found */
+
+/* The bytes of a text's last word that are its own (not the header's before a short one). */
+static inline uint64_t
+text_keep(Py_ssize_t length)
+{
+    return length >= 8 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> (8 * (length & 7)));
+}
+
+/* The entry of a text by hash of its length and last word (``shift``: 64 - log2 entries). */
+static inline size_t
+hashed_entry(uint64_t last, Py_ssize_t length, int shift)
+{
+    uint64_t key = (last & text_keep(length)) ^ (uint64_t)length;
+    return (size_t)((key * 0x9E3779B97F4A7C15u) >> shift);
+}
+
+/* Each word read costs a sixth of the loop's time (measured): a table reads only the words
+ * its longest category needs (a value longer than that is unseen whatever its words are: no
+ * entry of its length has a category). ``words`` and ``how`` are constants in each of the
+ * loops count_ascii_run chooses from. */
 
 /* Where word k of a text of ``length`` characters starts: at 0, 8, 16 and length - 8, none
  * past length - 8 (a shorter text: all at length - 8, in the header before it). From the
@@ -1784,19 +1803,24 @@ read_word(const char *text, Py_ssize_t length, int k)
     return word;
 }
 
-/* The slot of a compact ASCII str of ``length`` < LENGTHS characters (see LengthEntry);
- * ``shared``: whether categories share lengths (0: no sub bits to read). */
+/* The slot of a compact ASCII str of ``length`` < LENGTHS characters (see LengthEntry). */
 static inline Py_ssize_t
 ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int words,
-           const int shared)
+           const int how)
 {
     const char *text = value + sizeof(PyASCIIObject);
     uint64_t last = read_word(text, length, 3); /* a short text's: after the header's bytes */
     const LengthEntry *entry = &table->entries[length];
-    if (shared) {
+    if (how == BY_SUB_BITS) {
         entry += (Py_ssize_t)((last >> table->sub_shift) & table->sub_mask) * LENGTHS;
     }
-    uint64_t diff = last ^ entry->words[3];
+    if (how == BY_HASH) {
+        entry = &table->entries[hashed_entry(last, length, table->hash_shift)];
+    }
+    uint64_t diff = last ^ entry->words[3], other_length = 0;
+    if (how == BY_HASH) { /* entries of several lengths share it */
+        other_length = (uint64_t)(entry->length ^ length);
+    }
     if (words >= 2) {
         diff |= read_word(text, length, 0) ^ entry->words[0];
     }
@@ -1806,7 +1830,7 @@ ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int
     if (words >= 4) {
         diff |= read_word(text, length, 2) ^ entry->words[2];
     }
-    Py_ssize_t slot = (diff & entry->keep) == 0 ? entry->slot : table->unseen;
+    Py_ssize_t slot = ((diff & entry->keep) | other_length) == 0 ? entry->slot : table->unseen;
     if (words >= 4 && length > 32 && slot != table->unseen && /* rare */
         !same_bytes(entry->rest, text + 24, (size_t)length - 32)) {
         return table->unseen;
@@ -1816,7 +1840,7 @@ ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int
 
 static inline Py_ssize_t
 count_by_length(const Lengths *lengths, const char *item, Py_ssize_t n, Py_ssize_t stride,
-                Py_ssize_t *counts, const int words, const int shared)
+                Py_ssize_t *counts, const int words, const int how)
 {
     const uint64_t bits = compact_ascii_bits();
     PyTypeObject *const str = &PyUnicode_Type;
@@ -1831,39 +1855,56 @@ count_by_length(const Lengths *lengths, const char *item, Py_ssize_t n, Py_ssize
         if (length >= LENGTHS) {
             break;
         }
-        counts[ascii_slot(lengths, value, length, words, shared)]++;
+        counts[ascii_slot(lengths, value, length, words, how)]++;
     }
     return i;
 }
 
-#define COUNT_BY_LENGTH(words, shared)                                                       \
-    count_by_length(&lengths, item, n, stride, counts, words, shared)
+/* The loops, one for each way to find an entry and count of words (constants in each). */
+typedef Py_ssize_t (*CountLoop)(const Lengths *, const char *, Py_ssize_t, Py_ssize_t,
+                                Py_ssize_t *);
+#define COUNT_LOOP(name, words, how)                                                         \
+    static Py_ssize_t name(const Lengths *lengths, const char *item, Py_ssize_t n,           \
+                           Py_ssize_t stride, Py_ssize_t *counts)                           \
+    {                                                                                        \
+        return count_by_length(lengths, item, n, stride, counts, words, how);               \
+    }
+COUNT_LOOP(count_1_by_length, 1, BY_LENGTH)
+COUNT_LOOP(count_2_by_length, 2, BY_LENGTH)
+COUNT_LOOP(count_3_by_length, 3, BY_LENGTH)
+COUNT_LOOP(count_4_by_length, 4, BY_LENGTH)
+COUNT_LOOP(count_1_by_sub_bits, 1, BY_SUB_BITS)
+COUNT_LOOP(count_2_by_sub_bits, 2, BY_SUB_BITS)
+COUNT_LOOP(count_3_by_sub_bits, 3, BY_SUB_BITS)
+COUNT_LOOP(count_4_by_sub_bits, 4, BY_SUB_BITS)
+COUNT_LOOP(count_1_by_hash, 1, BY_HASH)
+COUNT_LOOP(count_2_by_hash, 2, BY_HASH)
+COUNT_LOOP(count_3_by_hash, 3, BY_HASH)
+COUNT_LOOP(count_4_by_hash, 4, BY_HASH)
+#undef COUNT_LOOP
+
+static const CountLoop count_loops[3][LENGTH_WORDS] = {
+    [BY_LENGTH] = {count_1_by_length, count_2_by_length, count_3_by_length, count_4_by_length},
+    [BY_SUB_BITS] = {count_1_by_sub_bits, count_2_by_sub_bits, count_3_by_sub_bits,
+                     count_4_by_sub_bits},
+    [BY_HASH] = {count_1_by_hash, count_2_by_hash, count_3_by_hash, count_4_by_hash},
+};
 
 /* Count the compact ASCII str of fewer than LENGTHS characters from ``item`` on (at most n,
  * ``stride`` bytes apart) up to the first other value; returns how many were counted (0 when
- * the table has no entries by length: text_slot counts them). */
+ * the table has no entries: text_slot counts them). */
 static Py_ssize_t
 count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
                 Py_ssize_t *counts)
 {
-    const Lengths lengths = {table->lengths, table->sub_shift, table->sub_mask, table->known};
+    const Lengths lengths = {table->lengths, table->sub_shift, table->sub_mask,
+                             table->hash_shift, table->known};
     if (lengths.entries == NULL) {
         return 0;
     }
-    int shared = lengths.sub_mask != 0;
-    switch (table->words) {
-    case 1:
-        return shared ? COUNT_BY_LENGTH(1, 1) : COUNT_BY_LENGTH(1, 0);
-    case 2:
-        return shared ? COUNT_BY_LENGTH(2, 1) : COUNT_BY_LENGTH(2, 0);
-    case 3:
-        return shared ? COUNT_BY_LENGTH(3, 1) : COUNT_BY_LENGTH(3, 0);
-    default:
-        return shared ? COUNT_BY_LENGTH(4, 1) : COUNT_BY_LENGTH(4, 0);
-    }
+    int how = table->hash_shift != 0 ? BY_HASH : table->sub_mask != 0 ? BY_SUB_BITS : BY_LENGTH;
+    return count_loops[how][table->words - 1](&lengths, item, n, stride, counts);
 }
-
-#undef COUNT_BY_LENGTH
 
 /* The slot of a value other than a compact ASCII str; -1 with an exception set. */
 static Py_ssize_t
@@ -2024,9 +2065,10 @@ set_length_entry(const CategoryTable *table, Py_ssize_t i, LengthEntry *entry)
     for (int k = 0; k < LENGTH_WORDS; k++) {
         memcpy(&entry->words[k], image + sizeof(PyASCIIObject) + word_from(length, k), 8);
     }
-    entry->keep = length >= 8 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> (8 * length));
+    entry->keep = text_keep(length);
     entry->slot = i;
     entry->rest = length > 8 * LENGTH_WORDS ? table->categories[i].data + 24 : NULL;
+    entry->length = length;
 }
 
 /* Fill ``count`` entries: every one unseen, then each category in the entries of its length
@@ -2035,13 +2077,7 @@ static void
 fill_length_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
 {
     for (size_t e = 0; e < count; e++) {
-        LengthEntry *entry = &table->lengths[e];
-        for (int k = 0; k < LENGTH_WORDS; k++) {
-            entry->words[k] = 0;
-        }
-        entry->keep = 0;
-        entry->slot = table->known;
-        entry->rest = NULL;
+        table->lengths[e] = (LengthEntry){.slot = table->known, .length = -1};
     }
     for (Py_ssize_t i = 0; i < table->known; i++) {
         Py_ssize_t length = table->categories[i].length, shared = 0;
@@ -2056,9 +2092,56 @@ fill_length_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
     }
 }
 
-/* The entries by length (little-endian only: a short text's bytes are the last word's high
- * ones); none, the chained buckets serving, when SUB_BITS_MAX bits do not set apart the
- * categories of each length. 0, or -1 with an exception set. */
+/* Fill ``count`` entries by hash; 1 when each category has one of its own, 0 when not. */
+static int
+fill_hashed_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
+{
+    for (size_t e = 0; e < count; e++) {
+        table->lengths[e] = (LengthEntry){.slot = table->known, .length = -1};
+    }
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        if (!has_length_entry(table, i)) {
+            continue;
+        }
+        Py_ssize_t length = table->categories[i].length;
+        LengthEntry *entry = &table->lengths[hashed_entry(lasts[i], length, table->hash_shift)];
+        if (entry->length >= 0) {
+            return 0;
+        }
+        set_length_entry(table, i, entry);
+    }
+    return 1;
+}
+
+/* Entries by hash, as few as give each category one of its own (at most 4096: none, the
+ * chained buckets serving, when those do not). 0, or -1 with an exception set. */
+static int
+make_hashed_entries(CategoryTable *table, const uint64_t *lasts)
+{
+    for (int bits = 4; bits <= 12; bits++) {
+        size_t count = (size_t)1 << bits;
+        if (count < 2 * (size_t)table->known) {
+            continue;
+        }
+        LengthEntry *entries = PyMem_Realloc(table->lengths, count * sizeof(LengthEntry));
+        if (entries == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        table->lengths = entries;
+        table->hash_shift = 64 - bits;
+        if (fill_hashed_entries(table, count, lasts)) {
+            return 0;
+        }
+    }
+    PyMem_Free(table->lengths);
+    table->lengths = NULL;
+    return 0;
+}
+
+/* The entries by length, or by hash when SUB_BITS_MAX bits do not set apart the categories
+ * of each length (little-endian only: a short text's bytes are the last word's high ones).
+ * 0, or -1 with an exception set. */
 static int
 make_length_entries(CategoryTable *table)
 {
@@ -2088,6 +2171,10 @@ make_length_entries(CategoryTable *table)
             return -1;
         }
         fill_length_entries(table, count, lasts);
+    }
+    else if (make_hashed_entries(table, lasts) < 0) {
+        PyMem_Free(lasts);
+        return -1;
     }
     PyMem_Free(lasts);
 #endif

@@ -1626,6 +1626,7 @@ typedef struct {
     int sub_shift;
     uint64_t sub_mask;
     int hash_shift; /* entries by hash (hashed_entry) when not 0 */
+    uint64_t hash_factor;
     int words; /* the words the longest category needs (1 up to 8 characters ... 4 past 24) */
     Category *categories;
     Py_ssize_t known;    /* slots: the categories, then unseen (known), missing (known + 1) */
@@ -1760,6 +1761,7 @@ typedef struct {
     int sub_shift;
     uint64_t sub_mask;
     int hash_shift;
+    uint64_t hash_factor;
     Py_ssize_t unseen;
 } Lengths;
 
@@ -1772,12 +1774,13 @@ text_keep(Py_ssize_t length)
     return length >= 8 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> (8 * (length & 7)));
 }
 
-/* The entry of a text by hash of its length and last word (``shift``: 64 - log2 entries). */
+/* The entry of a text by hash of its length and last word (``shift``: 64 - log2 entries;
+ * ``factor`` odd). */
 static inline size_t
-hashed_entry(uint64_t last, Py_ssize_t length, int shift)
+hashed_entry(uint64_t last, Py_ssize_t length, uint64_t factor, int shift)
 {
     uint64_t key = (last & text_keep(length)) ^ (uint64_t)length;
-    return (size_t)((key * 0x9E3779B97F4A7C15u) >> shift);
+    return (size_t)((key * factor) >> shift);
 }
 
 /* Each word read costs a sixth of the loop's time (measured): a table reads only the words
@@ -1815,7 +1818,7 @@ ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int
         entry += (Py_ssize_t)((last >> table->sub_shift) & table->sub_mask) * LENGTHS;
     }
     if (how == BY_HASH) {
-        entry = &table->entries[hashed_entry(last, length, table->hash_shift)];
+        entry = &table->entries[hashed_entry(last, length, table->hash_factor, table->hash_shift)];
     }
     uint64_t diff = last ^ entry->words[3], other_length = 0;
     if (how == BY_HASH) { /* entries of several lengths share it */
@@ -1897,8 +1900,8 @@ static Py_ssize_t
 count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
                 Py_ssize_t *counts)
 {
-    const Lengths lengths = {table->lengths, table->sub_shift, table->sub_mask,
-                             table->hash_shift, table->known};
+    const Lengths lengths = {table->lengths,    table->sub_shift,   table->sub_mask,
+                             table->hash_shift, table->hash_factor, table->known};
     if (lengths.entries == NULL) {
         return 0;
     }
@@ -2104,7 +2107,8 @@ fill_hashed_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
             continue;
         }
         Py_ssize_t length = table->categories[i].length;
-        LengthEntry *entry = &table->lengths[hashed_entry(lasts[i], length, table->hash_shift)];
+        LengthEntry *entry =
+            &table->lengths[hashed_entry(lasts[i], length, table->hash_factor, table->hash_shift)];
         if (entry->length >= 0) {
             return 0;
         }
@@ -2113,8 +2117,10 @@ fill_hashed_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
     return 1;
 }
 
-/* Entries by hash, as few as give each category one of its own (at most 4096: none, the
- * chained buckets serving, when those do not). 0, or -1 with an exception set. */
+/* Entries by hash, as few as give each category one of its own with one of HASH_FACTORS
+ * factors (at most 4096: none, the chained buckets serving, when those do not). 0, or -1 with
+ * an exception set. */
+#define HASH_FACTORS 32
 static int
 make_hashed_entries(CategoryTable *table, const uint64_t *lasts)
 {
@@ -2130,8 +2136,12 @@ make_hashed_entries(CategoryTable *table, const uint64_t *lasts)
         }
         table->lengths = entries;
         table->hash_shift = 64 - bits;
-        if (fill_hashed_entries(table, count, lasts)) {
-            return 0;
+        table->hash_factor = 0x9E3779B97F4A7C15u;
+        for (int tries = 0; tries < HASH_FACTORS; tries++) {
+            if (fill_hashed_entries(table, count, lasts)) {
+                return 0;
+            }
+            table->hash_factor = table->hash_factor * 6364136223846793005u + 2; /* odd */
         }
     }
     PyMem_Free(table->lengths);

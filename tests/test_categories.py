@@ -332,13 +332,15 @@ def test_every_byte_of_a_text_is_compared(longest: int) -> None:
 
 
 #: Vocabularies whose categories share lengths: set apart by a few bits of their last 8
-#: bytes (the first character of the year, the last of "ab"), or by none (the chained
-#: buckets count them); a latin-1 text of an ASCII one's length.
+#: bytes (the first character of the year, the last of "ab"), or by none (found by hash, or
+#: by the chained buckets when apart only before their last 8 bytes); a latin-1 text of an
+#: ASCII one's length.
 SHARED_LENGTHS = [
     ("Month-to-month", "One year", "Two year"),
     ("ab", "ba", "a", "b", "", "abc"),
     ("aa", "ab", "ba", "bb"),
     tuple(f"No{i:02d}" for i in range(20)),
+    ("AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "FL", "GA", "HI", "ID", "IL", "IN", "IA"),
     ("café", "cafe", "caff", "日本語"),
     tuple(f"{i:02d}" + "x" * 30 for i in range(3)),  # apart only in their first word
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -126,8 +125,10 @@ class FrameColumns:
         #: name -> (the block's values, the column's row in them; None: a 1-d block)
         self.stored: dict[Any, tuple[Any, int | None]] | None = None
         if len(self.present) == len(names):  # duplicate names: pandas' own choice, a frame
-            with suppress(AttributeError, TypeError, IndexError, KeyError, ValueError):
+            try:  # not contextlib.suppress: a context manager costs more than the reading
                 self.stored = _stored_columns(frame, names)
+            except (AttributeError, TypeError, IndexError, KeyError, ValueError):
+                self.stored = None
 
     def __call__(self, name: str) -> Any:
         if self.stored is None:

@@ -12,6 +12,7 @@ once, when the model is registered).
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,6 +101,10 @@ class CategoryColumns:
         counted: list[Any] = []
         for j, values in enumerate(columns):
             known, first = len(self.vocabularies[j]), self.firsts[j]
+            stored = _in_place(values)  # the common case first, with the fewest checks
+            if stored is not None and self.counter is not None:
+                counted.append(stored)
+                continue
             if values is None:
                 amounts[first + known + 1] = rows
             elif self.counter is not None and not _is_categorical(values):
@@ -117,10 +122,20 @@ class CategoryColumns:
         return amounts
 
 
+#: Classes whose ``_ndarray`` is what ``to_numpy(dtype=object)`` returns, read in place:
+#: pandas' ``StringArray`` (python storage: str and its missing value as stored). Checking the
+#: class costs less than ``to_numpy``'s own checks, which cost a tenth of counting a column.
+_READ_IN_PLACE: set[type] = set()
+
+
 def _as_list(values: Any) -> Values:
     """The values as a list, a tuple or a 1-d array of objects (read in place), each as
     ``CategoricalSeries.code`` should see it."""
+    stored = _in_place(values)
+    if stored is not None:
+        return stored
     if values.__class__ is not np.ndarray and hasattr(values, "to_numpy"):
+        _note_storage(values.__class__)
         values = values.to_numpy(dtype=object)  # pandas: its missing values as they are stored
     if isinstance(values, np.ndarray) and values.ndim == 1:
         if values.dtype.kind == "O":
@@ -130,6 +145,22 @@ def _as_list(values: Any) -> Values:
             texts: list[str] = values.tolist()
             return texts
     return values if isinstance(values, list | tuple) else list(values)
+
+
+def _in_place(values: Any) -> npt.NDArray[np.object_] | None:
+    """The objects of an array of a ``_READ_IN_PLACE`` class (None for any other)."""
+    if type(values) not in _READ_IN_PLACE:
+        return None
+    stored: npt.NDArray[np.object_] = values._ndarray
+    return stored
+
+
+def _note_storage(kind: type) -> None:
+    """Read ``kind``'s storage in place from now on when it is pandas' ``StringArray`` (known
+    only once pandas is imported: this module does not import it)."""
+    arrays = getattr(sys.modules.get("pandas"), "arrays", None)
+    if kind is getattr(arrays, "StringArray", None):
+        _READ_IN_PLACE.add(kind)
 
 
 def _count_categorical(codes: np.ndarray, values: list[Any], known: int, code: Code) -> list[int]:

@@ -1576,11 +1576,14 @@ add_categories(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * value: pandas and JSON hand over a fresh str object per row, and hashing it costs more than
  * comparing it. A CategoryTable (made once per column) keys its categories by length, kind and
  * last character; an exact str is compared with the candidates of its bucket by length, kind
- * and bytes (str equality: compact strings of equal text have equal kind and bytes). A compact
- * ASCII str, the common case, has its length and bytes read straight from the object. None and
+ * and bytes (str equality: compact strings of equal text have equal kind and bytes). None and
  * float NaN are missing; any other value (str subclasses, numbers, bytes, pandas' NA...) goes
  * to code(value). The values are a list, a tuple, or an array of objects read through the
  * buffer protocol (numpy's dtype=object: no list is made); anything else is made a list first.
+ *
+ * A compact ASCII str, the common case, is found by its length instead (LengthEntry, below):
+ * the per-value loop is what a batch's recording costs most, so it has no branch on the text
+ * and reads only a few words of the object.
  *
  * CategoryCounter(vocabularies) holds one table per column, made when the model is
  * registered; its amounts() counts every column of a batch in one call.
@@ -1594,20 +1597,37 @@ typedef struct {
     Py_ssize_t next; /* the next category in the same bucket, or -1 */
 } Category;
 
-/* A bucket of the ASCII table: at most one one-byte category (length -1: none). */
-typedef struct {
-    Py_ssize_t length;
-    uint64_t words[3]; /* text_words */
-    const char *data;
-    Py_ssize_t slot;
-} AsciiBucket;
+/* A compact ASCII value of ``length`` characters (0-63) is found in the entry of that length:
+ * entries[length + ((last >> sub_shift) & sub_mask) * LENGTHS], ``last`` its last 8 bytes, a
+ * few bits of which choose among the categories of that length when several have it (sub_mask
+ * 0 when none shares its length with another); by a hash of its length and last word when
+ * SUB_BITS_MAX bits do not set them apart (slower: the entry waits for the word and the hash).
+ * The entry holds what the value's words must be (LENGTH_WORDS of them, read where word_from says, cover every byte of a text of up to 32;
+ * past 32, ``rest`` the others): the value is the entry's category when they all are, unseen
+ * otherwise. The columns' values mix lengths at random ("No", "Yes", "No internet service"):
+ * no branch depends on the length or the text, and the words are read from the length alone,
+ * without waiting for the entry. Every word read is inside the object: a word of a text
+ * shorter than 8 bytes starts in the object's header, whose bytes ``keep`` leaves out. */
+#define LENGTHS 64
+#define LENGTH_WORDS 4
+#define SUB_BITS_MAX 4 /* at most 16 entries per length (64 KiB per column) */
 
-#define ASCII_BUCKETS_MAX 4096
+typedef struct {
+    uint64_t words[LENGTH_WORDS]; /* the category's words (word_from) */
+    uint64_t keep;                /* the bits compared (0: any value of this length is unseen) */
+    Py_ssize_t slot;              /* the category's slot, or unseen */
+    const char *rest;             /* the bytes after the first 24 of a category over 32 */
+    Py_ssize_t length;            /* the category's length (-1: none; 64 bytes in all) */
+} LengthEntry;
 
 typedef struct {
-    PyObject *texts;     /* the tuple of categories (holds their data) */
-    AsciiBucket *ascii;  /* buckets of the one-byte categories, one in each (NULL: none) */
-    size_t ascii_mask;
+    PyObject *texts;        /* the tuple of categories (holds their data) */
+    LengthEntry *lengths;   /* LENGTHS << sub bits, or by hash (NULL: text_slot counts ASCII) */
+    int sub_shift;
+    uint64_t sub_mask;
+    int hash_shift; /* entries by hash (hashed_entry) when not 0 */
+    uint64_t hash_factor;
+    int words; /* the words the longest category needs (1 up to 8 characters ... 4 past 24) */
     Category *categories;
     Py_ssize_t known;    /* slots: the categories, then unseen (known), missing (known + 1) */
     Py_ssize_t *buckets; /* the first category of each bucket, or -1 */
@@ -1711,90 +1731,183 @@ coded_slot(const SlotCounts *counts, PyObject *value)
     return slot;
 }
 
-/* The first, second (when longer than 16) and last 8 bytes of a one-byte text as words,
- * a text shorter than 8 bytes as one word (its bytes, then zeros) in all three. ``data`` must have 8 readable bytes
- * before it (a compact str's header) when ``length`` < 8. Little-endian order: elsewhere
- * the bytes are compared one by one (same_bytes). */
-static inline void
-text_words(const char *data, Py_ssize_t length, uint64_t words[3])
+/* The bits of PyASCIIObject.state that a compact ASCII str has set, to test them at once
+ * (PyUnicode_IS_COMPACT_ASCII tests them one by one); the compiler folds it to a constant. */
+static inline uint64_t
+compact_ascii_bits(void)
 {
-    uint64_t first, middle, last;
-    memcpy(&first, length >= 8 ? data : data + length - 8, 8);
-    memcpy(&middle, length > 16 ? data + 8 : data + length - 8, 8);
-    memcpy(&last, data + length - 8, 8);
-    words[2] = length >= 8 ? last : (last >> (8 * (7 - length))) >> 8;
-    words[0] = length >= 8 ? first : words[2];
-    words[1] = length > 16 ? middle : words[2];
+    PyASCIIObject probe;
+    uint64_t bits = 0;
+    memset(&probe, 0, sizeof(probe));
+    probe.state.compact = 1;
+    probe.state.ascii = 1;
+    memcpy(&bits, &probe.state, sizeof(probe.state) < 8 ? sizeof(probe.state) : 8);
+    return bits;
 }
 
-#define COUNT_LANES 4 /* rows counted in turn into 4 copies of the counts: no increment waits
-                       * for the previous one to the same slot */
-
-/* The ASCII bucket of a one-byte text, from its length and words. */
-static inline size_t
-ascii_bucket(Py_ssize_t length, const uint64_t words[3], size_t mask)
-{
-    uint64_t key = (words[0] * 0x9E3779B97F4A7C15u) ^ words[2] ^ (uint64_t)length;
-    return (size_t)(key >> 40 ^ key >> 17) & mask;
-}
-
-/* Whether the bytes from 16 to length - 8 of two texts (longer than 24) are equal. */
 static inline int
-same_rest(const char *a, const char *b, Py_ssize_t length)
+is_compact_ascii(const char *value, uint64_t bits)
 {
-    for (Py_ssize_t at = 16; at < length - 8; at += 8) {
-        uint64_t x, y;
-        memcpy(&x, a + at, 8);
-        memcpy(&y, b + at, 8);
-        if (x != y) {
-            return 0;
-        }
-    }
-    return 1;
+    uint64_t state = 0;
+    memcpy(&state, value + offsetof(PyASCIIObject, state),
+           sizeof(((PyASCIIObject *)0)->state) < 8 ? sizeof(((PyASCIIObject *)0)->state) : 8);
+    return (state & bits) == bits;
 }
 
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-/* Count the compact ASCII str from ``item`` on (at most n, ``stride`` bytes apart) up to the
- * first other value, each compared with the one category of its bucket by length and its
- * first, middle and last 8 bytes (one loop past 24 characters). Returns how many
- * were counted (0 when the table has no ASCII buckets: text_slot counts them). */
-static Py_ssize_t
-count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
-                Py_ssize_t *lanes)
+/* What count_ascii_run reads of a table, in locals: a store to the counts could be one to the
+ * table as far as the compiler knows, and it would read them again for each value. */
+typedef struct {
+    const LengthEntry *entries;
+    int sub_shift;
+    uint64_t sub_mask;
+    int hash_shift;
+    uint64_t hash_factor;
+    Py_ssize_t unseen;
+} Lengths;
+
+enum { BY_LENGTH, BY_SUB_BITS, BY_HASH }; /* how a value's entry is found */
+
+/* The bytes of a text's last word that are its own (not the header's before a short one). */
+static inline uint64_t
+text_keep(Py_ssize_t length)
 {
-    const AsciiBucket *buckets = table->ascii;
-    const size_t mask = table->ascii_mask;
-    const Py_ssize_t known = table->known, width = known + 2;
+    return length >= 8 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> (8 * (length & 7)));
+}
+
+/* The entry of a text by hash of its length and last word (``shift``: 64 - log2 entries;
+ * ``factor`` odd). */
+static inline size_t
+hashed_entry(uint64_t last, Py_ssize_t length, uint64_t factor, int shift)
+{
+    uint64_t key = (last & text_keep(length)) ^ (uint64_t)length;
+    return (size_t)((key * factor) >> shift);
+}
+
+/* Each word read costs a sixth of the loop's time (measured): a table reads only the words
+ * its longest category needs (a value longer than that is unseen whatever its words are: no
+ * entry of its length has a category). ``words`` and ``how`` are constants in each of the
+ * loops count_ascii_run chooses from. */
+
+/* Where word k of a text of ``length`` characters starts: at 0, 8, 16 and length - 8, none
+ * past length - 8 (a shorter text: all at length - 8, in the header before it). From the
+ * length, not the entry: one read fewer before the words can be read. */
+static inline Py_ssize_t
+word_from(Py_ssize_t length, int k)
+{
+    Py_ssize_t from = 8 * k;
+    return k < LENGTH_WORDS - 1 && from < length - 8 ? from : length - 8;
+}
+
+static inline uint64_t
+read_word(const char *text, Py_ssize_t length, int k)
+{
+    uint64_t word;
+    memcpy(&word, text + word_from(length, k), 8);
+    return word;
+}
+
+/* The slot of a compact ASCII str of ``length`` < LENGTHS characters (see LengthEntry). */
+static inline Py_ssize_t
+ascii_slot(const Lengths *table, const char *value, Py_ssize_t length, const int words,
+           const int how)
+{
+    const char *text = value + sizeof(PyASCIIObject);
+    uint64_t last = read_word(text, length, 3); /* a short text's: after the header's bytes */
+    const LengthEntry *entry = &table->entries[length];
+    if (how == BY_SUB_BITS) {
+        entry += (Py_ssize_t)((last >> table->sub_shift) & table->sub_mask) * LENGTHS;
+    }
+    if (how == BY_HASH) {
+        entry = &table->entries[hashed_entry(last, length, table->hash_factor, table->hash_shift)];
+    }
+    uint64_t diff = last ^ entry->words[3], other_length = 0;
+    if (how == BY_HASH) { /* entries of several lengths share it */
+        other_length = (uint64_t)(entry->length ^ length);
+    }
+    if (words >= 2) {
+        diff |= read_word(text, length, 0) ^ entry->words[0];
+    }
+    if (words >= 3) {
+        diff |= read_word(text, length, 1) ^ entry->words[1];
+    }
+    if (words >= 4) {
+        diff |= read_word(text, length, 2) ^ entry->words[2];
+    }
+    Py_ssize_t slot = ((diff & entry->keep) | other_length) == 0 ? entry->slot : table->unseen;
+    if (words >= 4 && length > 32 && slot != table->unseen && /* rare */
+        !same_bytes(entry->rest, text + 24, (size_t)length - 32)) {
+        return table->unseen;
+    }
+    return slot;
+}
+
+static inline Py_ssize_t
+count_by_length(const Lengths *lengths, const char *item, Py_ssize_t n, Py_ssize_t stride,
+                Py_ssize_t *counts, const int words, const int how)
+{
+    const uint64_t bits = compact_ascii_bits();
+    PyTypeObject *const str = &PyUnicode_Type;
     Py_ssize_t i = 0;
-    for (; buckets != NULL && i < n; i++, item += stride) {
-        PyObject *value = *(PyObject *const *)item;
-        if (value == NULL || !Py_IS_TYPE(value, &PyUnicode_Type) ||
-            !PyUnicode_IS_COMPACT_ASCII(value)) {
+    for (; i < n; i++, item += stride) {
+        const char *value = *(const char *const *)item;
+        if (value == NULL || Py_TYPE((PyObject *)value) != str ||
+            !is_compact_ascii(value, bits)) {
             break;
         }
-        Py_ssize_t length = ((PyASCIIObject *)value)->length;
-        const char *data = (const char *)(((PyASCIIObject *)value) + 1);
-        uint64_t words[3];
-        text_words(data, length, words);
-        const AsciiBucket *bucket = &buckets[ascii_bucket(length, words, mask)];
-        int same = (bucket->length == length) & (bucket->words[0] == words[0]) &
-                   (bucket->words[1] == words[1]) & (bucket->words[2] == words[2]);
-        if (length > 24) { /* rare */
-            same = same && same_rest(bucket->data, data, length);
+        Py_ssize_t length = ((const PyASCIIObject *)value)->length;
+        if (length >= LENGTHS) {
+            break;
         }
-        Py_ssize_t slot = same ? bucket->slot : known;
-        lanes[(i % COUNT_LANES) * width + slot]++;
+        counts[ascii_slot(lengths, value, length, words, how)]++;
     }
     return i;
 }
-#else
+
+/* The loops, one for each way to find an entry and count of words (constants in each). */
+typedef Py_ssize_t (*CountLoop)(const Lengths *, const char *, Py_ssize_t, Py_ssize_t,
+                                Py_ssize_t *);
+#define COUNT_LOOP(name, words, how)                                                         \
+    static Py_ssize_t name(const Lengths *lengths, const char *item, Py_ssize_t n,           \
+                           Py_ssize_t stride, Py_ssize_t *counts)                           \
+    {                                                                                        \
+        return count_by_length(lengths, item, n, stride, counts, words, how);               \
+    }
+COUNT_LOOP(count_1_by_length, 1, BY_LENGTH)
+COUNT_LOOP(count_2_by_length, 2, BY_LENGTH)
+COUNT_LOOP(count_3_by_length, 3, BY_LENGTH)
+COUNT_LOOP(count_4_by_length, 4, BY_LENGTH)
+COUNT_LOOP(count_1_by_sub_bits, 1, BY_SUB_BITS)
+COUNT_LOOP(count_2_by_sub_bits, 2, BY_SUB_BITS)
+COUNT_LOOP(count_3_by_sub_bits, 3, BY_SUB_BITS)
+COUNT_LOOP(count_4_by_sub_bits, 4, BY_SUB_BITS)
+COUNT_LOOP(count_1_by_hash, 1, BY_HASH)
+COUNT_LOOP(count_2_by_hash, 2, BY_HASH)
+COUNT_LOOP(count_3_by_hash, 3, BY_HASH)
+COUNT_LOOP(count_4_by_hash, 4, BY_HASH)
+#undef COUNT_LOOP
+
+static const CountLoop count_loops[3][LENGTH_WORDS] = {
+    [BY_LENGTH] = {count_1_by_length, count_2_by_length, count_3_by_length, count_4_by_length},
+    [BY_SUB_BITS] = {count_1_by_sub_bits, count_2_by_sub_bits, count_3_by_sub_bits,
+                     count_4_by_sub_bits},
+    [BY_HASH] = {count_1_by_hash, count_2_by_hash, count_3_by_hash, count_4_by_hash},
+};
+
+/* Count the compact ASCII str of fewer than LENGTHS characters from ``item`` on (at most n,
+ * ``stride`` bytes apart) up to the first other value; returns how many were counted (0 when
+ * the table has no entries: text_slot counts them). */
 static Py_ssize_t
 count_ascii_run(const CategoryTable *table, const char *item, Py_ssize_t n, Py_ssize_t stride,
-                Py_ssize_t *lanes)
+                Py_ssize_t *counts)
 {
-    return 0; /* big-endian: text_slot compares bytes */
+    const Lengths lengths = {table->lengths,    table->sub_shift,   table->sub_mask,
+                             table->hash_shift, table->hash_factor, table->known};
+    if (lengths.entries == NULL) {
+        return 0;
+    }
+    int how = table->hash_shift != 0 ? BY_HASH : table->sub_mask != 0 ? BY_SUB_BITS : BY_LENGTH;
+    return count_loops[how][table->words - 1](&lengths, item, n, stride, counts);
 }
-#endif
 
 /* The slot of a value other than a compact ASCII str; -1 with an exception set. */
 static Py_ssize_t
@@ -1817,15 +1930,14 @@ other_slot(const SlotCounts *counts, PyObject *value)
 }
 
 /* Count ``n`` values, ``stride`` bytes apart from ``item`` (``list``: the list they are in,
- * its size and items read again after code() ran); 0, or -1 with an exception set. The
- * counts have COUNT_LANES lanes of known + 2 slots. */
+ * its size and items read again after code() ran); 0, or -1 with an exception set. */
 static int
 count_items(SlotCounts *counts, PyObject *list, const char *item, Py_ssize_t n,
             Py_ssize_t stride)
 {
-    Py_ssize_t *lanes = counts->counts;
+    Py_ssize_t *slots = counts->counts;
     for (Py_ssize_t i = 0; i < n; i++, item += stride) {
-        Py_ssize_t run = count_ascii_run(counts->table, item, n - i, stride, lanes);
+        Py_ssize_t run = count_ascii_run(counts->table, item, n - i, stride, slots);
         i += run, item += run * stride;
         if (i == n) {
             break;
@@ -1839,7 +1951,7 @@ count_items(SlotCounts *counts, PyObject *list, const char *item, Py_ssize_t n,
             n = PyList_GET_SIZE(list);
             item = (const char *)(PySequence_Fast_ITEMS(list) + i);
         }
-        lanes[slot]++;
+        slots[slot]++;
     }
     return 0;
 }
@@ -1876,87 +1988,214 @@ count_any(SlotCounts *counts, PyObject *values)
     return done;
 }
 
-/* Count ``values`` into ``slots`` (known + 2 of them; COUNT_LANES times that as scratch). */
+/* Count ``values`` into ``slots`` (known + 2 of them). */
 static int
 count_slots(SlotCounts *counts, PyObject *values, Py_ssize_t *slots)
 {
-    Py_ssize_t width = counts->table->known + 2;
-    memset(slots, 0, (size_t)(COUNT_LANES * width) * sizeof(Py_ssize_t));
+    memset(slots, 0, (size_t)(counts->table->known + 2) * sizeof(Py_ssize_t));
     counts->counts = slots;
-    if (count_any(counts, values) < 0) {
-        return -1;
-    }
-    for (Py_ssize_t lane = 1; lane < COUNT_LANES; lane++) {
-        for (Py_ssize_t slot = 0; slot < width; slot++) {
-            slots[slot] += slots[lane * width + slot];
-        }
-    }
-    return 0;
+    return count_any(counts, values);
 }
 
-/* Fill the ASCII buckets (``table->ascii_mask`` + 1 of them); 1 when each category has a
- * bucket of its own, 0 when two share one. */
+/* Whether category ``i`` has entries by length: ASCII, shorter than LENGTHS. */
 static int
-fill_ascii_buckets(CategoryTable *table)
+has_length_entry(const CategoryTable *table, Py_ssize_t i)
 {
-    for (size_t b = 0; b <= table->ascii_mask; b++) {
-        table->ascii[b].length = -1;
-    }
+    return table->categories[i].length < LENGTHS &&
+           PyUnicode_IS_ASCII(PyTuple_GET_ITEM(table->texts, i));
+}
+
+/* Category ``i``'s text where a str object holds it, after a header of zeros. */
+static void
+text_image(const CategoryTable *table, Py_ssize_t i, char image[sizeof(PyASCIIObject) + LENGTHS])
+{
+    memset(image, 0, sizeof(PyASCIIObject) + LENGTHS);
+    memcpy(image + sizeof(PyASCIIObject), table->categories[i].data,
+           (size_t)table->categories[i].length);
+}
+
+static inline uint64_t
+sub_group(const CategoryTable *table, uint64_t last)
+{
+    return (last >> table->sub_shift) & table->sub_mask;
+}
+
+/* Whether the table's sub bits set apart the categories of each length (bits of their texts,
+ * not of the header before a short one). ``lasts``: each category's last 8 bytes. */
+static int
+sub_bits_apart(const CategoryTable *table, const uint64_t *lasts)
+{
     for (Py_ssize_t i = 0; i < table->known; i++) {
-        const Category *category = &table->categories[i];
-        if (category->kind != PyUnicode_1BYTE_KIND) {
-            continue; /* an ASCII str never equals it */
+        Py_ssize_t length = table->categories[i].length;
+        for (Py_ssize_t j = i + 1; has_length_entry(table, i) && j < table->known; j++) {
+            if (table->categories[j].length != length || !has_length_entry(table, j)) {
+                continue;
+            }
+            int text_bits = 8 * (int)(length < 8 ? length : 8);
+            if (table->sub_shift < 64 - text_bits ||
+                sub_group(table, lasts[i]) == sub_group(table, lasts[j])) {
+                return 0;
+            }
         }
-        char padded[16] = {0}; /* a text shorter than 8 after 8 bytes to read: its words */
-        const char *data = category->data;
-        if (category->length < 8) {
-            memcpy(padded + 8, data, (size_t)category->length);
-            data = padded + 8;
-        }
-        uint64_t words[3];
-        text_words(data, category->length, words);
-        AsciiBucket *bucket = &table->ascii[ascii_bucket(category->length, words,
-                                                         table->ascii_mask)];
-        if (bucket->length >= 0) {
-            return 0;
-        }
-        *bucket = (AsciiBucket){category->length, {words[0], words[1], words[2]},
-                                category->data, i};
     }
     return 1;
 }
 
-/* The ASCII buckets: as few as give each one-byte category a bucket of its own, none when
- * ASCII_BUCKETS_MAX do not (the chained buckets serve). 0, or -1 with an exception set. */
+/* The fewest sub bits (at most SUB_BITS_MAX) that set apart the categories of each length;
+ * 0, or -1 when there are none. */
 static int
-make_ascii_buckets(CategoryTable *table)
+choose_sub_bits(CategoryTable *table, const uint64_t *lasts)
 {
-    for (table->ascii_mask = 15; table->ascii_mask < ASCII_BUCKETS_MAX;
-         table->ascii_mask = table->ascii_mask * 2 + 1) {
-        if (table->ascii_mask + 1 < 2 * (size_t)table->known) {
+    for (int bits = 0; bits <= SUB_BITS_MAX; bits++) {
+        table->sub_mask = ((uint64_t)1 << bits) - 1;
+        for (table->sub_shift = 0; table->sub_shift <= (bits == 0 ? 0 : 64 - bits);
+             table->sub_shift++) {
+            if (sub_bits_apart(table, lasts)) {
+                return 0;
+            }
+        }
+    }
+    return -1;
+}
+
+/* The entry of category ``i``: the words that cover its text (see LengthEntry). */
+static void
+set_length_entry(const CategoryTable *table, Py_ssize_t i, LengthEntry *entry)
+{
+    char image[sizeof(PyASCIIObject) + LENGTHS];
+    Py_ssize_t length = table->categories[i].length;
+    text_image(table, i, image);
+    for (int k = 0; k < LENGTH_WORDS; k++) {
+        memcpy(&entry->words[k], image + sizeof(PyASCIIObject) + word_from(length, k), 8);
+    }
+    entry->keep = text_keep(length);
+    entry->slot = i;
+    entry->rest = length > 8 * LENGTH_WORDS ? table->categories[i].data + 24 : NULL;
+    entry->length = length;
+}
+
+/* Fill ``count`` entries: every one unseen, then each category in the entries of its length
+ * that its sub bits choose (all of them when no other category has its length). */
+static void
+fill_length_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
+{
+    for (size_t e = 0; e < count; e++) {
+        table->lengths[e] = (LengthEntry){.slot = table->known, .length = -1};
+    }
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        Py_ssize_t length = table->categories[i].length, shared = 0;
+        for (Py_ssize_t j = 0; j < table->known; j++) {
+            shared |= j != i && table->categories[j].length == length && has_length_entry(table, j);
+        }
+        for (uint64_t group = 0; has_length_entry(table, i) && group <= table->sub_mask; group++) {
+            if (!shared || group == sub_group(table, lasts[i])) {
+                set_length_entry(table, i, &table->lengths[length + (Py_ssize_t)group * LENGTHS]);
+            }
+        }
+    }
+}
+
+/* Fill ``count`` entries by hash; 1 when each category has one of its own, 0 when not. */
+static int
+fill_hashed_entries(CategoryTable *table, size_t count, const uint64_t *lasts)
+{
+    for (size_t e = 0; e < count; e++) {
+        table->lengths[e] = (LengthEntry){.slot = table->known, .length = -1};
+    }
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        if (!has_length_entry(table, i)) {
             continue;
         }
-        AsciiBucket *buckets =
-            PyMem_Realloc(table->ascii, (table->ascii_mask + 1) * sizeof(AsciiBucket));
-        if (buckets == NULL) {
+        Py_ssize_t length = table->categories[i].length;
+        LengthEntry *entry =
+            &table->lengths[hashed_entry(lasts[i], length, table->hash_factor, table->hash_shift)];
+        if (entry->length >= 0) {
+            return 0;
+        }
+        set_length_entry(table, i, entry);
+    }
+    return 1;
+}
+
+/* Entries by hash, as few as give each category one of its own with one of HASH_FACTORS
+ * factors (at most 4096: none, the chained buckets serving, when those do not). 0, or -1 with
+ * an exception set. */
+#define HASH_FACTORS 32
+static int
+make_hashed_entries(CategoryTable *table, const uint64_t *lasts)
+{
+    for (int bits = 4; bits <= 12; bits++) {
+        size_t count = (size_t)1 << bits;
+        if (count < 2 * (size_t)table->known) {
+            continue;
+        }
+        LengthEntry *entries = PyMem_Realloc(table->lengths, count * sizeof(LengthEntry));
+        if (entries == NULL) {
             PyErr_NoMemory();
             return -1;
         }
-        table->ascii = buckets;
-        if (fill_ascii_buckets(table)) {
-            return 0;
+        table->lengths = entries;
+        table->hash_shift = 64 - bits;
+        table->hash_factor = 0x9E3779B97F4A7C15u;
+        for (int tries = 0; tries < HASH_FACTORS; tries++) {
+            if (fill_hashed_entries(table, count, lasts)) {
+                return 0;
+            }
+            table->hash_factor = table->hash_factor * 6364136223846793005u + 2; /* odd */
         }
     }
-    PyMem_Free(table->ascii);
-    table->ascii = NULL;
+    PyMem_Free(table->lengths);
+    table->lengths = NULL;
+    return 0;
+}
+
+/* The entries by length, or by hash when SUB_BITS_MAX bits do not set apart the categories
+ * of each length (little-endian only: a short text's bytes are the last word's high ones).
+ * 0, or -1 with an exception set. */
+static int
+make_length_entries(CategoryTable *table)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    char image[sizeof(PyASCIIObject) + LENGTHS];
+    uint64_t *lasts = PyMem_Calloc((size_t)table->known + 1, sizeof(uint64_t));
+    if (lasts == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    table->words = 1;
+    for (Py_ssize_t i = 0; i < table->known; i++) {
+        Py_ssize_t length = table->categories[i].length;
+        if (has_length_entry(table, i)) {
+            text_image(table, i, image);
+            memcpy(&lasts[i], image + sizeof(PyASCIIObject) + length - 8, 8);
+            int words = length <= 8 ? 1 : length <= 16 ? 2 : length <= 24 ? 3 : 4;
+            table->words = words > table->words ? words : table->words;
+        }
+    }
+    if (choose_sub_bits(table, lasts) == 0) {
+        size_t count = (size_t)LENGTHS * (table->sub_mask + 1);
+        table->lengths = PyMem_Malloc(count * sizeof(LengthEntry));
+        if (table->lengths == NULL) {
+            PyMem_Free(lasts);
+            PyErr_NoMemory();
+            return -1;
+        }
+        fill_length_entries(table, count, lasts);
+    }
+    else if (make_hashed_entries(table, lasts) < 0) {
+        PyMem_Free(lasts);
+        return -1;
+    }
+    PyMem_Free(lasts);
+#endif
     return 0;
 }
 
 static void
 clear_table(CategoryTable *table)
 {
-    PyMem_Free(table->ascii);
-    table->ascii = NULL;
+    PyMem_Free(table->lengths);
+    table->lengths = NULL;
     PyMem_Free(table->categories);
     PyMem_Free(table->buckets);
     Py_CLEAR(table->texts);
@@ -2007,7 +2246,7 @@ make_table(CategoryTable *table, PyObject *texts)
         category->next = table->buckets[b];
         table->buckets[b] = i;
     }
-    return make_ascii_buckets(table);
+    return make_length_entries(table);
 }
 
 static PyObject *
@@ -2035,7 +2274,7 @@ count_categories(PyObject *module, PyObject *args)
     CategoryTable table = {.texts = NULL};
     Py_ssize_t *slots = NULL;
     if (make_table(&table, texts) == 0) {
-        slots = PyMem_Malloc((size_t)(COUNT_LANES * (table.known + 2)) * sizeof(Py_ssize_t));
+        slots = PyMem_Malloc((size_t)(table.known + 2) * sizeof(Py_ssize_t));
         SlotCounts counts = {.table = &table, .code = code};
         if (slots == NULL) {
             PyErr_NoMemory();
@@ -2137,7 +2376,7 @@ CategoryCounter_amounts(CategoryCounter *self, PyObject *const *args, Py_ssize_t
     if (get_doubles(args[3], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, 1, "out") < 0) {
         return NULL;
     }
-    Py_ssize_t *counts = PyMem_Malloc((size_t)(COUNT_LANES * self->deepest) * sizeof(Py_ssize_t));
+    Py_ssize_t *counts = PyMem_Malloc((size_t)self->deepest * sizeof(Py_ssize_t));
     int failed = counts == NULL;
     if (failed) {
         PyErr_NoMemory();

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ml_wsgi_metrics import signals
+from ml_wsgi_metrics import _inputs, signals
 from ml_wsgi_metrics.profile import ReferenceProfile, build_profile
 from ml_wsgi_metrics.testing import isolated_signals
 
@@ -59,3 +60,13 @@ def merged(directory: Path) -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))
     return registry
+
+
+def unreadable_blocks(monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
+    """Make reading a DataFrame's blocks fail with ``failure`` (as in a pandas whose internals
+    moved): the frame reader falls back to pandas' public Series."""
+
+    def broken(frame: pd.DataFrame, names: list[Any]) -> Any:
+        raise failure
+
+    monkeypatch.setattr(_inputs, "_stored_columns", broken)

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from signals_support import unreadable_blocks
 
-from ml_wsgi_metrics._inputs import as_floats, columns, is_scalar, numeric_matrix
+from ml_wsgi_metrics._inputs import FrameColumns, as_floats, columns, is_scalar, numeric_matrix
 
 ROWS = 6
 
@@ -54,7 +55,7 @@ def test_numeric_features_read_as_the_whole_frame_conversion_reads_them(
     form: str, accessor: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if accessor != "stored arrays":
-        monkeypatch.delattr(pd.DataFrame, "_get_column_array")
+        unreadable_blocks(monkeypatch, AttributeError("moved"))
     features = ["a", form, "absent"]
     frame = pd.DataFrame(
         {"a": np.linspace(0, 1, ROWS), form: numeric_forms()[form], "text": ["t"] * ROWS}
@@ -87,17 +88,81 @@ def test_columns_are_read_as_pandas_stores_them() -> None:
 @pytest.mark.parametrize(
     "failure", [AttributeError("moved"), TypeError("changed"), IndexError("0")], ids=repr
 )
-def test_a_failing_private_accessor_falls_back_to_the_public_series(
+def test_unreadable_blocks_fall_back_to_the_public_series(
     failure: Exception, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: pd.DataFrame, i: int) -> Any:
-        raise failure
-
-    monkeypatch.setattr(pd.DataFrame, "_get_column_array", broken)
+    unreadable_blocks(monkeypatch, failure)
     frame = pd.DataFrame({"n": [1.0, 2.0], "s": ["a", "b"]})
     _, column = columns(frame)
     assert isinstance(column("s"), pd.Series) and column("s").tolist() == ["a", "b"]
     assert column("absent") is None
+    assert numeric_matrix(frame, column, ["n"], 2).tolist() == [[1.0], [2.0]]
+
+
+def frames() -> dict[str, pd.DataFrame]:
+    """Frames laid out in blocks every way pandas lays them out."""
+    rng = np.random.default_rng(5)
+    mixed = pd.DataFrame(
+        {
+            "x": rng.normal(size=ROWS),
+            "s": pd.array(list("abcdef"), dtype="str"),
+            "i": np.arange(ROWS),
+            "y": rng.normal(size=ROWS),
+            "o": np.array([1, "a", None, 2.5, "b", pd.NA], dtype=object),
+            "c": pd.Categorical(list("abcabc")),
+            "d": pd.date_range("2026-01-01", periods=ROWS, tz="UTC"),
+            "n": pd.array([1, None, 3, 4, None, -6], dtype="Int64"),
+        }
+    )
+    grown = mixed.copy()
+    grown["z"] = rng.normal(size=ROWS)  # a block of its own, not consolidated
+    grown.insert(0, "w", rng.normal(size=ROWS))
+    return {
+        "mixed": mixed,
+        "grown": grown,
+        "reordered": mixed[["y", "c", "x", "s", "n", "o", "i", "d"]],
+        "sliced": pd.concat([mixed, mixed]).iloc[3:9],
+        "transposed": pd.DataFrame(rng.normal(size=(3, ROWS)), index=list("abc")).T,
+        "no rows": mixed.iloc[:0],
+        "no columns": pd.DataFrame(index=range(ROWS)),
+    }
+
+
+@pytest.mark.parametrize("name", list(frames()))
+def test_each_stored_column_is_what_pandas_gives_for_it(name: str) -> None:
+    frame = frames()[name]
+    column = FrameColumns(frame)
+    assert column.stored is not None  # read from the blocks, not the fallback
+    for label in frame.columns:
+        stored = column(label)
+        assert getattr(stored, "ndim", 0) == 1 and len(stored) == len(frame)
+        pd.testing.assert_series_equal(
+            pd.Series(stored, name=label), frame[label].reset_index(drop=True), check_index=False
+        )
+    assert column("absent") is None
+
+
+@pytest.mark.parametrize("name", list(frames()))
+def test_float_columns_of_one_block_are_read_without_a_conversion(name: str) -> None:
+    frame = frames()[name]
+    floats = [c for c in frame.columns if frame[c].dtype == np.float64]
+    column = FrameColumns(frame)
+    for names in (floats, floats[::-1], floats[1:], floats[:1]):
+        matrix = column.float_matrix(names)
+        if matrix is None:  # the columns are in different blocks
+            blocks = {id(column.stored[n][0]) for n in names}
+            assert len(blocks) > 1 or not names
+            continue
+        np.testing.assert_array_equal(matrix, frame[names].to_numpy(dtype=np.float64))
+    assert column.float_matrix(["s"] if "s" in frame else ["absent"]) is None
+
+
+def test_consecutive_float_columns_are_a_view_of_their_block() -> None:
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0], "t": ["x", "y"], "c": [5.0, 6.0]})
+    column = FrameColumns(frame)
+    matrix = column.float_matrix(["a", "b"])
+    assert matrix is not None and np.shares_memory(matrix, frame._mgr.blocks[0].values)
+    assert numeric_matrix(frame, column, ["a", "b"], 2) is not None
 
 
 def test_duplicate_column_names_keep_pandas_own_choice() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._classes import ClassCounter
 from ._expected import ExpectedCorrect, kinds
 from ._inputs import is_missing
 from ._recorders import (
@@ -89,6 +90,7 @@ class CompiledModel:
             self.class_codes[NO_CLASS],
             child_adder(child(metrics.expected_correct, *labels)),
         )
+        self.class_counter = ClassCounter(profile.classes or (), self.expected, self.class_code)
         self._confusion = metrics.confusion
         self._labels = labels
         self._confusion_incs: dict[tuple[str, str], Inc] = {}

@@ -5,8 +5,9 @@ Owns the recorders of a numeric column (:class:`NumericSeries`, its slots named 
 categorical one (:class:`CategoricalSeries`), the single-row path (one lock; a row's columns
 read and counted in C when the extension is built) and the batch path (a block of numeric
 columns in one pass of the C kernel, else a few numpy passes; the categorical columns
-together, :class:`._categories.CategoryColumns`; then every recorder's non-zero slots added
-under one lock, in bulk through :class:`~._series.SlotCells`). Which series a registered
+together, :class:`._categories.CategoryColumns`; the predicted classes and their expected
+correctness in one pass, :class:`._classes.ClassCounter`; then every recorder's non-zero slots
+added under one lock, in bulk through :class:`~._series.SlotCells`). Which series a registered
 model has is :mod:`._model`'s job, reading the inputs :mod:`._inputs`'.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -345,59 +345,23 @@ def record_batch(model: CompiledModel, inputs: Any, scores: Any, classes: Any) -
         updates += _input_updates(model, inputs, column, rows)
     if score_values is not None:
         updates.append((model.score_block.slots, model.score_block.amounts(score_values[:, None])))
-    counted = _class_amounts(model, class_values, rows)
-    updates.append((model.class_slots, counted.amounts))
-    expected = 0.0
-    if score_values is not None:
-        expected = model.expected.amount(score_values, class_values, counted.codes, counted.matches)
+    counts, expected = model.class_counter.count(class_values, score_values, rows)
+    updates.append((model.class_slots, counts))
     apply_updates(updates, [(model.expected.inc, expected)] if expected else ())
     return Batch(rows, class_values, score_values)
 
 
 def _class_values(classes: Any) -> Any:
-    """A copy of the predicted classes: a list, or a 1-d array of strings (counted by
-    comparison)."""
+    """A copy of the predicted classes: a list, or a 1-d array of strings in native byte order
+    (read in place by :class:`._classes.ClassCounter`)."""
     if isinstance(classes, np.ndarray) and classes.ndim == 1 and classes.dtype.kind == "U":
-        return classes.copy()
+        if classes.dtype.isnative:
+            return classes.copy()
+        return classes.astype(classes.dtype.newbyteorder("="))  # a copy
     values = classes.tolist() if hasattr(classes, "tolist") else classes
-    return [values] if is_scalar(values) else list(values)
-
-
-class ClassAmounts(NamedTuple):
-    """Predictions per class slot, the slot of each distinct class given (``{}`` when none
-    is), and the rows of each profile class an array of strings was compared with."""
-
-    amounts: FloatArray
-    codes: dict[Any, int]
-    matches: dict[Any, npt.NDArray[np.bool_]]
-
-
-def _class_amounts(model: CompiledModel, values: Any, rows: int) -> ClassAmounts:
-    """Count the predicted classes: an array of strings is compared with each profile class
-    (until every row is counted), then only the rest is counted by hashing."""
-    counted = ClassAmounts(np.zeros(len(model.classes)), {}, {})
-    if values is None:
-        counted.amounts[model.class_codes[NO_CLASS]] = rows
-        return counted
-    if isinstance(values, np.ndarray):
-        found = 0
-        for code, label in enumerate(model.profile.classes or ()):
-            if found == rows:
-                break
-            match = values == label
-            count = int(np.count_nonzero(match))
-            if count:
-                counted.amounts[code], counted.codes[label] = count, code
-                counted.matches[label] = match
-                found += count
-        if found < rows:
-            rest = list(counted.matches.values())
-            values = values[~np.logical_or.reduce(rest, axis=0)] if rest else values
-        values = values.tolist() if found < rows else []
-    for label, count in Counter(values).items():
-        counted.codes[label] = code = model.class_code(label)
-        counted.amounts[code] += count
-    return counted
+    if is_scalar(values):
+        return [values]
+    return values if values.__class__ is list and values is not classes else list(values)
 
 
 def _input_updates(

@@ -2445,6 +2445,606 @@ static PyTypeObject CategoryCounterType = {
     .tp_members = CategoryCounter_members,
 };
 
+/* == predicted classes and their expected correctness (model signals' batch path) ==========
+ *
+ * count_classes(classes, scores, rows, labels, kinds, code, out) adds the rows of each class
+ * slot [labels..., no class, unseen] (CompiledModel.classes) to ``out`` and returns the rows'
+ * expected correctness, _expected's rule: by the kind of the row's slot, POSITIVE s, NEGATIVE
+ * 1 - s, EITHER max(s, 1 - s), s the score clipped to [0, 1]; a non-finite score adds nothing.
+ * Row i's term is added to lane i % 4, each lane from 0.0 in row order, then the sum is
+ * (lane 0 + lane 1) + (lane 2 + lane 3): four additions in flight, not one, in an order numpy
+ * follows too (_expected.ExpectedCorrect.amount, the pure-Python path, gives the same sum).
+ *
+ * Each row goes to the slot code(value) gives (CompiledModel.class_code): an exact str equal
+ * to a label is that label's slot, None and float NaN are the no-class slot, anything else is
+ * coded by code(value), once per distinct text (CLASS_EXTRAS of them, then once per row) or
+ * per object (a cache by identity, which finds a list's repeated str objects too). ``classes`` is None (every row: no class), a list, or a
+ * 1-d numpy array of str in native byte order, read in place: each row's UCS4 characters
+ * compared with each label's, padded with zeros to the array's width. Rows are taken
+ * CLASS_CHUNK at a time: their slots found first, then counted and their terms added.
+ */
+
+#define CLASS_EXTRAS 16  /* texts other than the labels remembered with their slot */
+#define CLASS_OBJECTS 16 /* other objects remembered by identity (a power of 2) */
+#define CLASS_CHUNK 256  /* rows whose slots are found before they are added (a multiple of 4) */
+
+enum { CLASS_POSITIVE, CLASS_NEGATIVE, CLASS_EITHER }; /* _expected's kinds */
+
+typedef struct {
+    Py_ssize_t length;   /* characters */
+    int kind;            /* bytes a character */
+    const char *data;    /* the characters: a str's, a label's padded, or an array row's */
+    Py_ssize_t slot;
+    uint64_t head, tail; /* the first and last 8 bytes (4 when shorter; 0 when shorter yet) */
+} ClassText;
+
+typedef struct {
+    PyObject *code;           /* code(value) -> slot */
+    Py_ssize_t slots;         /* labels + 2 */
+    Py_ssize_t no_class;      /* the no-class slot: after the labels' */
+    double (*weights)[3];     /* per slot: 1.0 for its kind's term (s, 1 - s, max), else 0.0 */
+    Py_ssize_t *counts;       /* per slot */
+    ClassText *texts;         /* the labels, then the extra texts met */
+    Py_ssize_t known, labels; /* texts in use; labels among them (the first ones) */
+    PyObject *extras[CLASS_EXTRAS];   /* the extra texts' objects (a list's str), owned */
+    PyObject *objects[CLASS_OBJECTS]; /* other values met, owned, and their slots */
+    Py_ssize_t object_slots[CLASS_OBJECTS];
+    const char *scores; /* NULL: no scores */
+    Py_ssize_t score_stride;
+    double lanes[4]; /* row i's term is added to lanes[i % 4] */
+} ClassPass;
+
+/* A text and its slot, its first and last bytes read as words. */
+static inline ClassText
+class_text(Py_ssize_t length, int kind, const char *data, Py_ssize_t slot)
+{
+    ClassText text = {length, kind, data, slot, 0, 0};
+    size_t size = (size_t)length * (size_t)kind;
+    if (size >= 8) {
+        memcpy(&text.head, data, 8);
+        memcpy(&text.tail, data + size - 8, 8);
+    }
+    else if (size >= 4) {
+        uint32_t head, tail;
+        memcpy(&head, data, 4);
+        memcpy(&tail, data + size - 4, 4);
+        text.head = head, text.tail = tail;
+    }
+    return text;
+}
+
+/* The expected correctness of a row of score ``s`` (0.0 when not finite), its kind's term
+ * picked by weights rather than by a branch: x * 1.0 + 0.0 is x. The clip is SSE2's max and
+ * min (-0.0 gives 0.0), as class_terms has it. */
+static inline double
+class_term(double s, const double *weight)
+{
+    if (!isfinite(s)) {
+        return 0.0;
+    }
+    s = s > 0.0 ? s : 0.0;
+    s = s < 1.0 ? s : 1.0;
+    double other = 1.0 - s, larger = s > other ? s : other;
+    return weight[0] * s + weight[1] * other + weight[2] * larger;
+}
+
+#ifdef KERNEL_X86_64
+/* class_term() of two rows at once (SSE2), of weights ``a`` and ``b``. */
+static inline __m128d
+class_terms(__m128d s, const double *a, const double *b)
+{
+    const __m128d zero = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
+    __m128d finite = _mm_cmpeq_pd(_mm_sub_pd(s, s), zero); /* NaN and infinities: s - s is NaN */
+    s = _mm_min_pd(_mm_max_pd(s, zero), one);
+    __m128d other = _mm_sub_pd(one, s), larger = _mm_max_pd(s, other);
+    __m128d picked = _mm_add_pd(_mm_mul_pd(_mm_set_pd(b[0], a[0]), s),
+                                _mm_mul_pd(_mm_set_pd(b[1], a[1]), other));
+    picked = _mm_add_pd(picked, _mm_mul_pd(_mm_set_pd(b[2], a[2]), larger));
+    return _mm_and_pd(picked, finite);
+}
+#endif
+
+/* Count ``n`` rows of slots ``row_slots`` (in 4 lanes of counts: no increment waits). */
+static void
+class_add_counts(ClassPass *pass, Py_ssize_t n, const int32_t *row_slots)
+{
+    Py_ssize_t *counts = pass->counts, slots = pass->slots, i = 0;
+    for (; i + 4 <= n; i += 4) {
+        counts[row_slots[i]]++;
+        counts[slots + row_slots[i + 1]]++;
+        counts[2 * slots + row_slots[i + 2]]++;
+        counts[3 * slots + row_slots[i + 3]]++;
+    }
+    for (; i < n; i++) {
+        counts[row_slots[i]]++;
+    }
+}
+
+/* Count ``n`` rows from row ``first`` on (a multiple of 4), of slots ``row_slots``, and add
+ * their terms to the lanes. */
+static void
+class_add(ClassPass *pass, Py_ssize_t first, Py_ssize_t n, const int32_t *row_slots)
+{
+    class_add_counts(pass, n, row_slots);
+    if (pass->scores == NULL) {
+        return;
+    }
+    Py_ssize_t stride = pass->score_stride, i = 0;
+    const char *score = pass->scores + first * stride;
+    double(*weights)[3] = pass->weights;
+#ifdef KERNEL_X86_64
+    __m128d lanes01 = _mm_loadu_pd(pass->lanes), lanes23 = _mm_loadu_pd(pass->lanes + 2);
+    for (; i + 4 <= n; i += 4, score += 4 * stride) {
+        const double *row = (const double *)score;
+        __m128d s01 = _mm_set_pd(*(const double *)(score + stride), row[0]);
+        __m128d s23 = _mm_set_pd(*(const double *)(score + 3 * stride),
+                                 *(const double *)(score + 2 * stride));
+        const int32_t *at = row_slots + i;
+        lanes01 = _mm_add_pd(lanes01, class_terms(s01, weights[at[0]], weights[at[1]]));
+        lanes23 = _mm_add_pd(lanes23, class_terms(s23, weights[at[2]], weights[at[3]]));
+    }
+    _mm_storeu_pd(pass->lanes, lanes01);
+    _mm_storeu_pd(pass->lanes + 2, lanes23);
+#endif
+    for (; i < n; i++, score += stride) {
+        pass->lanes[i & 3] += class_term(*(const double *)score, weights[row_slots[i]]);
+    }
+}
+
+/* The slot code(value) gives, checked to be one of the slots; -1 with an exception set. */
+static Py_ssize_t
+class_coded(ClassPass *pass, PyObject *value)
+{
+    Py_INCREF(value); /* code() runs Python code: it may drop what holds the value */
+    PyObject *result = PyObject_CallOneArg(pass->code, value);
+    Py_DECREF(value);
+    Py_ssize_t slot = result == NULL ? -1 : PyLong_AsSsize_t(result);
+    Py_XDECREF(result);
+    if (slot == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (slot < 0 || slot >= pass->slots) {
+        PyErr_Format(PyExc_ValueError, "count_classes: code() gave %zd, not a slot", slot);
+        return -1;
+    }
+    return slot;
+}
+
+/* The slot of a text (``length`` characters of ``kind`` bytes) among ``pass->texts``, or -1. */
+static inline Py_ssize_t
+class_text_slot(const ClassPass *pass, Py_ssize_t length, int kind, const char *data)
+{
+    for (Py_ssize_t t = 0; t < pass->known; t++) {
+        const ClassText *text = &pass->texts[t];
+        if (text->length == length && text->kind == kind &&
+            same_bytes(text->data, data, (size_t)length * (size_t)kind)) {
+            return text->slot;
+        }
+    }
+    return -1;
+}
+
+/* Remember a text met (not a label) with its slot, while there is room. */
+static void
+class_remember(ClassPass *pass, PyObject *owner, Py_ssize_t length, int kind, const char *data,
+               Py_ssize_t slot)
+{
+    Py_ssize_t extra = pass->known - pass->labels;
+    if (extra < CLASS_EXTRAS) {
+        pass->extras[extra] = Py_XNewRef(owner);
+        pass->texts[pass->known++] = class_text(length, kind, data, slot);
+    }
+}
+
+/* -- a list's rows -- */
+
+/* The slot of a list's value; -1 with an exception set. An object met before is found by
+ * identity (a str is kept while its entry is free: a model's predict() repeats a few objects,
+ * JSON gives a new one a row). */
+static Py_ssize_t
+class_object_slot(ClassPass *pass, PyObject *value)
+{
+    size_t at = ((uintptr_t)value >> 4) & (CLASS_OBJECTS - 1);
+    if (pass->objects[at] == value) {
+        return pass->object_slots[at];
+    }
+    Py_ssize_t slot;
+    if (PyUnicode_CheckExact(value)) {
+        if (ready_text(value) < 0) {
+            return -1;
+        }
+        Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+        int kind = PyUnicode_KIND(value);
+        const char *data = PyUnicode_DATA(value);
+        slot = class_text_slot(pass, length, kind, data);
+        if (slot < 0 && (slot = class_coded(pass, value)) >= 0) {
+            class_remember(pass, value, length, kind, data, slot);
+        }
+        if (slot >= 0 && pass->objects[at] == NULL) {
+            pass->objects[at] = Py_NewRef(value), pass->object_slots[at] = slot;
+        }
+        return slot;
+    }
+    if (value == Py_None || (PyFloat_CheckExact(value) && isnan(PyFloat_AS_DOUBLE(value)))) {
+        return pass->no_class;
+    }
+    if ((slot = class_coded(pass, value)) >= 0) {
+        Py_XSETREF(pass->objects[at], Py_NewRef(value));
+        pass->object_slots[at] = slot;
+    }
+    return slot;
+}
+
+/* The labels as texts (a list's rows are compared with them). */
+static int
+class_list_labels(ClassPass *pass, PyObject *labels)
+{
+    for (Py_ssize_t t = 0; t < PyTuple_GET_SIZE(labels); t++) {
+        PyObject *label = PyTuple_GET_ITEM(labels, t);
+        if (ready_text(label) < 0) {
+            return -1;
+        }
+        pass->texts[t] = class_text(PyUnicode_GET_LENGTH(label), PyUnicode_KIND(label),
+                                    PyUnicode_DATA(label), t);
+    }
+    pass->known = pass->labels = PyTuple_GET_SIZE(labels);
+    return 0;
+}
+
+/* The slots of ``n`` rows of a list from row ``first`` on (its size read again after code()
+ * ran: it may edit the list); 0, or -1 with an exception set. */
+static int
+class_list_slots(ClassPass *pass, PyObject *list, Py_ssize_t first, Py_ssize_t n,
+                 int32_t *row_slots)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (first + i >= PyList_GET_SIZE(list)) {
+            PyErr_SetString(PyExc_ValueError, "count_classes: fewer classes than rows");
+            return -1;
+        }
+        PyObject *value = Py_NewRef(PyList_GET_ITEM(list, first + i)); /* code() may drop it */
+        Py_ssize_t slot = class_object_slot(pass, value);
+        Py_DECREF(value);
+        if (slot < 0) {
+            return -1;
+        }
+        row_slots[i] = (int32_t)slot;
+    }
+    return 0;
+}
+
+/* -- an array's rows -- */
+
+typedef struct {
+    const char *rows;    /* the first row */
+    Py_ssize_t stride;   /* bytes from a row to the next */
+    Py_ssize_t width;    /* bytes a row: 4 a character */
+    Py_UCS4 *characters; /* scratch for one row */
+} ClassArray;
+
+/* The labels as rows of the array: each that fits the width, padded with zeros (one ending in
+ * "\0" never equals a row: numpy reads trailing zeros as padding); ``padded`` holds them. */
+static int
+class_array_labels(ClassPass *pass, PyObject *labels, Py_ssize_t width, char *padded)
+{
+    pass->known = 0;
+    for (Py_ssize_t t = 0; t < PyTuple_GET_SIZE(labels); t++) {
+        PyObject *label = PyTuple_GET_ITEM(labels, t);
+        if (ready_text(label) < 0) {
+            return -1;
+        }
+        Py_ssize_t length = PyUnicode_GET_LENGTH(label);
+        int kind = PyUnicode_KIND(label);
+        const void *data = PyUnicode_DATA(label);
+        if (length > width / 4 || (length > 0 && PyUnicode_READ(kind, data, length - 1) == 0)) {
+            continue;
+        }
+        for (Py_ssize_t at = 0; at < length; at++) {
+            Py_UCS4 character = PyUnicode_READ(kind, data, at);
+            memcpy(padded + t * width + 4 * at, &character, 4);
+        }
+        pass->texts[pass->known++] = class_text(width / 4, 4, padded + t * width, t);
+    }
+    pass->labels = pass->known;
+    return 0;
+}
+
+/* How many of ``n`` rows of 4 to 16 bytes from ``item`` on are among the texts (their first
+ * and last bytes are the whole row), their slots written, up to the first that is not. */
+static Py_ssize_t
+class_short_rows(const ClassText *texts, Py_ssize_t known, const char *item,
+                 const ClassArray *array, Py_ssize_t n, int32_t *row_slots)
+{
+    for (Py_ssize_t i = 0; i < n; i++, item += array->stride) {
+        ClassText row = class_text(array->width / 4, 4, item, -1);
+        Py_ssize_t t = 0;
+        while (t < known && (texts[t].head != row.head || texts[t].tail != row.tail)) {
+            t++;
+        }
+        if (t == known) {
+            return i;
+        }
+        row_slots[i] = (int32_t)texts[t].slot;
+    }
+    return n;
+}
+
+/* The slot of an array row: among the texts, else code() of its str (trailing zeros are
+ * padding), remembered; -1 with an exception set. */
+static Py_ssize_t
+class_array_row_slot(ClassPass *pass, const ClassArray *array, const char *item)
+{
+    Py_ssize_t length = array->width / 4;
+    Py_ssize_t slot = class_text_slot(pass, length, 4, item);
+    if (slot >= 0) {
+        return slot;
+    }
+    memcpy(array->characters, item, (size_t)array->width);
+    while (length > 0 && array->characters[length - 1] == 0) {
+        length--;
+    }
+    PyObject *text = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, array->characters, length);
+    if (text == NULL) {
+        return -1;
+    }
+    slot = class_coded(pass, text);
+    Py_DECREF(text);
+    if (slot >= 0) {
+        class_remember(pass, NULL, array->width / 4, 4, item, slot);
+    }
+    return slot;
+}
+
+/* The slots of ``n`` rows of an array from row ``first`` on; 0, or -1 with an exception set. */
+static int
+class_array_slots(ClassPass *pass, const ClassArray *array, Py_ssize_t first, Py_ssize_t n,
+                  int32_t *row_slots)
+{
+    const char *item = array->rows + first * array->stride;
+    int short_rows = array->width >= 4 && array->width <= 16;
+    for (Py_ssize_t i = 0; i < n; i++, item += array->stride) {
+        if (short_rows) {
+            Py_ssize_t done = class_short_rows(pass->texts, pass->known, item, array, n - i,
+                                               row_slots + i);
+            i += done, item += done * array->stride;
+            if (i == n) {
+                break;
+            }
+        }
+        Py_ssize_t slot = class_array_row_slot(pass, array, item);
+        if (slot < 0) {
+            return -1;
+        }
+        row_slots[i] = (int32_t)slot;
+    }
+    return 0;
+}
+
+/* A 1-d array of str in native byte order ("<n>w"), exported by ``classes``; 0 when it is
+ * not one (no exception set), 1 when ``view`` holds it, -1 with an exception set. */
+static int
+class_array_view(PyObject *classes, Py_buffer *view)
+{
+    if (!PyObject_CheckBuffer(classes)) {
+        return 0;
+    }
+    if (PyObject_GetBuffer(classes, view, PyBUF_STRIDES | PyBUF_FORMAT) < 0) {
+        return -1;
+    }
+    const char *format = view->format == NULL ? "" : view->format;
+    while (*format >= '0' && *format <= '9') {
+        format++;
+    }
+    if (view->ndim == 1 && view->itemsize % 4 == 0 && strcmp(format, "w") == 0) {
+        return 1;
+    }
+    PyBuffer_Release(view);
+    return 0;
+}
+
+/* -- the pass -- */
+
+/* Count the rows of ``classes`` (None, a list, or ``array`` when it is an array). */
+static int
+class_count_rows(ClassPass *pass, PyObject *classes, const ClassArray *array, Py_ssize_t rows)
+{
+    int32_t row_slots[CLASS_CHUNK];
+    for (Py_ssize_t first = 0; first < rows; first += CLASS_CHUNK) {
+        Py_ssize_t n = rows - first < CLASS_CHUNK ? rows - first : CLASS_CHUNK;
+        if (array != NULL) {
+            if (class_array_slots(pass, array, first, n, row_slots) < 0) {
+                return -1;
+            }
+        }
+        else if (classes != Py_None) {
+            if (class_list_slots(pass, classes, first, n, row_slots) < 0) {
+                return -1;
+            }
+        }
+        else {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                row_slots[i] = (int32_t)pass->no_class;
+            }
+        }
+        class_add(pass, first, n, row_slots);
+    }
+    return 0;
+}
+
+/* Count the rows of an array of str, read through ``view``. */
+static int
+class_count_array(ClassPass *pass, const Py_buffer *view, Py_ssize_t rows, PyObject *labels)
+{
+    if (view->shape[0] != rows) {
+        PyErr_Format(PyExc_ValueError, "count_classes: %zd classes for %zd rows", view->shape[0],
+                     rows);
+        return -1;
+    }
+    Py_ssize_t width = view->itemsize, count = PyTuple_GET_SIZE(labels);
+    char *padded = PyMem_Calloc((size_t)(count * width + width) + 4, 1);
+    if (padded == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    ClassArray array = {view->buf, view->strides[0], width, (Py_UCS4 *)(padded + count * width)};
+    int done = class_array_labels(pass, labels, width, padded) < 0 ? -1
+               : class_count_rows(pass, NULL, &array, rows);
+    PyMem_Free(padded);
+    return done;
+}
+
+/* Count the rows of ``classes`` into ``pass``. */
+static int
+class_count_any(ClassPass *pass, PyObject *classes, Py_ssize_t rows, PyObject *labels)
+{
+    if (classes == Py_None) {
+        return class_count_rows(pass, classes, NULL, rows);
+    }
+    if (PyList_CheckExact(classes)) {
+        if (PyList_GET_SIZE(classes) != rows) {
+            PyErr_Format(PyExc_ValueError, "count_classes: %zd classes for %zd rows",
+                         PyList_GET_SIZE(classes), rows);
+            return -1;
+        }
+        return class_list_labels(pass, labels) < 0 ? -1
+                                                   : class_count_rows(pass, classes, NULL, rows);
+    }
+    Py_buffer view;
+    int array = class_array_view(classes, &view);
+    if (array == 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "count_classes: classes are None, a list or a 1-d array of str");
+    }
+    if (array <= 0) {
+        return -1;
+    }
+    int done = class_count_array(pass, &view, rows, labels);
+    PyBuffer_Release(&view);
+    return done;
+}
+
+/* Each slot's weights, from ``kinds`` (a tuple of 0, 1 or 2 per slot); -1 with an exception
+ * set. */
+static int
+class_weights(PyObject *kinds, double (*weights)[3], Py_ssize_t slots)
+{
+    if (!PyTuple_CheckExact(kinds) || PyTuple_GET_SIZE(kinds) != slots) {
+        PyErr_Format(PyExc_TypeError, "count_classes: kinds, a tuple of %zd", slots);
+        return -1;
+    }
+    for (Py_ssize_t slot = 0; slot < slots; slot++) {
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(kinds, slot));
+        if (kind == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (kind < CLASS_POSITIVE || kind > CLASS_EITHER) {
+            PyErr_Format(PyExc_ValueError, "count_classes: kind %ld", kind);
+            return -1;
+        }
+        weights[slot][kind] = 1.0; /* the others stay 0.0 */
+    }
+    return 0;
+}
+
+static void
+class_pass_clear(ClassPass *pass)
+{
+    for (Py_ssize_t extra = 0; extra < pass->known - pass->labels; extra++) {
+        Py_XDECREF(pass->extras[extra]);
+    }
+    for (Py_ssize_t at = 0; at < CLASS_OBJECTS; at++) {
+        Py_XDECREF(pass->objects[at]);
+    }
+    PyMem_Free(pass->counts);
+    PyMem_Free(pass->weights);
+    PyMem_Free(pass->texts);
+}
+
+/* The scores (None: none) and ``out``, checked; 0, or -1 with an exception set and nothing
+ * held. */
+static int
+class_buffers(ClassPass *pass, PyObject *scores_object, Py_buffer *scores, PyObject *out_object,
+              Py_buffer *out, Py_ssize_t rows)
+{
+    scores->obj = NULL;
+    if (scores_object != Py_None) {
+        if (get_doubles(scores_object, scores, PyBUF_SIMPLE, 1, "scores") < 0) {
+            scores->obj = NULL;
+            return -1;
+        }
+        if (scores->shape[0] != rows) {
+            PyErr_Format(PyExc_ValueError, "count_classes: %zd scores for %zd rows",
+                         scores->shape[0], rows);
+            PyBuffer_Release(scores);
+            return -1;
+        }
+        pass->scores = scores->buf, pass->score_stride = scores->strides[0];
+    }
+    if (get_doubles(out_object, out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, 1, "out") == 0) {
+        if (out->shape[0] == pass->slots) {
+            return 0;
+        }
+        PyErr_Format(PyExc_ValueError, "out: %zd slots, not %zd", out->shape[0], pass->slots);
+        PyBuffer_Release(out);
+    }
+    if (scores->obj != NULL) {
+        PyBuffer_Release(scores);
+    }
+    return -1;
+}
+
+/* count_classes(classes, scores, rows, labels, kinds, code, out) -> the expected correct rows
+ * (see the top of this section). */
+static PyObject *
+count_classes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyTuple_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "count_classes(classes, scores, rows, labels, kinds, code, out): labels "
+                        "in a tuple");
+        return NULL;
+    }
+    Py_ssize_t rows = PyLong_AsSsize_t(args[2]), labels = PyTuple_GET_SIZE(args[3]);
+    if (rows == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    for (Py_ssize_t t = 0; t < labels; t++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(args[3], t))) {
+            PyErr_SetString(PyExc_TypeError, "count_classes: labels are str");
+            return NULL;
+        }
+    }
+    ClassPass pass = {.code = args[5], .slots = labels + 2, .no_class = labels};
+    pass.counts = PyMem_Calloc((size_t)(4 * pass.slots), sizeof(Py_ssize_t));
+    pass.weights = PyMem_Calloc((size_t)pass.slots, sizeof(double[3]));
+    pass.texts = PyMem_Calloc((size_t)(labels + CLASS_EXTRAS), sizeof(ClassText));
+    Py_buffer scores, out;
+    int failed = pass.counts == NULL || pass.weights == NULL || pass.texts == NULL;
+    if (failed) {
+        PyErr_NoMemory();
+    }
+    failed = failed || class_weights(args[4], pass.weights, pass.slots) < 0 ||
+             class_buffers(&pass, args[1], &scores, args[6], &out, rows) < 0;
+    if (!failed) {
+        failed = class_count_any(&pass, args[0], rows, args[3]) < 0;
+        for (Py_ssize_t slot = 0; !failed && slot < pass.slots; slot++) {
+            Py_ssize_t *counts = pass.counts, slots = pass.slots;
+            ((double *)out.buf)[slot] += (double)(counts[slot] + counts[slots + slot] +
+                                                  counts[2 * slots + slot] +
+                                                  counts[3 * slots + slot]);
+        }
+        if (scores.obj != NULL) {
+            PyBuffer_Release(&scores);
+        }
+        PyBuffer_Release(&out);
+    }
+    class_pass_clear(&pass);
+    double *lanes = pass.lanes;
+    return failed ? NULL : PyFloat_FromDouble((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
+}
+
+/* == end of predicted classes ============================================================== */
+
 /* -- the module ------------------------------------------------------------------------- */
 
 static PyObject *
@@ -2486,6 +3086,8 @@ static PyMethodDef module_methods[] = {
     {"count_categories", count_categories, METH_VARARGS,
      "count_categories(values, categories, code) -> counts per [categories..., unseen, "
      "missing]"},
+    {"count_classes", (PyCFunction)(void (*)(void))count_classes, METH_FASTCALL,
+     "count_classes(classes, scores, rows, labels, kinds, code, out) -> expected correct rows"},
     {NULL},
 };
 

@@ -3,8 +3,9 @@
 The request record (``configure``, ``TimedResponse``): what its C code reads from the Python
 side by name is listed in the docstring of :mod:`ml_wsgi_metrics._response`;
 ``tests/test_speedups.py`` checks both against the C source. The model signals' kernel
-(``NumericKernel``, ``CategoryCounter``, ``add_amounts``, ``add_categories``, ``use_avx2``)
-reads no name: see :mod:`ml_wsgi_metrics._recorders`, :mod:`ml_wsgi_metrics._categories` and
+(``NumericKernel``, ``CategoryCounter``, ``add_amounts``, ``add_categories``, ``use_avx2``,
+``count_classes``) reads no name: see :mod:`ml_wsgi_metrics._recorders`,
+:mod:`ml_wsgi_metrics._categories`, :mod:`ml_wsgi_metrics._classes` and
 :class:`ml_wsgi_metrics._series.SlotCells`.
 """
 
@@ -43,6 +44,20 @@ def count_categories(
     """A categorical column's counts per slot ``[categories..., unseen, missing]``, each value
     where ``code(value)`` puts it (``_categories`` calls it; ``values``: a list, a tuple or a
     1-d array of objects)."""
+
+def count_classes(
+    classes: list[Any] | npt.NDArray[np.str_] | None,
+    scores: _Floats | None,
+    rows: int,
+    labels: tuple[str, ...],
+    kinds: tuple[int, ...],
+    code: Callable[[Any], int],
+    out: _Floats,
+    /,
+) -> float:
+    """Add the rows of each class slot ``[labels..., no class, unseen]`` to ``out``, each where
+    ``code(value)`` puts it; return their expected correctness (``kinds``: each slot's, as
+    ``_expected``'s), added in row order (see ``_classes.ClassCounter``)."""
 
 class CategoryCounter:
     """A model's categorical columns, their category tables made once (see

@@ -129,16 +129,15 @@ def test_a_string_array_with_any_scores_counts_classes_and_expected_alike(
     )
 
 
-def test_rows_already_compared_are_not_compared_again() -> None:
-    """The expected sum takes the class count's rows of a label as they are (here they
-    contradict the labels given, to show which one is read)."""
+def test_a_batch_sum_reads_each_rows_class_index() -> None:
+    """Index 0 is "No" (1 - s), 1 "Yes" (s), 2 any other class (max(s, 1 - s)); ``None``: no
+    class for every row. The NaN row adds nothing."""
     expected = ExpectedCorrect(kinds(["No", "Yes", "?"], ["No", "Yes"]), 2, lambda a: None)
-    scores = np.array([0.25, 0.5, 0.75, 1.0])
-    labels = np.array(["No"] * 4)
-    codes = {"No": 0, "Yes": 1}
-    yes = np.array([True, True, False, False])
-    assert expected.amount(scores, labels, codes, {"Yes": yes, "No": ~yes}) == 0.75 + 0.25
-    assert expected.amount(scores, labels, codes) == 0.75 + 0.5 + 0.25 + 0.0  # all "No"
+    scores = np.array([0.25, 0.5, 0.75, 1.0, math.nan])
+    assert expected.amount(scores, np.array([1, 1, 0, 0, 1])) == 0.25 + 0.5 + 0.25 + 0.0
+    assert expected.amount(scores, np.array([2, 2, 2, 2, 2])) == 0.75 + 0.5 + 0.75 + 1.0
+    assert expected.amount(scores, None) == 0.75 + 0.5 + 0.75 + 1.0
+    assert expected.amount(scores[:0], np.array([], dtype=np.intp)) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from signals_support import unreadable_blocks
 
-from ml_wsgi_metrics._inputs import FrameColumns, as_floats, columns, numeric_matrix
+from ml_wsgi_metrics._inputs import FrameColumns, as_floats, columns, is_scalar, numeric_matrix
 
 ROWS = 6
 
@@ -169,3 +169,16 @@ def test_duplicate_column_names_keep_pandas_own_choice() -> None:
     frame = pd.DataFrame([[1.0, 2.0]], columns=["n", "n"])
     _, column = columns(frame)
     assert isinstance(column("n"), pd.DataFrame)  # what frame["n"] gives
+
+
+@pytest.mark.parametrize(
+    ("value", "scalar"),
+    [
+        *[(v, True) for v in (None, "Yes", b"Yes", 1, 1.5, True, np.float64(1), np.str_("a"))],
+        (np.array(0.5), True),  # a 0-d array: one value
+        *[(v, False) for v in ([], [0.5], (0.5,), [[1, 2]], ["Yes"] * 1000, np.array([0.5]))],
+        (pd.Series([0.5]), False),
+    ],
+)
+def test_one_value_is_told_from_a_sequence(value: Any, scalar: bool) -> None:
+    assert is_scalar(value) is scalar

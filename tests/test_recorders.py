@@ -20,6 +20,7 @@ from signals_support import churn_profile as churn_profile  # fixture "profile"
 from signals_support import signals_registry as signals_registry  # fixture "registry"
 
 from ml_wsgi_metrics import signals
+from ml_wsgi_metrics._recorders import record_batch
 from ml_wsgi_metrics.profile import (
     UNSEEN,
     CategoricalProfile,
@@ -368,3 +369,28 @@ def test_a_batch_records_what_its_rows_record(bins: int) -> None:
     assert batch_samples == pytest.approx(row_samples, rel=1e-12)
     predicted = [v for k, v in counts.items() if k[0] == "model_predictions_total"]
     assert sum(predicted) == len(x)
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        pytest.param(lambda: np.array(["No", "Yes"]), np.ndarray, id="str-array"),
+        pytest.param(lambda: np.array(["No", "Yes"]).astype(">U3"), np.ndarray, id="swapped"),
+        pytest.param(lambda: np.array(["No", "Yes"], dtype=object), list, id="object-array"),
+        pytest.param(lambda: ["No", "Yes"], list, id="list"),
+        pytest.param(lambda: ("No", "Yes"), list, id="tuple"),
+        pytest.param(lambda: pd.Series(["No", "Yes"]), list, id="series"),
+    ],
+)
+def test_a_batch_keeps_a_copy_of_its_classes_for_the_ids(
+    registry: CollectorRegistry, given: Any, kept: type
+) -> None:
+    """What the ids read later (``Batch.classes``): an array of strings stays one (in native
+    byte order, as the C pass reads it), anything else a list; a copy either way."""
+    classes = given()
+    batch = record_batch(signals.resolve(None, None)[1], None, [0.25, 0.75], classes)
+    assert type(batch.classes) is kept and batch.classes is not classes
+    if isinstance(classes, np.ndarray | list | pd.Series):
+        classes[0] = "Yes"  # the caller's classes change after the call
+    assert list(batch.classes) == ["No", "Yes"]
+    assert not isinstance(batch.classes, np.ndarray) or batch.classes.dtype.isnative

@@ -193,7 +193,10 @@ MEMBERS = re.findall(r'\{"(\w+)", T_\w+, offsetof\(Record', C_SOURCE)
 RECORD_METHODS = C_SOURCE[C_SOURCE.index("Record_methods[] = {") :].split("{NULL}")[0]
 METHODS = re.findall(r'\{"(\w+)", \(PyCFunction\)', RECORD_METHODS)
 #: The model signals' kernel, beside the record: it reads no Python name.
-KERNEL_EXPORTS = {"NumericKernel", "CategoryCounter", "add_amounts", "add_categories", "use_avx2"}
+KERNEL_EXPORTS = {
+    *("NumericKernel", "CategoryCounter", "add_amounts", "add_categories", "use_avx2"),
+    "count_classes",
+}
 
 
 def python_owners() -> dict[str, Any]:

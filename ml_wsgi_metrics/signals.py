@@ -303,12 +303,16 @@ def _class_indexes(model: CompiledModel, classes: Any, rows: int) -> tuple[list[
     except TypeError:  # a 0-d array given as one row's class: looked up by its text
         classes = [c if isinstance(c, Hashable) else str(c) for c in classes]
         distinct = dict.fromkeys(classes)
+    keys: Any = classes
+    if not all(value.__class__ is str or value is None for value in distinct):
+        keys = [(c.__class__, c) for c in classes]  # 1, 1.0 and True: equal, read apart
+        distinct = dict.fromkeys(keys)
     table: dict[str, int] = {}
     index: dict[Any, int] = {}
-    for value in distinct:
-        label = model.classes[model.class_code(value)]
-        index[value] = NONE if label == NO_CLASS else table.setdefault(label, len(table))
-    return list(table), np.fromiter(map(index.__getitem__, classes), np.intp, count=rows)
+    for key in distinct:
+        label = model.classes[model.class_code(key if keys is classes else key[1])]
+        index[key] = NONE if label == NO_CLASS else table.setdefault(label, len(table))
+    return list(table), np.fromiter(map(index.__getitem__, keys), np.intp, count=rows)
 
 
 def _score_bins(model: CompiledModel, scores: Any, rows: int) -> IntArray:

@@ -15,6 +15,7 @@ from typing import Any
 
 import itsdangerous
 import numpy as np
+import pandas as pd
 import pytest
 from itsdangerous.encoding import base64_encode
 from prometheus_client import CollectorRegistry
@@ -24,7 +25,7 @@ from signals_support import signals_registry as signals_registry  # fixture "reg
 
 from ml_wsgi_metrics import _config, signals
 from ml_wsgi_metrics._prediction_ids import NONE, compact_json
-from ml_wsgi_metrics.profile import UNSEEN, ReferenceProfile
+from ml_wsgi_metrics.profile import UNSEEN, ReferenceProfile, build_profile
 from ml_wsgi_metrics.signals import InvalidPredictionId
 from ml_wsgi_metrics.testing import TEST_SECRET_KEY, isolated_signals
 
@@ -78,6 +79,21 @@ def test_ids_carry_class_bin_and_time(
     results = [signals.record_feedback(i, "Yes") for i in ids]
     assert [r.correct for r in results] == [True, False, None, False]
     assert value(registry, "model_confusion_total", predicted="No", actual="Yes") == 1
+
+
+def test_equal_classes_of_other_types_carry_the_class_they_were_counted_as() -> None:
+    """1, 1.0 and True are equal keys but read as "1", "1.0" and "True", as the counts read them."""
+    frame = pd.DataFrame({"x": np.linspace(0, 1, 100)})
+    profile = build_profile(frame, model="m", version="1", classes=["0", "1"])
+    classes = [1, 1.0, True, 0, False, 0.0, "1", np.int64(1)]
+    with isolated_signals(secret_key="k") as registry:
+        signals.register_model(profile)
+        ids = signals.record_prediction({"x": [0.5] * len(classes)}, classes=classes).ids
+        labels = [decoded(i)[2] for i in ids]
+        counted = {c: value(registry, "model_predictions_total", model="m", version="1",
+                            **{"class": c}) for c in ("0", "1", UNSEEN)}  # fmt: skip
+    assert labels == ["1", UNSEEN, UNSEEN, "0", UNSEEN, UNSEEN, "1", "1"]
+    assert counted == {c: float(labels.count(c)) for c in ("0", "1", UNSEEN)}
 
 
 def test_one_row_and_no_rows(registry: CollectorRegistry) -> None:

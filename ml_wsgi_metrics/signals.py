@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -292,27 +292,20 @@ class Prediction:
 
 
 def _class_indexes(model: CompiledModel, classes: Any, rows: int) -> tuple[list[str], IntArray]:
-    """The predicted classes as indexes into a table of the labels they have (each class
-    looked up once); :data:`NONE` for rows without a class."""
+    """The predicted classes as indexes into a table of the labels they have, each row's class
+    the one it was counted as (``ClassCounter.codes``); :data:`NONE` for rows without a class."""
     if classes is None:
         return [], np.full(rows, NONE, dtype=np.intp)
-    if isinstance(classes, np.ndarray):
-        classes = classes.tolist()
-    try:
-        distinct = dict.fromkeys(classes)
-    except TypeError:  # a 0-d array given as one row's class: looked up by its text
-        classes = [c if isinstance(c, Hashable) else str(c) for c in classes]
-        distinct = dict.fromkeys(classes)
-    keys: Any = classes
-    if not all(value.__class__ is str or value is None for value in distinct):
-        keys = [(c.__class__, c) for c in classes]  # 1, 1.0 and True: equal, read apart
-        distinct = dict.fromkeys(keys)
-    table: dict[str, int] = {}
-    index: dict[Any, int] = {}
-    for key in distinct:
-        label = model.classes[model.class_code(key if keys is classes else key[1])]
-        index[key] = NONE if label == NO_CLASS else table.setdefault(label, len(table))
-    return list(table), np.fromiter(map(index.__getitem__, keys), np.intp, count=rows)
+    slots = model.class_counter.codes(classes)
+    table: list[str] = []
+    index = np.full(len(model.classes), NONE, dtype=np.intp)
+    present = np.bincount(slots, minlength=len(model.classes)).nonzero()[0].tolist()
+    for slot in present:  # the labels the rows have, in the model's order
+        if model.classes[slot] != NO_CLASS:
+            index[slot] = len(table)
+            table.append(model.classes[slot])
+    indexes: IntArray = index[slots]
+    return table, indexes
 
 
 def _score_bins(model: CompiledModel, scores: Any, rows: int) -> IntArray:

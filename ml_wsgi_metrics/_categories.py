@@ -29,6 +29,7 @@ __all__ = [
     "Values",
     "count_by_hashing",
     "count_slots",
+    "counted_alike",
     "slot_counter",
 ]
 
@@ -40,7 +41,7 @@ Values = Sequence[Any] | npt.NDArray[np.object_]
 SlotCounter = Callable[[Values, tuple[str, ...], Code], list[int]]
 
 
-def _counted_alike(value: Any) -> bool:
+def counted_alike(value: Any) -> bool:
     """Whether every value equal to ``value`` has its slot: a text, ``None`` or a float NaN
     (numbers of other types can be equal and read differently: ``1``, ``1.0``, ``True``)."""
     return value.__class__ is str or value is None or (value.__class__ is float and value != value)
@@ -53,7 +54,7 @@ def count_by_hashing(values: Values, categories: tuple[str, ...], code: Code) ->
         counts = Counter(values)
     except TypeError:  # unhashable values (lists...)
         counts = None
-    if counts is not None and all(map(_counted_alike, counts)):
+    if counts is not None and all(map(counted_alike, counts)):
         for value, count in counts.items():
             slots[code(value)] += count
     else:  # one by one: equal values of other types may fall in different slots

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._categories import _counted_alike
+from ._categories import counted_alike
 from ._expected import ExpectedCorrect
 from ._series import speedups
 
@@ -93,6 +93,6 @@ class ClassCounter:
         except TypeError:  # unhashable values
             distinct = {}
         code = self.code
-        if distinct and all(map(_counted_alike, distinct)):
+        if distinct and all(map(counted_alike, distinct)):
             code = {value: self.code(value) for value in distinct}.__getitem__
         return np.fromiter(map(code, values), np.intp, count=len(values))

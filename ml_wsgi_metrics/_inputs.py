@@ -114,9 +114,9 @@ def columns(inputs: Any) -> tuple[int, Column]:
 
 class FrameColumns:
     """A DataFrame's column getter: each column as pandas stores it (an array), all read in one
-    pass over the frame's blocks (pandas' private block manager: a Series costs about 7 us a
-    column, reading 20 columns from the blocks about 6 us in all), or as a Series where the
-    blocks cannot be read. :meth:`float_matrix` gives float columns of one block without a copy.
+    pass over the frame's blocks (pandas' private block manager; a Series a column costs about
+    15 times more, see ``bench/bench_signals.py``), or as a Series where the blocks cannot be
+    read. :meth:`float_matrix` gives float columns of one block without a copy.
     """
 
     __slots__ = ("frame", "present", "stored")
@@ -199,12 +199,7 @@ def numeric_matrix(inputs: Any, column: Column, names: list[str], rows: int) -> 
     by_column = np.empty((len(names), rows))  # filled a column at a time
     for j, name in enumerate(names):
         values = column(name)
-        if values is None:
-            by_column[j] = _NAN
-        elif values.__class__ is np.ndarray and values.dtype == np.float64 and values.ndim == 1:
-            by_column[j] = values  # a float column as stored: copied, no conversion
-        else:
-            by_column[j] = as_floats(values, rows)
+        by_column[j] = _NAN if values is None else as_floats(values, rows)
     return by_column.T
 
 
